@@ -1,0 +1,63 @@
+"""The reference kernels: the specification every optimized kernel is tested against.
+
+A packed layer's weight is stored as integer codes ``c`` (uint8, shape (N_out, K), values
+0..levels-1) and a positive scale ``s`` (shape () per tensor or (N_out,) per output channel). The
+weight it stands for is::
+
+    W[n, k] = s[n] * (c[n, k] - (levels - 1) / 2)                              (N_out, K)
+
+Two activation modes:
+
+* ``"fp32"``:  y = x @ W.T + b, in float32 (x: (..., K) -> y: (..., N_out)). Matches the
+  fake-quantized training layer up to float summation order.
+* ``"int8"``:  x is quantized per token (per row of its last dimension) as BitNet does,
+  ``a = 127 / max|x|``, ``x_int = clip(round(x * a), -127, 127)``, the dot products are taken in
+  exact integer arithmetic with the doubled levels ``2 * (c - (levels-1)/2)`` (odd integers for
+  even N, even integers for odd N, so every level count stays integral) and rescaled once::
+
+      acc[t, n] = sum_k x_int[t, k] * (2 c[n, k] - (levels - 1))               (int32 exact)
+      y[t, n]   = acc[t, n] * s[n] / (2 a[t]) + b[n]
+
+  This equals a layer trained with ``input_quantizer="absmax8"`` up to float rounding; on a
+  weight-only-quantized layer it is an approximation (8-bit activations).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACTIVATION_MODES = ("fp32", "int8")
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
+    """W = s * (c - (levels-1)/2): codes (N_out, K) uint8, scale () or (N_out,) -> (N_out, K) f32."""
+    s = scale.reshape(-1, 1) if scale.dim() else scale
+    return (codes.to(torch.float32) - (levels - 1) / 2) * s
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8: x (..., K) -> (x_int (..., K) float32 integral in -127..127,
+    a (..., 1) the multiplier 127 / max|x|)."""
+    a = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return (x * a).round().clamp(-127, 127), a
+
+
+def linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    levels: int,
+    bias: torch.Tensor | None = None,
+    activations: str = "fp32",
+) -> torch.Tensor:
+    """y = x W^T + b with W from (codes, scale, levels); x (..., K) float32 -> (..., N_out)."""
+    if activations == "fp32":
+        return torch.nn.functional.linear(x, dequantize(codes, scale, levels), bias)
+    if activations != "int8":
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}")
+    x_int, a = quantize_activations(x)
+    doubled = codes.to(torch.float64) * 2 - (levels - 1)  # (N_out, K), integral
+    acc = x_int.to(torch.float64) @ doubled.T  # exact: |acc| < 127 * 255 * K << 2**53
+    s = scale.to(torch.float64)
+    y = (acc * s / (2 * a.to(torch.float64))).to(torch.float32)
+    return y if bias is None else y + bias

@@ -1,0 +1,296 @@
+"""Weight and activation quantizers with straight-through estimators.
+
+Every weight quantizer in lowbit maps a latent fp32 tensor ``w`` onto a uniform grid of ``N``
+levels (``N = levels``, 2..256) times a positive step ``scale``::
+
+    w_hat = scale * level,    level in  {-L, ..., L}            for odd N,  L = (N - 1) / 2
+                              level in  {±0.5, ±1.5, ..., ±L}    for even N (no zero)
+
+    code  = level + (N - 1) / 2        in 0..N-1, increasing with the level
+
+so ``dequantize(*codes(w)) == q(w)`` holds bit for bit (``code - (N-1)/2`` recovers the level
+exactly in float). The quantizers differ only in how ``scale`` is chosen and in centering:
+
+=================  ==========================================  ================================
+name               scale (step between levels)                 paper
+=================  ==========================================  ================================
+``sign``           2 * mean|w|  (value = ±mean|w|)             BinaryConnect / BitNet (kyegomez)
+``ternary``        mean|w|                                     BitNet b1.58 (absmean)
+``ternary-median`` median|w|                                   BitNet b1.58 Reloaded
+``nlevel``         mean|w| / lambda                            Low-Resolution Neural Networks
+=================  ==========================================  ================================
+
+and the level is ``clip(round(s), -L, L)`` for odd N or ``clip(floor(s) + 0.5, -L, L)`` for even N,
+with ``s = (w - c) / scale`` (``c = mean(w)`` when centering, else 0). For ``nlevel`` with N = 3 and
+lambda = 1 this is exactly ``ternary``; for N = 2 the rule gives +0.5 for ``s >= 0``, i.e.
+``sign(0) = +1``.
+
+Gradients (straight-through estimator, the latent weight receives the output gradient):
+
+* ``ste="identity"``: dL/dw = dL/dw_hat.
+* ``ste="clipped"``:  dL/dw = dL/dw_hat * 1[|w - c| <= scale * N / 2], zero outside the range
+  covered by the outermost level's rounding bin (BinaryNet's hard-tanh rule, generalised).
+
+The scale itself receives no gradient (as in BitNet's ``w + (q(w) - w).detach()``). The forward
+value is produced by an autograd function rather than ``w + (q - w).detach()`` because the latter
+is off by one ulp in float, which would break the exact ``dequantize`` round trip.
+
+A scale of zero (an all-zero tensor) is clamped to ``EPS`` so nothing divides by zero: zero weights
+quantize to level 0 (odd N) or to ±0.5 * EPS (even N) and never produce NaN.
+
+``absmax8`` is the per-token 8-bit activation quantizer of BitNet: ``s = 127 / max|x|`` over the last
+dimension, ``x_hat = clip(round(x * s), -128, 127) / s``. Its levels are -127..127 (N = 255, the odd
+convention); unlike the weight quantizers its ``scale`` is the multiplier ``s``, so
+``dequantize(codes, s) = (codes - 127) / s``, which reproduces BitNet's arithmetic exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+EPS = 1e-8
+"""Smallest scale: guards all-zero tensors against division by zero."""
+
+GRANULARITIES = ("tensor", "channel")
+STES = ("identity", "clipped")
+SCALE_STATS = ("absmean", "absmedian")
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns ``w_hat``; backward hands ``grad * mask`` to the latent ``w``."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, w_hat: torch.Tensor, mask: torch.Tensor | None):
+        ctx.save_for_backward(mask if mask is not None else torch.empty(0))
+        ctx.has_mask = mask is not None
+        return w_hat
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        if not ctx.has_mask:
+            return grad, None, None
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
+def straight_through(w: torch.Tensor, w_hat: torch.Tensor, mask: torch.Tensor | None = None):
+    """Value ``w_hat`` (exactly), gradient to ``w`` (times ``mask`` where given)."""
+    return _StraightThrough.apply(w, w_hat.detach(), mask)
+
+
+def _reduce_dims(w: torch.Tensor, granularity: str) -> tuple[int, ...] | None:
+    """Dimensions a statistic is taken over: all (per tensor) or all but dim 0 (per channel)."""
+    if granularity == "tensor" or w.dim() < 2:
+        return None
+    return tuple(range(1, w.dim()))
+
+
+def _abs_stat(w: torch.Tensor, stat: str, granularity: str) -> torch.Tensor:
+    """mean|w| or median|w| per tensor (shape ()) or per output channel (shape (C, 1, ..., 1))."""
+    a = w.abs()
+    dims = _reduce_dims(a, granularity)
+    if stat == "absmean":
+        return a.mean() if dims is None else a.mean(dim=dims, keepdim=True)
+    if dims is None:
+        return a.median()
+    flat = a.reshape(a.shape[0], -1).median(dim=1).values
+    return flat.reshape((-1,) + (1,) * (a.dim() - 1))
+
+
+def _center(w: torch.Tensor, granularity: str) -> torch.Tensor:
+    dims = _reduce_dims(w, granularity)
+    return w.mean() if dims is None else w.mean(dim=dims, keepdim=True)
+
+
+def level_values(levels: int) -> torch.Tensor:
+    """The level set of the project's convention, in code order: shape (levels,), float32."""
+    return torch.arange(levels, dtype=torch.float32) - (levels - 1) / 2
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """A uniform weight quantizer: ``w_hat = scale * level`` (see the module docstring).
+
+    Args:
+        levels: N, the number of values (2..256).
+        spread: lambda; ``scale = stat(|w|) / spread``. 1 for ternary, 0.5 for sign.
+        stat: ``"absmean"`` or ``"absmedian"``, the statistic of |w| the scale comes from.
+        center: subtract ``mean(w)`` before quantizing (the value is not shifted back).
+        granularity: ``"tensor"`` (scale shape ()) or ``"channel"`` (one per output row/filter,
+            shape (C, 1, ..., 1)).
+        ste: ``"identity"`` or ``"clipped"`` straight-through gradient.
+        name: the registry name, for display.
+    """
+
+    levels: int
+    spread: float = 1.0
+    stat: str = "absmean"
+    center: bool = False
+    granularity: str = "tensor"
+    ste: str = "identity"
+    name: str = "nlevel"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.levels, int) or not 2 <= self.levels <= 256:
+            raise ValueError(f"levels must be an integer in 2..256, got {self.levels!r}")
+        if not self.spread > 0:
+            raise ValueError(f"spread (lambda) must be > 0, got {self.spread!r}")
+        for field, value, valid in (
+            ("stat", self.stat, SCALE_STATS),
+            ("granularity", self.granularity, GRANULARITIES),
+            ("ste", self.ste, STES),
+        ):
+            if value not in valid:
+                raise ValueError(f"{field} must be one of {', '.join(valid)}; got {value!r}")
+
+    @property
+    def bits(self) -> float:
+        """Nominal bits per weight, log2(levels)."""
+        return math.log2(self.levels)
+
+    @property
+    def half_range(self) -> float:
+        """L = (N - 1) / 2, the largest level."""
+        return (self.levels - 1) / 2
+
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The step between levels, ``stat(|w|) / spread`` clamped to ``EPS``; detached.
+
+        The statistic is taken on the uncentered ``w``, as BitNet does (beta = mean|W|)."""
+        with torch.no_grad():
+            return (_abs_stat(w, self.stat, self.granularity) / self.spread).clamp_min(EPS)
+
+    def _levels(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Float level per weight, same shape as ``w``."""
+        s = (w - _center(w, self.granularity) if self.center else w) / scale
+        rounded = s.round() if self.levels % 2 else s.floor() + 0.5
+        return rounded.clamp(-self.half_range, self.half_range)
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize: forward value ``scale * level``, straight-through gradient to ``w``."""
+        scale = self.scale(w)
+        with torch.no_grad():
+            w_hat = self._levels(w, scale) * scale
+            mask = None
+            if self.ste == "clipped":
+                c = _center(w, self.granularity) if self.center else 0.0
+                mask = ((w - c).abs() <= scale * (self.levels / 2)).to(w.dtype)
+        if not w.requires_grad:
+            return w_hat
+        return straight_through(w, w_hat, mask)
+
+    def codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes (uint8, same shape as ``w``, values 0..N-1) and the scale."""
+        with torch.no_grad():
+            scale = self.scale(w)
+            codes = self._levels(w, scale) + self.half_range
+            return codes.to(torch.uint8), scale
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``scale * (codes - (N-1)/2)``: equals ``self(w)`` exactly for ``codes, scale = codes(w)``."""
+        return (codes.to(scale.dtype) - self.half_range) * scale
+
+
+@dataclass(frozen=True)
+class AbsMax8:
+    """Per-token 8-bit absmax activation quantizer (BitNet): levels -127..127 over the last dim.
+
+    ``s = 127 / clamp(max|x|, 1e-5)`` (shape (..., 1)), ``x_hat = clip(round(x s), -128, 127) / s``
+    with an identity straight-through gradient.
+    """
+
+    levels: int = 255
+    name: str = "absmax8"
+
+    @property
+    def bits(self) -> float:
+        return math.log2(self.levels)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            s = self.scale(x)
+            x_hat = (x * s).round().clamp(-128, 127) / s
+        return straight_through(x, x_hat) if x.requires_grad else x_hat
+
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            s = self.scale(x)
+            return ((x * s).round().clamp(-127, 127) + 127).to(torch.uint8), s
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (codes.to(scale.dtype) - 127) / scale
+
+
+# Default spread lambda for `nlevel` per level count, from the sweep in
+# benchmarks/lambda_sweep.py (docs/results/lambda-sweep.md). Counts not listed use the rule below.
+DEFAULT_SPREAD: dict[int, float] = {3: 1.0}
+
+
+def default_spread(levels: int) -> float:
+    """lambda for ``levels``: the measured table where present, else ``(N - 1) / 2`` scaled so the
+    outermost level sits near 2.5 mean|w| (a Gaussian's ~99% range, where the sweep's optimum lies).
+    """
+    if levels in DEFAULT_SPREAD:
+        return DEFAULT_SPREAD[levels]
+    return max((levels - 1) / 2 / 2.5, 0.5)
+
+
+def _sign(levels: int = 2, center: bool = True, **kw: Any) -> Quantizer:
+    if levels != 2:
+        raise ValueError(f"sign has exactly 2 levels, got levels={levels}")
+    return Quantizer(levels=2, spread=0.5, center=center, name="sign", **kw)
+
+
+def _ternary(levels: int = 3, **kw: Any) -> Quantizer:
+    if levels != 3:
+        raise ValueError(f"ternary has exactly 3 levels, got levels={levels}")
+    return Quantizer(levels=3, spread=1.0, name="ternary", **kw)
+
+
+def _ternary_median(levels: int = 3, **kw: Any) -> Quantizer:
+    if levels != 3:
+        raise ValueError(f"ternary-median has exactly 3 levels, got levels={levels}")
+    return Quantizer(levels=3, spread=1.0, stat="absmedian", name="ternary-median", **kw)
+
+
+def _nlevel(levels: int = 3, spread: float | None = None, **kw: Any) -> Quantizer:
+    if spread is None:
+        if not isinstance(levels, int) or not 2 <= levels <= 256:
+            raise ValueError(f"levels must be an integer in 2..256, got {levels!r}")
+        spread = default_spread(levels)
+    return Quantizer(levels=levels, spread=spread, name="nlevel", **kw)
+
+
+def _absmax8(**kw: Any) -> AbsMax8:
+    if kw:
+        raise ValueError(f"absmax8 takes no options, got {', '.join(kw)}")
+    return AbsMax8()
+
+
+_REGISTRY = {
+    "sign": _sign,
+    "ternary": _ternary,
+    "ternary-median": _ternary_median,
+    "nlevel": _nlevel,
+    "absmax8": _absmax8,
+}
+NAMES = tuple(_REGISTRY)
+
+
+def get(name: str | Quantizer | AbsMax8 | None, **kw: Any) -> Quantizer | AbsMax8 | None:
+    """Resolve a quantizer by name (``get("nlevel", levels=5)``); objects and None pass through."""
+    if name is None or isinstance(name, (Quantizer, AbsMax8)):
+        if kw:
+            raise ValueError("options can only be given with a quantizer name")
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown quantizer {name!r}; valid names: {', '.join(NAMES)}")
+    return _REGISTRY[name](**kw)
