@@ -64,7 +64,8 @@ class _QuantMixin:
 class QuantLinear(_QuantMixin, nn.Linear):
     """``nn.Linear`` whose forward uses quantized weights (and optionally quantized inputs).
 
-    Shapes: input (..., in_features), weight (out_features, in_features), output (..., out_features).
+    Shapes: input (..., in_features), weight (out_features, in_features),
+    output (..., out_features).
     """
 
     def __init__(
@@ -298,7 +299,9 @@ def quantize_(model: nn.Module, config: QATConfig, filter_fn: FilterFn | None = 
         if twin is None or (filter_fn is not None and not filter_fn(module, fqn)):
             continue
         if not fqn:
-            raise ValueError("quantize_ cannot replace the root module itself; wrap it in a container")
+            raise ValueError(
+                "quantize_ cannot replace the root module itself; wrap it in a container"
+            )
         new = twin.from_float(
             module,
             weight_quantizer=config.weight_quantizer(),
@@ -308,3 +311,226 @@ def quantize_(model: nn.Module, config: QATConfig, filter_fn: FilterFn | None = 
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, new)
     return model
+
+
+# --- The comparison layers of the sign-vs-linear study -------------------------------------------
+#
+# All three keep QuantLinear's forward, ``F.linear(quantize_input(x), quantized_weight(), bias)``,
+# and differ only in the input transform and in the weight quantizer / gradient rule, so a packed
+# layer reproduces any of them by calling the source layer's ``quantize_input``.
+
+
+def simple_rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """The parameter-free norm of kyegomez/BitNet 0.2.x (zeta's ``SimpleRMSNorm``).
+
+    ``F.normalize(x, dim=-1) * d**-0.5`` with ``d = x.shape[-1]``: each token is scaled to L2 norm
+    ``1/sqrt(d)``, i.e. RMS ``1/d``. A true RMSNorm multiplies by ``d**+0.5`` (RMS 1); the
+    negative exponent is kept on purpose because it is what that version computes. The absmax
+    quantizer that follows is scale invariant, so for BitLinear8 only the fp32 path differs.
+    Shapes: (..., d) -> (..., d).
+    """
+    return F.normalize(x, dim=-1) * x.shape[-1] ** -0.5
+
+
+class _SeedLinear(QuantLinear):
+    """QuantLinear whose quantizers are fixed by the layer's own keyword options."""
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, **options: Any) -> _SeedLinear:  # type: ignore[override]
+        """A layer of this kind sharing ``module``'s weight and bias; ``options`` as in __init__."""
+        new = cls(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            device="meta",
+            dtype=module.weight.dtype,
+            **options,
+        )
+        return cls._adopt(new, module)  # type: ignore[return-value]
+
+
+class BitLinear8(_SeedLinear):
+    """``bitlinear8``: the 8-bit BitLinear of kyegomez/BitNet 0.2.5, with the bias applied.
+
+    Forward (x: (..., in_features) -> y: (..., out_features))::
+
+        x_n = F.normalize(x, dim=-1) * in_features**-0.5        # simple_rms_norm, no parameters
+        s   = 127 / max(max|x_n| over the last dim, 1e-5)        # per token
+        x_q = clip(round(x_n * s), -128, 127) / s                # AbsMax8, identity STE
+        w_q = mean|W| * sign(W - mean W)                         # sign quantizer, center=True
+        y   = x_q @ w_q.T + b
+
+    Differences from 0.2.5, both deliberate: 0.2.5 calls ``F.linear(x_q, w_q)`` and silently
+    drops the bias — here the bias is applied (with ``bias=False`` the outputs are that version's);
+    ``sign(0) = +1`` here (the project's 2-level convention) where ``torch.sign(0) = 0`` there,
+    which only matters for a weight exactly equal to the mean. The weights are binary, as in
+    0.2.5 (its README says b1.58). Gradients reach the latent weight and the input straight
+    through both quantizers; unlike 0.1.x a second backward works (no stale graph is kept).
+
+    Options: ``ste`` (``"identity"``/``"clipped"``) and ``granularity`` of the weight quantizer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        ste: str = "identity",
+        granularity: str = "tensor",
+    ) -> None:
+        QuantLinear.__init__(
+            self,
+            in_features,
+            out_features,
+            bias,
+            device=device,
+            dtype=dtype,
+            weight_quantizer=quantizers.get("sign", center=True, ste=ste, granularity=granularity),
+            input_quantizer="absmax8",
+        )
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``AbsMax8(simple_rms_norm(x))``."""
+        return self.input_quantizer(simple_rms_norm(x))  # type: ignore[misc]
+
+
+class SignLinear(_SeedLinear):
+    """``mybitlinear``: BitLinear8 with the input quantization removed, sign weights.
+
+    Forward (x: (..., in_features) -> y: (..., out_features))::
+
+        x_n = simple_rms_norm(x)            if norm   else x
+        w_q = a * sign(W - c)               c = mean W if center else 0
+                                            a = mean|W| (scale="absmean") or 1 (scale="none")
+        y   = x_n @ w_q.T + b
+
+    The study's text says only "removing quantization part of input from 8-bit bitlinear and
+    adjusting sign-quantization to the weight"; its code was not published. Defaults therefore
+    keep everything of BitLinear8 but the absmax8 step: ``norm=True``, ``center=True``,
+    ``scale="absmean"``. Gradient: straight through to the latent weight (``ste``).
+    """
+
+    SCALES = ("absmean", "none")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        norm: bool = True,
+        center: bool = True,
+        scale: str = "absmean",
+        ste: str = "identity",
+    ) -> None:
+        if scale not in self.SCALES:
+            raise ValueError(
+                f"SignLinear scale must be one of {', '.join(self.SCALES)}; got {scale!r}"
+            )
+        if scale == "absmean":
+            wq: Quantizer = quantizers.get("sign", center=center, ste=ste)  # type: ignore[assignment]
+        else:
+            wq = Quantizer(levels=2, center=center, ste=ste, name="sign", fixed_scale=2.0)
+        QuantLinear.__init__(
+            self, in_features, out_features, bias, device=device, dtype=dtype, weight_quantizer=wq
+        )
+        self.norm = norm
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``simple_rms_norm(x)`` when ``norm`` else ``x`` (no quantization)."""
+        return simple_rms_norm(x) if self.norm else x
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, norm={self.norm}"
+
+
+class _GradMaskedSTE(torch.autograd.Function):
+    """Forward ``w_hat``; backward passes ``grad`` where ``|grad| < 1`` and 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+        return w_hat
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        return grad * (grad.abs() < 1).to(grad.dtype), None
+
+
+class MisbornLinear(_SeedLinear):
+    """``myLittleMisborn``: a 1-bit nn.Linear, weights exactly -1/+1, straight-through learning.
+
+    The study describes it as: normalise the weight, forward with -1/+1 (negative -> -1), learn
+    through the latent weight, "weights learn only when the absolute value of gradient is less
+    than 1". Its code was not published; this is the reconstruction (x: (..., in) -> (..., out))::
+
+        W_n = normalise(W)                   norm="standardize": (W - mean W) / std W  (default)
+                                             norm="l2": each row / its L2 norm;  norm="none": W
+        w_q = sign(W_n) in {-1, +1}          sign(0) = +1; no scale (fixed-scale 2-level quantizer)
+        y   = x @ w_q.T + b                  input untouched
+
+    Backward: dL/dW_n = dL/dw_q * m, then autograd through the normalisation to W, where
+    ``mask="grad"`` (default, as the text says): m = 1[|dL/dw_q| < 1];
+    ``mask="weight"``: m = 1[|W_n| <= 1] (the classic BinaryNet hard-tanh STE).
+
+    Every normalisation is a positive rescaling of ``W - c`` (c = mean W for "standardize", else
+    0), so ``w_q`` is computed by the weight quantizer on the raw weight (exact codes for
+    packing); ``W_n`` only carries the gradient. Weights of ±1 give large pre-activations that grow
+    with width; the study reports extreme, fluctuating losses for this layer, which is expected.
+    """
+
+    MASKS = ("grad", "weight")
+    NORMS = ("standardize", "l2", "none")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        mask: str = "grad",
+        norm: str = "standardize",
+    ) -> None:
+        if mask not in self.MASKS:
+            raise ValueError(
+                f"MisbornLinear mask must be one of {', '.join(self.MASKS)}; got {mask!r}"
+            )
+        if norm not in self.NORMS:
+            raise ValueError(
+                f"MisbornLinear norm must be one of {', '.join(self.NORMS)}; got {norm!r}"
+            )
+        wq = Quantizer(levels=2, center=norm == "standardize", name="sign", fixed_scale=2.0)
+        QuantLinear.__init__(
+            self, in_features, out_features, bias, device=device, dtype=dtype, weight_quantizer=wq
+        )
+        self.mask = mask
+        self.norm = norm
+
+    def _normalised(self, w: torch.Tensor) -> torch.Tensor:
+        if self.norm == "standardize":
+            c = w - w.mean()
+            # sqrt(var + tiny): finite value and gradient for a constant (e.g. all-zero) weight.
+            return c / torch.sqrt(c.pow(2).mean() + 1e-12)
+        if self.norm == "l2":
+            return F.normalize(w, dim=-1)
+        return w
+
+    def quantized_weight(self) -> torch.Tensor:
+        """±1 weights; gradient to the latent weight through the masked STE (see class doc)."""
+        w = self.weight
+        w_hat = self.weight_quantizer(w.detach())  # type: ignore[misc]
+        if not (w.requires_grad and torch.is_grad_enabled()):
+            return w_hat
+        w_n = self._normalised(w)
+        if self.mask == "grad":
+            return _GradMaskedSTE.apply(w_n, w_hat)
+        return quantizers.straight_through(w_n, w_hat, (w_n.detach().abs() <= 1).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mask={self.mask}, norm={self.norm}"

@@ -38,10 +38,10 @@ is off by one ulp in float, which would break the exact ``dequantize`` round tri
 A scale of zero (an all-zero tensor) is clamped to ``EPS`` so nothing divides by zero: zero weights
 quantize to level 0 (odd N) or to ±0.5 * EPS (even N) and never produce NaN.
 
-``absmax8`` is the per-token 8-bit activation quantizer of BitNet: ``s = 127 / max|x|`` over the last
-dimension, ``x_hat = clip(round(x * s), -128, 127) / s``. Its levels are -127..127 (N = 255, the odd
-convention); unlike the weight quantizers its ``scale`` is the multiplier ``s``, so
-``dequantize(codes, s) = (codes - 127) / s``, which reproduces BitNet's arithmetic exactly.
+``absmax8`` is the per-token 8-bit activation quantizer of BitNet: ``s = 127 / max|x|`` over the
+last dimension, ``x_hat = clip(round(x * s), -128, 127) / s``. Its levels are -127..127
+(N = 255, the odd convention); unlike the weight quantizers its ``scale`` is the multiplier
+``s``, so ``dequantize(codes, s) = (codes - 127) / s``, reproducing BitNet's arithmetic exactly.
 """
 
 from __future__ import annotations
@@ -124,6 +124,9 @@ class Quantizer:
             shape (C, 1, ..., 1)).
         ste: ``"identity"`` or ``"clipped"`` straight-through gradient.
         name: the registry name, for display.
+        fixed_scale: when given, the step is this constant instead of ``stat(|w|) / spread``
+            (e.g. ``levels=2, fixed_scale=2.0`` gives values exactly ±1, the 1-bit layers of the
+            sign-vs-linear study); ``codes``/``dequantize`` stay exact.
     """
 
     levels: int
@@ -133,12 +136,15 @@ class Quantizer:
     granularity: str = "tensor"
     ste: str = "identity"
     name: str = "nlevel"
+    fixed_scale: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.levels, int) or not 2 <= self.levels <= 256:
             raise ValueError(f"levels must be an integer in 2..256, got {self.levels!r}")
         if not self.spread > 0:
             raise ValueError(f"spread (lambda) must be > 0, got {self.spread!r}")
+        if self.fixed_scale is not None and not self.fixed_scale > 0:
+            raise ValueError(f"fixed_scale must be > 0, got {self.fixed_scale!r}")
         for field, value, valid in (
             ("stat", self.stat, SCALE_STATS),
             ("granularity", self.granularity, GRANULARITIES),
@@ -160,7 +166,10 @@ class Quantizer:
     def scale(self, w: torch.Tensor) -> torch.Tensor:
         """The step between levels, ``stat(|w|) / spread`` clamped to ``EPS``; detached.
 
-        The statistic is taken on the uncentered ``w``, as BitNet does (beta = mean|W|)."""
+        The statistic is taken on the uncentered ``w``, as BitNet does (beta = mean|W|).
+        With ``fixed_scale`` the step is that constant (shape (), dtype and device of ``w``)."""
+        if self.fixed_scale is not None:
+            return torch.tensor(self.fixed_scale, dtype=w.dtype, device=w.device)
         with torch.no_grad():
             return (_abs_stat(w, self.stat, self.granularity) / self.spread).clamp_min(EPS)
 
@@ -191,7 +200,7 @@ class Quantizer:
             return codes.to(torch.uint8), scale
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``scale * (codes - (N-1)/2)``: equals ``self(w)`` exactly for ``codes, scale = codes(w)``."""
+        """``scale * (codes - (N-1)/2)``: equals ``self(w)`` exactly for ``codes(w)``'s output."""
         return (codes.to(scale.dtype) - self.half_range) * scale
 
 
