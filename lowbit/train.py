@@ -1,0 +1,522 @@
+"""The training loop: cross-entropy, Adam or SGD, per-epoch metrics, resumable run directories.
+
+``fit(model, data, TrainConfig(...))`` trains ``model`` on ``data.train_x``/``train_y`` and
+evaluates on ``data.test_x``/``test_y`` after every epoch. Each epoch yields one metrics dict::
+
+    {"epoch": k (1-based), "train_loss", "train_acc", "test_loss", "test_acc", "wall_s"}
+
+``train_loss``/``train_acc`` are averages over the epoch's mini-batches as they were trained (the
+model changing underneath), ``test_*`` are measured after the epoch; accuracies are fractions.
+Losses are recorded as they are, however large: extreme losses are a finding, not an error. A
+non-finite batch loss (NaN or inf) ends the run with status ``diverged`` (its partial epoch is
+recorded; JSON writes non-finite numbers as null).
+
+Run directory (every file written atomically: temp file + ``os.replace``)::
+
+    config.json                the TrainConfig, the model spec, the data, versions
+    metrics.jsonl              one JSON line per epoch
+    checkpoint.safetensors     after each epoch: latent weights ("model.*"), optimizer state
+                               ("optim.<param>.<key>"), RNG states ("rng.*"); metadata holds the
+                               config, epoch and history as JSON (no pickle anywhere)
+    result.json                status ("finished" | "diverged" | "interrupted") and final metrics
+
+Given a ``run_dir`` that holds a checkpoint of epoch k made with the same config (``epochs`` may be
+larger), ``fit`` resumes at epoch k + 1 and reproduces the uninterrupted run bit for bit: the
+model, the optimizer moments and steps, the global torch RNG (dropout) and the shuffling
+generator are all restored. Ctrl-C (KeyboardInterrupt) stops the run, leaves the directory at its
+last checkpoint and returns status ``interrupted``.
+
+Determinism: on CPU, a fixed seed and thread count give identical metrics run after run. The
+model's initialisation is the caller's (seed torch before building the model, as the CLI does);
+``fit`` seeds the global torch RNG and its own shuffling generator with ``config.seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from lowbit.data import Augment, Dataset, batches
+from lowbit.errors import ConfigError, FormatError
+
+OPTIMIZERS = ("adam", "sgd")
+STATUSES = ("finished", "diverged", "interrupted")
+CHECKPOINT = "checkpoint.safetensors"
+_DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-3}  # PyTorch's Adam default; the Low-Resolution study's SGD
+_DEFAULT_MOMENTUM = 0.92  # the Low-Resolution study
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; validated on construction (ValueError naming the field and valid values).
+
+    Args:
+        optimizer: ``"adam"`` (PyTorch defaults: lr 1e-3, betas (0.9, 0.999), as the sign-vs-linear
+            study) or ``"sgd"`` (momentum 0.92, lr 1e-3, as the Low-Resolution study).
+        lr: learning rate; None = the optimizer's default above.
+        momentum: SGD momentum; None = 0.92. Not valid with Adam.
+        weight_decay: L2 penalty passed to the optimizer.
+        batch_size: training mini-batch size.
+        epochs: number of passes over the training set.
+        seed: seeds the shuffling/augmentation generator and the global torch RNG.
+        augment: apply :class:`lowbit.data.Augment` (shift, zoom, flip, rotation) to each batch.
+        train_subset: train on this many training images (a fixed random subset, the same for
+            every seed); None = all.
+        threads: torch intra-op threads during ``fit``; None = leave torch's setting.
+        eval_batch_size: batch size for evaluation (does not change results).
+        device: ``"cpu"`` (deterministic) or another torch device.
+    """
+
+    optimizer: str = "adam"
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 5
+    seed: int = 0
+    augment: bool = False
+    train_subset: int | None = None
+    threads: int | None = None
+    eval_batch_size: int = 1000
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, valid: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name} must be {valid}, got {getattr(self, name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"one of {', '.join(OPTIMIZERS)}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise bad("lr", "a positive number or None")
+        if self.momentum is not None:
+            if self.optimizer != "sgd":
+                raise ValueError("TrainConfig.momentum is only valid with optimizer='sgd'")
+            if not 0 <= self.momentum < 1:
+                raise bad("momentum", "in [0, 1) or None")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise bad("weight_decay", "a number >= 0")
+        for name in ("batch_size", "epochs", "eval_batch_size"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "an integer >= 1")
+        if not is_int(self.seed) or self.seed < 0:
+            raise bad("seed", "an integer >= 0")
+        if not isinstance(self.augment, bool):
+            raise bad("augment", "True or False")
+        for name in ("train_subset", "threads"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 1):
+                raise bad(name, "an integer >= 1 or None")
+
+    @property
+    def resolved_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else _DEFAULT_LR[self.optimizer]
+
+    @property
+    def resolved_momentum(self) -> float | None:
+        if self.optimizer != "sgd":
+            return None
+        return self.momentum if self.momentum is not None else _DEFAULT_MOMENTUM
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: the per-epoch ``history``, the ``status`` and the ``run_dir``.
+
+    ``final`` is the last epoch's metrics dict ({} when no epoch completed); ``test_acc`` etc.
+    read from it (NaN when absent)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "finished"
+    run_dir: str | None = None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return dict(self.history[-1]) if self.history else {}
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+    def _get(self, key: str) -> float:
+        return float(self.final.get(key, math.nan))
+
+    @property
+    def test_acc(self) -> float:
+        return self._get("test_acc")
+
+    @property
+    def test_loss(self) -> float:
+        return self._get("test_loss")
+
+    @property
+    def train_acc(self) -> float:
+        return self._get("train_acc")
+
+    @property
+    def train_loss(self) -> float:
+        return self._get("train_loss")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary the CLI prints: final metrics, epochs, status, run_dir (JSON-safe)."""
+        keys = ("test_acc", "test_loss", "train_acc", "train_loss")
+        out: dict[str, Any] = {k: _json_number(getattr(self, k)) for k in keys}
+        out.update(epochs=self.epochs, status=self.status, run_dir=self.run_dir)
+        return out
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _json_number(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _json_number(v) for k, v in d.items()}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    lines = "".join(json.dumps(_jsonable(m), sort_keys=True) + "\n" for m in history)
+    _atomic_write(run_dir / "metrics.jsonl", lines.encode())
+
+
+def _history_from_json(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: (math.nan if v is None else v) for k, v in m.items()} for m in items]
+
+
+def _save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: TrainConfig,
+    history: list[dict[str, Any]],
+) -> None:
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{k}": v.detach().to("cpu").clone().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    extra: dict[str, dict[str, Any]] = {}
+    for idx, state in optimizer.state_dict()["state"].items():
+        for key, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = v.detach().to("cpu").clone().contiguous()
+            else:  # plain numbers (e.g. a float step on older torch)
+                extra.setdefault(str(idx), {})[key] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.shuffle"] = generator.get_state()
+    metadata = {
+        "format": "lowbit-checkpoint",
+        "version": "1",
+        "epoch": str(len(history)),
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+        "history": json.dumps([_jsonable(m) for m in history]),
+        "optim_extra": json.dumps(extra),
+        "model_spec": json.dumps(getattr(model, "lowbit_spec", None), default=str),
+    }
+    _atomic_write(path, st_save(tensors, metadata=metadata))
+
+
+def _load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> list[dict[str, Any]]:
+    """Restore everything ``_save_checkpoint`` wrote; returns the history."""
+    raw = path.read_bytes()
+    try:
+        tensors = st_load(raw)
+        from safetensors import safe_open  # metadata is only exposed through safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        msg = f"{path}: not a readable checkpoint ({exc}); delete it to restart"
+        raise FormatError(msg) from exc
+    if meta.get("format") != "lowbit-checkpoint":
+        raise FormatError(f"{path}: not a lowbit checkpoint; delete it or use another run dir")
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: checkpoint does not fit this model ({msg})") from exc
+    opt_state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[key] = v
+    for idx, items in json.loads(meta["optim_extra"]).items():
+        opt_state.setdefault(int(idx), {}).update(items)
+    # param_groups come from the freshly built optimizer: same config, same hyperparameters.
+    optimizer.load_state_dict(
+        {"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.shuffle"])
+    return _history_from_json(json.loads(meta["history"]))
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.resolved_lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params,
+        lr=config.resolved_lr,
+        momentum=config.resolved_momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, device: str = "cpu"
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode, no gradients."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for xb, yb in batches(x, y, batch_size):
+            xb, yb = xb.to(device), yb.to(device)
+            logits = model(xb)  # (B, classes)
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += int((logits.argmax(dim=1) == yb).sum())
+    model.train(was_training)
+    n = max(len(y), 1)
+    return loss_sum / n, correct / n
+
+
+def _show_progress(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _check_resume(run_dir: Path, config: TrainConfig) -> None:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    try:
+        stored = TrainConfig.from_dict(json.loads(path.read_text())["train"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable run config ({exc}); use a new run dir") from exc
+    a, b = stored.to_dict(), config.to_dict()
+    diff = [k for k in a if k != "epochs" and a[k] != b[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"{run_dir} holds a run with {k}={a[k]!r}, not {b[k]!r}; use a new run dir or the "
+            "same config (only epochs may grow)"
+        )
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    on_epoch: Callable[[dict[str, Any], nn.Module], None] | None = None,
+    progress: bool | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data`` as ``config`` says; see the module docstring.
+
+    ``on_epoch(metrics, model)`` is called after each epoch's evaluation and before that epoch's
+    checkpoint is written. ``progress``: a tqdm bar (None = only when stderr is a terminal and
+    ``$CI`` is unset)."""
+    device = torch.device(config.device)
+    model.to(device)
+    optimizer = _make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    augment = Augment() if config.augment else None
+
+    train_x, train_y = data.train_x, data.train_y
+    if config.train_subset is not None and config.train_subset < len(train_y):
+        # A fixed subset (seed 0) so that different seeds train on the same images.
+        pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))
+        pick = pick[: config.train_subset].sort().values
+        train_x, train_y = train_x[pick], train_y[pick]
+
+    history: list[dict[str, Any]] = []
+    rd = Path(run_dir) if run_dir is not None else None
+    if rd is not None:
+        rd.mkdir(parents=True, exist_ok=True)
+        _check_resume(rd, config)
+        ckpt = rd / CHECKPOINT
+        if ckpt.exists():
+            history = _load_checkpoint(ckpt, model, optimizer, generator)
+            if len(history) > config.epochs:
+                raise ConfigError(
+                    f"{rd} already holds {len(history)} epochs, more than epochs={config.epochs}"
+                )
+            # Restore the optimizer's tensors onto the training device.
+            model.to(device)
+        result_path = rd / "result.json"
+        if result_path.exists():
+            stored = json.loads(result_path.read_text())
+            if stored.get("status") == "diverged":
+                return FitResult(_history_from_json(stored["history"]), "diverged", str(rd))
+        _write_json(
+            rd / "config.json",
+            {
+                "train": config.to_dict(),
+                "model": getattr(model, "lowbit_spec", None),
+                "data": {
+                    "name": data.name,
+                    "train_size": len(train_y),
+                    "test_size": len(data.test_y),
+                    "input_shape": list(data.input_shape),
+                    "classes": data.classes,
+                },
+                "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+            },
+        )
+        _write_metrics(rd, history)
+
+    saved = len(history)  # epochs covered by the checkpoint on disk
+    status = "finished"
+    old_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        for epoch in range(len(history) + 1, config.epochs + 1):
+            metrics, diverged = _train_epoch(
+                model, optimizer, train_x, train_y, config, epoch, generator, augment, progress
+            )
+            metrics["test_loss"], metrics["test_acc"] = evaluate(
+                model, data.test_x, data.test_y, config.eval_batch_size, config.device
+            )
+            metrics["wall_s"] = round(time.perf_counter() - metrics.pop("_t0"), 3)
+            if on_epoch is not None:
+                on_epoch(dict(metrics), model)
+            history.append(metrics)
+            if diverged:
+                status = "diverged"
+                break
+            if rd is not None:
+                _save_checkpoint(rd / CHECKPOINT, model, optimizer, generator, config, history)
+                saved = len(history)
+                _write_metrics(rd, history)
+            else:
+                saved = len(history)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        del history[saved:]
+    finally:
+        torch.set_num_threads(old_threads)
+    if rd is not None:
+        _write_metrics(rd, history)
+        _write_json(
+            rd / "result.json",
+            {"status": status, "history": [_jsonable(m) for m in history]}
+            | FitResult(history, status, str(rd)).to_dict(),
+        )
+    return FitResult(history, status, str(rd) if rd is not None else None)
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    epoch: int,
+    generator: torch.Generator,
+    augment: Augment | None,
+    progress: bool | None,
+) -> tuple[dict[str, Any], bool]:
+    """One pass over ``(x, y)`` in a shuffled order; returns (metrics, diverged)."""
+    t0 = time.perf_counter()
+    model.train()
+    order = torch.randperm(len(y), generator=generator)
+    n_batches = math.ceil(len(y) / config.batch_size)
+    it = batches(x, y, config.batch_size, order)
+    bar = None
+    if _show_progress(progress):
+        from tqdm import tqdm
+
+        bar = tqdm(it, total=n_batches, desc=f"epoch {epoch}/{config.epochs}", leave=False)
+        it = bar
+    loss_sum, correct, seen, diverged = 0.0, 0, 0, False
+    try:
+        for xb, yb in it:
+            if augment is not None:
+                xb = augment(xb, generator)
+            xb, yb = xb.to(config.device), yb.to(config.device)
+            logits = model(xb)  # (B, classes)
+            loss = F.cross_entropy(logits, yb)
+            value = loss.item()
+            loss_sum += value * len(yb)
+            correct += int((logits.detach().argmax(dim=1) == yb).sum())
+            seen += len(yb)
+            if not math.isfinite(value):
+                diverged = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    metrics = {
+        "epoch": epoch,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "_t0": t0,
+    }
+    return metrics, diverged
