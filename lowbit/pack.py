@@ -1,0 +1,271 @@
+r"""Codecs that store N-level codes near the entropy bound, and the .lowbit container.
+
+Codes are integers ``c in 0..N-1`` (uint8, ``N = levels``, 2..256, see ``lowbit.quantizers``). A
+codec turns a flat sequence of ``n`` codes into a byte payload and back, losslessly.
+
+Mixed-radix blocks
+------------------
+Every codec groups ``k`` consecutive codes into one block, the base-N number::
+
+    v = c[0] + c[1] N + c[2] N^2 + ... + c[k-1] N^(k-1)        0 <= v < N^k <= 2^b
+
+and stores each block in ``b`` bits. Blocks are concatenated into one little-endian bit stream:
+block ``i`` occupies stream bits ``i b .. i b + b - 1`` (its least significant bit first), and
+stream bit ``t`` is bit ``t mod 8`` (LSB = 0) of payload byte ``t div 8``. N = 5 (k = 3, b = 7)::
+
+    codes   c0 c1 c2 | c3 c4 c5 | c6 ...
+    blocks  v0 = c0 + 5 c1 + 25 c2,   v1 = c3 + 5 c4 + 25 c5, ...            (each < 125 <= 2^7)
+
+    byte 0  [v1.0 | v0.6 v0.5 v0.4 v0.3 v0.2 v0.1 v0.0]      (bit 7 ... bit 0)
+    byte 1  [v2.1 v2.0 | v1.6 v1.5 v1.4 v1.3 v1.2 v1.1]
+    byte 2  [v3.2 v3.1 v3.0 | v2.6 ... v2.2]  ...
+
+For a power of two (N = 2^m) the block is a single code in m bits (k = 1, b = m), which is plain
+little-endian bit packing; e.g. N = 4, two bits per code, four codes per byte::
+
+    byte j  [c(4j+3) | c(4j+2) | c(4j+1) | c(4j)]           (2 bits each, bit 7 ... bit 0)
+
+and N = 2 is one bit per code, ``c(8j)`` in bit 0 of byte j. N = 3 has k = 5, b = 8: one block
+per byte, ``byte = c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4 <= 242``.
+
+The last block is filled with zero codes, the last byte with zero bits; both must be zero on
+reading (the encoding is canonical: ``pack(unpack(p)) == p``). The payload of ``n`` codes has
+``ceil(ceil(n / k) * b / 8)`` bytes.
+
+Two layouts choose (k, b):
+
+* ``"dense"`` (the default): the smallest block size ``b`` (1..64 bits, so a block fits a uint64)
+  whose ``b / k`` is within 1% of log2 N, with ``k`` the largest count with ``N^k <= 2^b``; where
+  no block up to 64 bits gets within 1%, the block with the least ``b / k``. Small blocks decode
+  with narrow integers and table lookups. Result: exactly log2 N for powers of two; N = 3: 5 codes
+  in 8 bits (1.600 bits/code, 1.0095 x log2 3), N = 5: 3 in 7 (2.333, 1.005 x), N = 9: 5 in 16
+  (3.200, 1.0095 x), N = 17: 8 in 33 (4.125, 1.009 x); the worst N in 2..256 is N = 60 at
+  1.016 x log2 N (``efficiency`` gives every N; tests check all of them against 1.02).
+* ``"byte"``: the byte-aligned layout of the Low-Resolution paper's Table 3, ``b = 8`` and
+  ``k = floor(8 / log2 N)`` codes per byte (the largest k with N^k <= 256): 8 per byte for N = 2,
+  5 for N = 3, 3 for N = 5, 2 for N = 8, 9 and 16, 1 for N = 17..256.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache, lru_cache
+
+import numpy as np
+import torch
+
+from lowbit.errors import FormatError
+
+LAYOUTS = ("dense", "byte")
+MAX_BLOCK_BITS = 64
+"""The bound on a block: one block is one uint64."""
+DENSE_TOLERANCE = 0.01
+"""A dense block is accepted once its bits per code are within this fraction of log2 N."""
+_LUT_MAX_BITS = 16  # blocks of up to 16 bits decode through a (2^b, k) table
+
+
+def _max_codes(levels: int, bits: int) -> int:
+    """The largest k with levels^k <= 2^bits, in exact integer arithmetic."""
+    k, power = 0, levels
+    while power <= 1 << bits:
+        k, power = k + 1, power * levels
+    return k
+
+
+@dataclass(frozen=True)
+class Codec:
+    """k codes of ``levels`` values per b-bit block (see the module docstring for the layout)."""
+
+    levels: int
+    layout: str
+    k: int
+    b: int
+
+    @property
+    def bits_per_code(self) -> float:
+        """Stored bits per code, b / k (the payload rounds up to whole bytes once)."""
+        return self.b / self.k
+
+    @property
+    def efficiency(self) -> float:
+        """(b / k) / log2 N: 1.0 is the entropy bound of uniformly used levels."""
+        return self.bits_per_code / math.log2(self.levels)
+
+    def nbytes(self, n: int) -> int:
+        """Payload bytes for ``n`` codes: ceil(ceil(n / k) * b / 8)."""
+        return (-(-n // self.k) * self.b + 7) // 8
+
+    def to_json(self) -> dict:
+        return {"layout": self.layout, "k": self.k, "b": self.b}
+
+    def pack(self, codes: np.ndarray | torch.Tensor) -> np.ndarray:
+        """codes (any shape, integers in 0..N-1) -> payload, uint8 (nbytes(codes.size),)."""
+        c = _as_numpy(codes).reshape(-1)
+        n = c.size
+        if n and int(c.max()) >= self.levels:
+            raise ValueError(f"codes must lie in 0..{self.levels - 1}, found {int(c.max())}")
+        if self.k == 1:  # powers of two and N > 128: the code is the block (b <= 8)
+            return _blocks_to_bytes(c.astype(np.uint8), self.b)
+        blocks = -(-n // self.k)
+        digits = np.zeros(blocks * self.k, dtype=np.uint64)
+        digits[:n] = c
+        digits = digits.reshape(blocks, self.k)
+        v = digits[:, self.k - 1].copy()
+        for j in range(self.k - 2, -1, -1):  # Horner: v = ((c[k-1] N + c[k-2]) N + ...) + c[0]
+            v *= np.uint64(self.levels)
+            v += digits[:, j]
+        return _blocks_to_bytes(v, self.b)[: self.nbytes(n)]
+
+    def unpack(self, payload: np.ndarray | torch.Tensor | bytes, n: int) -> np.ndarray:
+        """payload (uint8, exactly nbytes(n) bytes) -> codes, uint8 (n,).
+
+        Raises ``FormatError`` when the payload has the wrong length, a block's value is not
+        below N^k, or the padding after the last code is not zero."""
+        p = np.frombuffer(payload, dtype=np.uint8) if isinstance(payload, bytes) else payload
+        p = _as_numpy(p).reshape(-1)
+        if p.dtype != np.uint8 or p.size != self.nbytes(n):
+            raise FormatError(
+                f"payload of {p.size} bytes does not hold {n} codes of {self.levels} levels "
+                f"({self.nbytes(n)} bytes expected)"
+            )
+        blocks = -(-n // self.k)
+        v = _bytes_to_blocks(p, blocks, self.b)
+        if blocks and self.levels**self.k < 1 << 64 and int(v.max()) >= self.levels**self.k:
+            raise FormatError(f"a block value is not below {self.levels}^{self.k}: corrupt codes")
+        if self.k == 1:
+            digits = v.astype(np.uint8)
+        elif self.b <= _LUT_MAX_BITS:
+            digits = _digit_table(self.levels, self.k, self.b)[v.astype(np.intp)]
+        else:
+            digits = np.empty((blocks, self.k), dtype=np.uint8)
+            for j in range(self.k):
+                digits[:, j] = v % np.uint64(self.levels)
+                v = v // np.uint64(self.levels)
+        digits = digits.reshape(-1)
+        if digits[n:].any() or (p.size and _trailing_bits(p, blocks * self.b)):
+            raise FormatError("non-zero padding after the last code: corrupt codes")
+        return digits[:n].copy()
+
+
+@cache
+def codec(levels: int, layout: str = "dense") -> Codec:
+    """The codec of ``layout`` ("dense" or "byte") for ``levels`` in 2..256."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
+        raise ValueError(f"levels must be an integer in 2..256, got {levels!r}")
+    if layout == "byte":
+        return Codec(levels, layout, _max_codes(levels, 8), 8)
+    if layout != "dense":
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    bound = math.log2(levels) * (1 + DENSE_TOLERANCE)
+    best: tuple[int, int] | None = None
+    for b in range(1, MAX_BLOCK_BITS + 1):
+        k = _max_codes(levels, b)
+        if k == 0:
+            continue
+        if b / k <= bound:
+            return Codec(levels, layout, k, b)
+        if best is None or b * best[0] < best[1] * k:  # b/k < best_b/best_k, exactly
+            best = (k, b)
+    assert best is not None
+    return Codec(levels, layout, *best)
+
+
+def efficiency(layout: str = "dense") -> dict[int, float]:
+    """(stored bits per code) / log2 N for every N in 2..256."""
+    return {n: codec(n, layout).efficiency for n in range(2, 257)}
+
+
+# --- bit stream ----------------------------------------------------------------------------------
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().contiguous().numpy()
+    return np.asarray(x)
+
+
+@lru_cache(maxsize=64)
+def _digit_table(levels: int, k: int, b: int) -> np.ndarray:
+    """(2^b, k) uint8: the base-N digits of every block value (values >= N^k give junk)."""
+    v = np.arange(1 << b, dtype=np.int64)
+    table = np.empty((1 << b, k), dtype=np.uint8)
+    for j in range(k):
+        table[:, j] = v % levels
+        v //= levels
+    table.flags.writeable = False
+    return table
+
+
+def _blocks_to_bytes(v: np.ndarray, b: int) -> np.ndarray:
+    """uint64 blocks (m,) of b bits each -> the little-endian bit stream, uint8 (ceil(m b/8),)."""
+    m = v.size
+    if b == 8:
+        return v.astype(np.uint8)
+    if b % 8 == 0:  # whole bytes: the low b/8 bytes of each little-endian uint64
+        return v.astype("<u8").view(np.uint8).reshape(m, 8)[:, : b // 8].reshape(-1).copy()
+    if 8 % b == 0:  # 1, 2 or 4 bits: 8 / b whole blocks per byte
+        per = 8 // b
+        g = np.zeros(-(-m // per) * per, dtype=np.uint8)
+        g[:m] = v
+        g = g.reshape(-1, per)
+        out = g[:, 0].copy()
+        for i in range(1, per):
+            out |= g[:, i] << np.uint8(i * b)
+        return out
+    # 8 blocks = b bytes exactly; each output byte takes bits from the blocks it overlaps.
+    groups = -(-m // 8)
+    g = np.zeros(groups * 8, dtype=np.uint64)
+    g[:m] = v
+    g = g.reshape(groups, 8)
+    out = np.zeros((groups, b), dtype=np.uint64)
+    for byte in range(b):
+        lo = 8 * byte
+        for i in range(lo // b, min(8, -(-(lo + 8) // b))):
+            shift = i * b - lo  # where block i's bit 0 lands relative to this byte's bit 0
+            part = g[:, i] << np.uint64(shift) if shift >= 0 else g[:, i] >> np.uint64(-shift)
+            out[:, byte] |= part
+    return (out & np.uint64(0xFF)).astype(np.uint8).reshape(-1)[: (m * b + 7) // 8]
+
+
+def _bytes_to_blocks(p: np.ndarray, m: int, b: int) -> np.ndarray:
+    """The inverse of ``_blocks_to_bytes``: uint8 stream -> blocks (m,), uint64 (uint8 for b <= 8
+    with whole blocks per byte)."""
+    if b == 8:
+        return p[:m]
+    if b % 8 == 0:
+        w = b // 8
+        padded = np.zeros((m, 8), dtype=np.uint8)
+        padded[:, :w] = p[: m * w].reshape(m, w)
+        return padded.view("<u8").reshape(m).astype(np.uint64)
+    if 8 % b == 0:
+        per, mask = 8 // b, np.uint8((1 << b) - 1)
+        g = np.empty((p.size, per), dtype=np.uint8)
+        for i in range(per):
+            g[:, i] = (p >> np.uint8(i * b)) & mask
+        return g.reshape(-1)[:m]  # uint8: these blocks are single codes (k = 1)
+    groups = -(-m // 8)
+    buf = np.zeros(groups * b, dtype=np.uint64)
+    buf[: p.size] = p
+    buf = buf.reshape(groups, b)
+    g = np.zeros((groups, 8), dtype=np.uint64)
+    mask = np.uint64((1 << b) - 1)
+    for i in range(8):
+        lo = i * b
+        for byte in range(lo // 8, -(-(lo + b) // 8)):
+            shift = 8 * byte - lo  # where this byte's bit 0 lands relative to block i's bit 0
+            part = (
+                buf[:, byte] << np.uint64(shift)
+                if shift >= 0
+                else buf[:, byte] >> np.uint64(-shift)
+            )
+            g[:, i] |= part
+        g[:, i] &= mask
+    return g.reshape(-1)[:m]
+
+
+def _trailing_bits(p: np.ndarray, used_bits: int) -> bool:
+    """Whether any bit after the first ``used_bits`` bits of the stream is set."""
+    if used_bits % 8 == 0:
+        return False
+    return bool(int(p[-1]) >> (used_bits % 8))
