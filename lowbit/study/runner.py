@@ -1,0 +1,418 @@
+"""Running a study: each cell trains in its own run directory and writes to the results store.
+
+    run(spec, DIR)  ->  DIR/results.sqlite   one database (see lowbit.study.store)
+                        DIR/runs/<cell id>/  fit's run directory: config, metrics, checkpoint,
+                                             the diagnostics' last codes
+
+Crash safety comes from the order of writes inside one epoch: ``fit`` calls ``on_epoch`` after the
+epoch's evaluation and *before* it writes the epoch's checkpoint, and ``on_epoch`` commits the
+epoch row (``INSERT OR REPLACE`` keyed (run, epoch)). A SIGKILL at any point therefore leaves
+either the row and the checkpoint, or the row alone (the epoch is retrained from the previous
+checkpoint, bit-exactly, and its row replaced with the same values), or neither. Re-running skips
+cells whose status is finished or diverged and restarts the others (pending, running — a killed
+worker —, failed).
+
+Executors:
+
+* ``local`` — a process pool (spawn context) of ``workers`` processes (default: the core count),
+  each with ``max(1, cores // workers)`` torch threads so the pool does not oversubscribe the
+  cores. ``workers=1`` trains in the calling process.
+* ``ray`` — one Ray task per cell (``pip install 'lowbit[ray]'``). ``ray.init()`` starts a local
+  instance with ``workers`` CPUs, or joins the cluster at ``RAY_ADDRESS``. A task on the driver's
+  host writes the database directly (as the local pool does); a task on another host records its
+  writes and returns them, and the driver replays them in order — either way the database is the
+  same. (Checkpoints stay on the host that trained the cell; resume across hosts needs ``DIR`` on
+  a shared file system.)
+
+A cell that raises is recorded as ``failed`` with its traceback, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing as mp
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import ConfigError
+from lowbit.study.spec import Cell, Spec, weight_levels
+from lowbit.study.store import DONE, Store, default_path
+
+BACKENDS = ("local", "ray")
+
+
+@dataclasses.dataclass
+class StudyResult:
+    """What a sweep did: counts of cells per outcome, the database, the wall time."""
+
+    out_dir: Path
+    db_path: Path
+    cells: int
+    skipped: int
+    statuses: dict[str, int]
+    wall_s: float
+    notes: list[str]
+
+
+# --- one cell ------------------------------------------------------------------------------------
+
+
+def _git_rev() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+_DATA_CACHE: dict[tuple, Any] = {}
+
+
+def _dataset(config: dict[str, Any], data_dir: str | None) -> Any:
+    """The cell's dataset, loaded once per process; ``test_subset`` keeps the first n test
+    images."""
+    from lowbit import data
+
+    key = (config["dataset"], data_dir, config["test_subset"])
+    if key not in _DATA_CACHE:
+        ds = data.load(config["dataset"], data_dir=data_dir)
+        n = config["test_subset"]
+        if n and n < len(ds.test_y):
+            ds = dataclasses.replace(ds, test_x=ds.test_x[:n], test_y=ds.test_y[:n])
+        _DATA_CACHE.clear()  # one dataset at a time: a worker's memory stays bounded
+        _DATA_CACHE[key] = ds
+    return _DATA_CACHE[key]
+
+
+def build_model(config: dict[str, Any], ds: Any) -> Any:
+    """The cell's network, initialised from ``seed`` (so codes_0 and resume are reproducible)."""
+    import torch
+
+    from lowbit import models
+
+    kw: dict[str, Any] = {"layer": config["layer"]}
+    if config["levels"] is not None:
+        kw["levels"] = config["levels"]
+    for key in ("depth", "width", "kernel_size", "activation"):
+        if config[key] is not None:
+            kw[key] = config[key]
+    kw["input_shape"] = tuple(ds.input_shape)
+    kw["classes"] = int(ds.classes)
+    torch.manual_seed(config["seed"])
+    return models.get(config["model"], **kw)
+
+
+def train_config(config: dict[str, Any]) -> Any:
+    from lowbit.train import TrainConfig
+
+    kw = dict(
+        optimizer=config["optimizer"],
+        lr=config["lr"],
+        batch_size=config["batch_size"],
+        epochs=config["epochs"],
+        seed=config["seed"],
+        augment=config["augment"],
+        train_subset=config["train_subset"] or None,
+    )
+    if config["momentum"] is not None:
+        kw["momentum"] = config["momentum"]
+    return TrainConfig(**kw)
+
+
+def model_size(model: Any, levels: int | None) -> dict[str, Any]:
+    """Parameter counts and the packed size in bytes.
+
+    ``lowbit.summary`` gives the size the packed file really takes, when that module is present;
+    otherwise the near-entropy estimate ``sum_quantized numel * log2(N) / 8 + 4 * (other
+    params)`` (biases, norms and fp32 layers at 4 bytes)."""
+    from lowbit.study.diagnostics import quantized_layers
+
+    n_params = sum(p.numel() for p in model.parameters())
+    qlayers = quantized_layers(model)
+    n_quant = sum(m.weight.numel() for _, m in qlayers)
+    try:
+        from lowbit.summary import summary  # type: ignore[import-not-found]
+
+        total = summary(model).total_bytes
+        return {
+            "n_params": n_params,
+            "n_quant_weights": n_quant,
+            "size_bytes": float(total),
+            "size_method": "lowbit.summary",
+        }
+    except Exception:  # noqa: BLE001 - any failure falls back to the documented estimate
+        pass
+    import math
+
+    qbits = sum(m.weight.numel() * math.log2(m.weight_quantizer.levels) for _, m in qlayers)
+    size = qbits / 8 + 4 * (n_params - n_quant)
+    return {
+        "n_params": n_params,
+        "n_quant_weights": n_quant,
+        "size_bytes": float(size),
+        "size_method": "bits x params",
+    }
+
+
+class _Recorder:
+    """Stands in for the Store on a host that cannot reach the database: records the writes."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, tuple, dict]] = []
+
+    def start_run(self, *a: Any, **k: Any) -> None:
+        self.ops.append(("start_run", a, k))
+
+    def end_run(self, *a: Any, **k: Any) -> None:
+        self.ops.append(("end_run", a, k))
+
+    def add_epoch(self, *a: Any, **k: Any) -> None:
+        self.ops.append(("add_epoch", a, k))
+
+
+def execute_cell(cell_id: str, config: dict[str, Any], out_dir: str, sink: Any, *, data_dir=None):
+    """Train one cell, writing its run info, epochs and final status through ``sink``.
+
+    Exceptions are recorded as ``failed`` with their traceback (and not re-raised)."""
+    import torch
+
+    from lowbit import __version__
+    from lowbit.study.diagnostics import Diagnostics
+    from lowbit.train import fit
+
+    run_dir = Path(out_dir) / "runs" / cell_id
+    info: dict[str, Any] = {
+        "lowbit_version": __version__,
+        "git_rev": _git_rev(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "host": socket.gethostname(),
+    }
+    started = False
+    try:
+        ds = _dataset(config, data_dir)
+        model = build_model(config, ds)
+        info.update(model_size(model, weight_levels(config)))
+        sink.start_run(cell_id, info)
+        started = True
+        diag = Diagnostics(model, run_dir)
+
+        def on_epoch(metrics: dict[str, Any], m: Any) -> None:
+            sink.add_epoch(cell_id, metrics, diag.collect(int(metrics["epoch"]), m))
+
+        result = fit(model, ds, train_config(config), run_dir=run_dir, on_epoch=on_epoch)
+        status = result.status if result.status in DONE else "failed"
+        error = None if status in DONE else f"fit ended with status {result.status!r}"
+        sink.end_run(cell_id, status, error)
+    except Exception:  # noqa: BLE001 - a failing cell must not stop the sweep
+        if not started:
+            sink.start_run(cell_id, info)
+        sink.end_run(cell_id, "failed", traceback.format_exc())
+
+
+# --- workers -------------------------------------------------------------------------------------
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+
+
+def _local_task(task: dict[str, Any]) -> str:
+    with Store(task["db"]) as store:
+        execute_cell(task["id"], task["config"], task["out"], store, data_dir=task["data_dir"])
+    return task["id"]
+
+
+def _ray_task(task: dict[str, Any]) -> tuple[str, list]:
+    _init_worker(task["threads"])
+    if socket.gethostname() == task["driver_host"]:
+        return _local_task(task), []
+    rec = _Recorder()
+    execute_cell(task["id"], task["config"], task["out"], rec, data_dir=task["data_dir"])
+    return task["id"], rec.ops
+
+
+def _progress(total: int, enabled: bool | None) -> Any:
+    from tqdm import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, unit="cell", disable=not enabled, dynamic_ncols=True)
+
+
+def _run_local(tasks: list[dict], workers: int, store: Store, bar: Any) -> None:
+    if workers == 1:
+        _init_worker(tasks[0]["threads"] if tasks else 1)
+        for t in tasks:
+            _local_task(t)
+            bar.update(1)
+        return
+    pending = list(tasks)
+    while pending:
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(tasks[0]["threads"],)
+        ) as pool:
+            futures = {pool.submit(_local_task, t): t for t in pending}
+            pending = []
+            broken = False
+            for fut in cf.as_completed(futures):
+                t = futures[fut]
+                try:
+                    fut.result()
+                    bar.update(1)
+                except cf.process.BrokenProcessPool:
+                    # a worker died (killed, out of memory): every unfinished future fails with
+                    # it; the cells not yet done get a fresh pool, the one that was running is
+                    # found "running" in the database and marked failed below.
+                    broken = True
+                    pending.append(t)
+            if broken:
+                status = store.status()
+                redo = []
+                for t in pending:
+                    if status.get(t["id"]) == "running":
+                        store.end_run(t["id"], "failed", "worker process died during the cell")
+                        bar.update(1)
+                    elif status.get(t["id"]) not in DONE:
+                        redo.append(t)
+                    else:
+                        bar.update(1)
+                pending = redo
+
+
+def _run_ray(tasks: list[dict], workers: int, store: Store, bar: Any) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "the ray backend needs Ray: pip install 'lowbit[ray]' (or use --backend local)"
+        ) from None
+    started = False
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if not address:
+            kw["num_cpus"] = workers
+        ray.init(address=address or None, **kw)
+        started = True
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+        host = socket.gethostname()
+        refs = [remote.remote({**t, "driver_host": host}) for t in tasks]
+        by_ref = dict(zip(refs, tasks, strict=True))
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1)
+            for ref in done:
+                try:
+                    _, ops = ray.get(ref)
+                    store.apply(ops)
+                except Exception:  # noqa: BLE001 - a task that died (not one that raised)
+                    store.end_run(by_ref[ref]["id"], "failed", traceback.format_exc())
+                bar.update(1)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --- the sweep -----------------------------------------------------------------------------------
+
+
+def dataset_checker(data_dir: str | None):
+    """A ``dataset_available(name)`` for ``Spec.cells``, from ``lowbit.data.discover``."""
+    from lowbit import data
+
+    found = data.discover(data_dir)
+    return lambda name: bool(found.get(name, {}).get("path"))
+
+
+def run(
+    spec: Spec,
+    out_dir: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    backend: str = "local",
+    data_dir: str | None = None,
+    progress: bool | None = None,
+    quick: bool = False,
+) -> StudyResult:
+    """Run every unfinished cell of ``spec``; results go to ``out_dir/results.sqlite``."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    cores = os.cpu_count() or 1
+    workers = cores if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    out = Path(out_dir)
+    requested = {c for c in spec.grid.get("dataset", ["fashion-mnist"])}
+    cells: list[Cell] = spec.cells(dataset_checker(data_dir))
+    resolved = {c.config["dataset"] for c in cells}
+    notes = [
+        f"dataset {d} is not installed here: its cells use {spec.fallback_dataset} instead"
+        for d in sorted(requested - resolved)
+    ]
+    t0 = time.time()
+    with Store(default_path(out)) as store:
+        old = store.meta()
+        store.set_meta(
+            name=spec.name,
+            title=spec.title,
+            claims=spec.claims,
+            source=spec.source,
+            quick=quick or old.get("quick", False),
+            notes=sorted(set(old.get("notes", [])) | set(notes)),
+            cell_ids=sorted(set(old.get("cell_ids", [])) | {c.id for c in cells}),
+        )
+        store.add_runs([(c.id, c.config) for c in cells])
+        status = store.status()
+        todo = [c for c in cells if status.get(c.id) not in DONE]
+        threads = max(1, cores // min(workers, max(1, len(todo))))
+        tasks = [
+            {
+                "id": c.id,
+                "config": c.config,
+                "out": str(out),
+                "db": str(store.path),
+                "data_dir": data_dir,
+                "threads": threads,
+            }
+            for c in todo
+        ]
+        with _progress(len(tasks), progress) as bar:
+            if backend == "local":
+                _run_local(tasks, min(workers, max(1, len(tasks))), store, bar)
+            else:
+                _run_ray(tasks, workers, store, bar)
+        final = store.status()
+    counts: dict[str, int] = {}
+    for c in cells:
+        counts[final.get(c.id, "pending")] = counts.get(final.get(c.id, "pending"), 0) + 1
+    return StudyResult(
+        out_dir=out,
+        db_path=default_path(out),
+        cells=len(cells),
+        skipped=len(cells) - len(todo),
+        statuses=counts,
+        wall_s=time.time() - t0,
+        notes=notes,
+    )

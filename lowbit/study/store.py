@@ -1,0 +1,266 @@
+"""The results store: one SQLite database per study, ``DIR/results.sqlite``.
+
+Schema (one row per ...)::
+
+    meta    (key PK, value)                         study name, spec, notes (JSON values)
+    runs    (run_id PK, config, status, error, started, ended, attempts, lowbit_version,
+             git_rev, torch_version, python_version, host, n_params, n_quant_weights,
+             size_bytes, size_method)               ... cell
+    epochs  (run_id, epoch) PK, train_loss, train_acc, test_loss, test_acc, wall_s
+                                                    ... finished epoch of a cell
+    layers  (run_id, epoch, layer) PK, levels, numel, scale, flip_ratio, zero_share, shares
+                                                    ... quantized layer and epoch
+
+``status`` is one of pending, running, finished, diverged, failed. Epoch rows are written with
+``INSERT OR REPLACE`` keyed (run_id, epoch), together with their layer rows in one transaction: a
+re-run of an epoch (after a crash between the row and the checkpoint) replaces, never duplicates.
+
+Concurrency: WAL journal (readers never block the writer), ``busy_timeout`` of 60 s, writes in
+``BEGIN IMMEDIATE`` transactions, and a retry loop with backoff on "database is locked" for the
+rare case the timeout is exceeded. ``synchronous=NORMAL`` with WAL keeps every committed
+transaction across a process crash (SIGKILL); only a power loss can drop the last commits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    error TEXT,
+    started REAL,
+    ended REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lowbit_version TEXT,
+    git_rev TEXT,
+    torch_version TEXT,
+    python_version TEXT,
+    host TEXT,
+    n_params INTEGER,
+    n_quant_weights INTEGER,
+    size_bytes REAL,
+    size_method TEXT
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    epoch INTEGER NOT NULL,
+    train_loss REAL, train_acc REAL, test_loss REAL, test_acc REAL, wall_s REAL,
+    PRIMARY KEY (run_id, epoch)
+);
+CREATE TABLE IF NOT EXISTS layers (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    epoch INTEGER NOT NULL,
+    layer TEXT NOT NULL,
+    levels INTEGER NOT NULL,
+    numel INTEGER NOT NULL,
+    scale REAL,
+    flip_ratio REAL,
+    zero_share REAL,
+    shares TEXT NOT NULL,
+    PRIMARY KEY (run_id, epoch, layer)
+);
+"""
+
+STATUSES = ("pending", "running", "finished", "diverged", "failed")
+DONE = ("finished", "diverged")
+EPOCH_FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc", "wall_s")
+LAYER_FIELDS = ("layer", "levels", "numel", "scale", "flip_ratio", "zero_share", "shares")
+RUN_INFO_FIELDS = (
+    "lowbit_version",
+    "git_rev",
+    "torch_version",
+    "python_version",
+    "host",
+    "n_params",
+    "n_quant_weights",
+    "size_bytes",
+    "size_method",
+)
+
+
+def _retry(fn, *args: Any, attempts: int = 40) -> Any:
+    """Run ``fn`` and retry on a locked database (after busy_timeout), with jittered backoff."""
+    for i in range(attempts):
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or i == attempts - 1:
+                raise
+            time.sleep(min(2.0, 0.05 * 2**i) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+class Store:
+    """A connection to one study database. Cheap to open; open one per process."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"{self.path}: no results database here")
+            uri = f"file:{self.path}?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            self.db.execute("PRAGMA busy_timeout = 60000")
+            _retry(self.db.execute, "PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            with self.transaction() as db:
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+        self.db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error); takes the write lock first
+        so two writers never deadlock upgrading read locks."""
+        _retry(self.db.execute, "BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        _retry(self.db.execute, "COMMIT")
+
+    def _write(self, fn) -> None:
+        def attempt() -> None:
+            with self.transaction() as db:
+                fn(db)
+
+        _retry(attempt)
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def set_meta(self, **values: Any) -> None:
+        self._write(
+            lambda db: db.executemany(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                [(k, json.dumps(v, sort_keys=True)) for k, v in values.items()],
+            )
+        )
+
+    def add_runs(self, cells: list[tuple[str, dict[str, Any]]]) -> None:
+        """Register cells as pending; existing rows (any status) are left as they are."""
+        self._write(
+            lambda db: db.executemany(
+                "INSERT OR IGNORE INTO runs(run_id, config) VALUES (?, ?)",
+                [(cid, json.dumps(cfg, sort_keys=True)) for cid, cfg in cells],
+            )
+        )
+
+    def start_run(self, run_id: str, info: dict[str, Any]) -> None:
+        cols = [k for k in RUN_INFO_FIELDS if k in info]
+        sets = ", ".join(f"{c} = ?" for c in cols)
+        sql = (
+            "UPDATE runs SET status = 'running', started = ?, ended = NULL, error = NULL, "
+            f"attempts = attempts + 1{', ' + sets if sets else ''} WHERE run_id = ?"
+        )
+        self._write(lambda db: db.execute(sql, [time.time(), *(info[c] for c in cols), run_id]))
+
+    def end_run(self, run_id: str, status: str, error: str | None = None) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        self._write(
+            lambda db: db.execute(
+                "UPDATE runs SET status = ?, ended = ?, error = ? WHERE run_id = ?",
+                (status, time.time(), error, run_id),
+            )
+        )
+
+    def add_epoch(self, run_id: str, metrics: dict[str, Any], layers: list[dict[str, Any]]):
+        """One epoch's metrics and per-layer diagnostics, atomically; replaces a previous write
+        of the same (run_id, epoch)."""
+        epoch = int(metrics["epoch"])
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO epochs(run_id, epoch, "
+                + ", ".join(EPOCH_FIELDS)
+                + ") VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, epoch, *(_num(metrics.get(f)) for f in EPOCH_FIELDS)),
+            )
+            db.execute("DELETE FROM layers WHERE run_id = ? AND epoch = ?", (run_id, epoch))
+            db.executemany(
+                "INSERT INTO layers(run_id, epoch, " + ", ".join(LAYER_FIELDS) + ") "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, epoch, *_layer_values(r)) for r in layers],
+            )
+
+        self._write(write)
+
+    def apply(self, ops: list[tuple[str, tuple, dict]]) -> None:
+        """Replay a list of recorded calls (``(method, args, kwargs)``), as a remote worker that
+        cannot reach the database hands them back to the driver."""
+        for method, args, kwargs in ops:
+            if method not in ("start_run", "end_run", "add_epoch"):
+                raise ValueError(f"not a store write: {method}")
+            getattr(self, method)(*args, **kwargs)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        return {r["key"]: json.loads(r["value"]) for r in self.db.execute("SELECT * FROM meta")}
+
+    def runs(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
+        return [{**dict(r), "config": json.loads(r["config"])} for r in rows]
+
+    def status(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT run_id, status FROM runs").fetchall())
+
+    def epochs(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM epochs", ()
+        if run_id is not None:
+            sql, args = sql + " WHERE run_id = ?", (run_id,)
+        return [dict(r) for r in self.db.execute(sql + " ORDER BY run_id, epoch", args)]
+
+    def layers(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM layers", ()
+        if run_id is not None:
+            sql, args = sql + " WHERE run_id = ?", (run_id,)
+        rows = self.db.execute(sql + " ORDER BY run_id, epoch, layer", args)
+        return [{**dict(r), "shares": json.loads(r["shares"])} for r in rows]
+
+
+def _layer_values(row: dict[str, Any]) -> list[Any]:
+    return [json.dumps(row[f]) if f == "shares" else row[f] for f in LAYER_FIELDS]
+
+
+def _num(v: Any) -> float | None:
+    """Floats as SQLite stores them; inf/nan kept (a diverged loss is data, not an error)."""
+    return None if v is None else float(v)
+
+
+def default_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "results.sqlite"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
