@@ -40,10 +40,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit import quantizers
@@ -61,6 +64,7 @@ LAYERS = (
 )
 CONV_LAYERS = ("linear", "sign", "ternary", "ternary-median", "nlevel")
 ACTIVATIONS = ("relu", "study")
+INITS = ("torch", "glorot")
 
 _SEED_LAYERS: dict[str, type[QuantLinear]] = {
     "bitlinear8": BitLinear8,
@@ -231,6 +235,20 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
 
+def _initialise(model: nn.Module, init: str) -> nn.Module:
+    """``"torch"``: PyTorch's default init (kept); ``"glorot"``: Glorot-uniform weights and zero
+    biases for every Linear/Conv2d, as the Low-Resolution study (Keras defaults)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+    if init == "glorot":
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+    return model
+
+
 def _dense_stack(
     sizes: Sequence[int],
     layer: str,
@@ -275,6 +293,7 @@ def mlp(
     activation: str = "relu",
     quantize_first: bool = True,
     quantize_head: bool = True,
+    init: str = "torch",
     layer: str = "linear",
     levels: int | None = None,
     **quant: Any,
@@ -286,6 +305,7 @@ def mlp(
     Linear(width, classes)) is of kind ``layer`` when ``quantize_head`` (default, as the study
     swapped every layer), else fp32; likewise the first layer with ``quantize_first``.
     ``activation``: ``"relu"`` everywhere or ``"study"`` (ReLU only after fp32 layers).
+    ``init``: ``"torch"`` (PyTorch defaults, as the study) or ``"glorot"``.
     """
     _check_positive(width=width, classes=classes)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
@@ -296,7 +316,7 @@ def mlp(
     _check_positive(in_features=in_features)
     check_layer(layer, levels, **quant)
     sizes = [in_features, *([width] * depth), classes]
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Flatten(),
         *_dense_stack(
             sizes,
@@ -308,6 +328,7 @@ def mlp(
             quantize_head=quantize_head,
         ),
     )
+    return _initialise(model, init)
 
 
 def _fcnn(
@@ -316,6 +337,7 @@ def _fcnn(
     classes: int,
     quantize_first: bool,
     quantize_head: bool,
+    init: str,
     layer: str,
     levels: int | None,
     quant: dict[str, Any],
@@ -323,7 +345,7 @@ def _fcnn(
     _check_positive(classes=classes)
     check_layer(layer, levels, **quant)
     sizes = [math.prod(_input_shape(input_shape)), *hidden, classes]
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Flatten(),
         *_dense_stack(
             sizes,
@@ -335,6 +357,7 @@ def _fcnn(
             quantize_head=quantize_head,
         ),
     )
+    return _initialise(model, init)
 
 
 @_registered
@@ -344,6 +367,7 @@ def fcnn1(
     *,
     quantize_first: bool = True,
     quantize_head: bool = True,
+    init: str = "glorot",
     layer: str = "linear",
     levels: int | None = None,
     **quant: Any,
@@ -366,6 +390,7 @@ def fcnn2(
     *,
     quantize_first: bool = True,
     quantize_head: bool = True,
+    init: str = "glorot",
     layer: str = "linear",
     levels: int | None = None,
     **quant: Any,
@@ -376,7 +401,15 @@ def fcnn2(
     CVNN2's 8,776,330.
     """
     return _fcnn(
-        (2048, 1024), input_shape, classes, quantize_first, quantize_head, layer, levels, quant
+        (2048, 1024),
+        input_shape,
+        classes,
+        quantize_first,
+        quantize_head,
+        init,
+        layer,
+        levels,
+        quant,
     )
 
 
@@ -391,6 +424,7 @@ def _cvnn(
     kernel_size: int,
     quantize_first: bool,
     quantize_head: bool,
+    init: str,
     layer: str,
     levels: int | None,
     quant: dict[str, Any],
@@ -428,7 +462,7 @@ def _cvnn(
         quantize_first=True,
         quantize_head=quantize_head,
     )
-    return nn.Sequential(*mods)
+    return _initialise(nn.Sequential(*mods), init)
 
 
 @_registered
@@ -439,6 +473,7 @@ def cvnn1(
     kernel_size: int = 3,
     quantize_first: bool = True,
     quantize_head: bool = True,
+    init: str = "glorot",
     layer: str = "linear",
     levels: int | None = None,
     **quant: Any,
@@ -456,6 +491,7 @@ def cvnn1(
         kernel_size,
         quantize_first,
         quantize_head,
+        init,
         layer,
         levels,
         quant,
@@ -470,6 +506,7 @@ def cvnn2(
     kernel_size: int = 3,
     quantize_first: bool = True,
     quantize_head: bool = True,
+    init: str = "glorot",
     layer: str = "linear",
     levels: int | None = None,
     **quant: Any,
@@ -486,10 +523,254 @@ def cvnn2(
         kernel_size,
         quantize_first,
         quantize_head,
+        init,
         layer,
         levels,
         quant,
     )
+
+
+# --- vision transformer --------------------------------------------------------------------------
+
+LinearFactory = Callable[[int, int], nn.Module]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v and output projections.
+
+    Written out (not ``nn.MultiheadAttention``) so each projection is an ordinary layer of the
+    model's kind, quantized on its own like the paper's fully connected layers. Shapes:
+    (B, T, D) -> q, k, v (B, H, T, D/H) -> softmax(q k^T / sqrt(D/H)) v -> (B, T, D) -> proj.
+    Dropout acts on the attention probabilities (as Keras' MultiHeadAttention).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, linear: LinearFactory) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.heads, self.dropout = heads, dropout
+        self.q, self.k, self.v = linear(dim, dim), linear(dim, dim), linear(dim, dim)
+        self.proj = linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, H, T, D/H)
+            return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            split(self.q(x)),
+            split(self.k(x)),
+            split(self.v(x)),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def _gelu_mlp(sizes: Sequence[int], dropout: float, linear: LinearFactory) -> nn.Sequential:
+    """Dense + GELU + Dropout for each step sizes[i] -> sizes[i+1] (the Keras example's ``mlp``)."""
+    mods: list[nn.Module] = []
+    for a, b in itertools.pairwise(sizes):
+        mods += [linear(a, b), nn.GELU(), nn.Dropout(dropout)]
+    return nn.Sequential(*mods)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); (B, T, D) -> (B, T, D)."""
+
+    def __init__(
+        self, dim: int, heads: int, mlp_units: int, dropout: float, linear: LinearFactory
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, dropout, linear)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = _gelu_mlp([dim, mlp_units, dim], dropout, linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Patches -> patch encoder -> transformer blocks -> [LayerNorm] -> head MLP -> logits.
+
+    (B, C, H, W) -> patches (B, N, p*p*C), N = (H // p) * (W // p) (the remainder is cropped, as
+    Keras' VALID patch extraction) -> Linear(p*p*C, D) + learned position embedding (N, D) ->
+    ``blocks`` x Block -> LayerNorm (``final_norm``) -> flatten (B, N*D) or mean over patches
+    (B, D) (``pool``) -> Dropout(head_dropout) -> GELU MLP ``head_units`` -> Linear(classes).
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        classes: int,
+        *,
+        patch_size: int,
+        dim: int,
+        heads: int,
+        blocks: int,
+        mlp_units: int,
+        head_units: Sequence[int],
+        final_norm: bool,
+        pool: str,
+        dropout: float,
+        head_dropout: float,
+        linear: LinearFactory,
+        patch_linear: LinearFactory,
+        head_linear: LinearFactory,
+    ) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.patch_size = patch_size
+        self.grid = (h // patch_size, w // patch_size)
+        patches = self.grid[0] * self.grid[1]
+        self.pool = pool
+        self.embed = patch_linear(patch_size * patch_size * c, dim)
+        # Keras' Embedding initialiser: uniform(-0.05, 0.05).
+        self.position = nn.Parameter(torch.empty(patches, dim).uniform_(-0.05, 0.05))
+        self.blocks = nn.Sequential(
+            *(Block(dim, heads, mlp_units, dropout, linear) for _ in range(blocks))
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if final_norm else nn.Identity()
+        width = patches * dim if pool == "flatten" else dim
+        self.head = nn.Sequential(
+            nn.Dropout(head_dropout),
+            *_gelu_mlp([width, *head_units], head_dropout, linear),
+            head_linear(head_units[-1] if head_units else width, classes),
+        )
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p*p*C), each patch flattened row-major with channels last."""
+        p, (gh, gw) = self.patch_size, self.grid
+        b, c = x.shape[:2]
+        x = x[:, :, : gh * p, : gw * p].reshape(b, c, gh, p, gw, p)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.embed(self.patches(x)) + self.position  # (B, N, D)
+        z = self.norm(self.blocks(z))
+        z = z.flatten(1) if self.pool == "flatten" else z.mean(dim=1)
+        return self.head(z)  # (B, classes)
+
+
+POOLS = ("flatten", "mean")
+
+
+@_registered
+def vit(
+    input_shape: Sequence[int] = (3, 32, 32),
+    classes: int = 10,
+    *,
+    patch_size: int = 8,
+    dim: int = 64,
+    heads: int = 4,
+    blocks: int = 3,
+    mlp_units: int = 256,
+    head_units: Sequence[int] = (2048, 1216),
+    final_norm: bool = False,
+    pool: str = "flatten",
+    dropout: float = 0.1,
+    head_dropout: float = 0.5,
+    quantize_patch: bool = False,
+    quantize_head: bool = True,
+    init: str = "glorot",
+    layer: str = "linear",
+    levels: int | None = None,
+    **quant: Any,
+) -> ViT:
+    """A vision transformer (see ``ViT``); the defaults are VIT1.
+
+    Quantized (kind ``layer``): q, k, v and output projections, the blocks' MLPs, the head MLP and
+    the classifier (``quantize_head``). fp32: the patch embedding (``quantize_patch=False``, as the
+    paper), the position embedding, every LayerNorm and all biases.
+
+    VIT1/VIT2 (the paper's Table 2 was lost) are exact matches of its parameter counts found by
+    ``benchmarks/vit_config_search.py`` (docs/results/vit-config.md): 32x32x3 input, 8x8
+    patches (16), D = 64, 4 heads, block MLP 256 = 4D, flatten head without final LayerNorm;
+    VIT1 has 3 blocks and head units (2048, 1216) = 4,766,282 parameters, VIT2 11 blocks and
+    (3392, 1920) = 10,573,770. The two differ only in blocks and units, as the paper says; the
+    counts do not identify the architecture (many other exact matches exist), so this is one
+    consistent choice, not a recovery.
+    """
+    shape = _input_shape(input_shape)
+    _check_positive(
+        classes=classes, patch_size=patch_size, dim=dim, heads=heads, mlp_units=mlp_units
+    )
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+        raise ValueError(f"blocks must be an integer >= 0, got {blocks!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+    if patch_size > min(shape[1:]):
+        raise ValueError(f"patch_size {patch_size} is larger than the image {shape[1:]}")
+    for key, rate in (("dropout", dropout), ("head_dropout", head_dropout)):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{key} must be in [0, 1), got {rate!r}")
+    head_units = [int(u) for u in head_units]
+    _check_positive(**{f"head_units[{i}]": u for i, u in enumerate(head_units)})
+    check_layer(layer, levels, **quant)
+
+    def quantized(a: int, b: int) -> nn.Module:
+        return make_linear(a, b, layer, levels, **quant)
+
+    def fp32(a: int, b: int) -> nn.Module:
+        return nn.Linear(a, b)
+
+    model = ViT(
+        shape,
+        classes,
+        patch_size=patch_size,
+        dim=dim,
+        heads=heads,
+        blocks=blocks,
+        mlp_units=mlp_units,
+        head_units=head_units,
+        final_norm=final_norm,
+        pool=pool,
+        dropout=dropout,
+        head_dropout=head_dropout,
+        linear=quantized,
+        patch_linear=quantized if quantize_patch else fp32,
+        head_linear=quantized if quantize_head else fp32,
+    )
+    return _initialise(model, init)
+
+
+def _preset(name: str, doc: str, **preset: Any) -> Callable[..., nn.Module]:
+    """A registered model that is ``vit`` with other defaults (every argument still overridable)."""
+    base = inspect.signature(vit)
+    params = [
+        p.replace(default=preset[p.name]) if p.name in preset else p
+        for p in base.parameters.values()
+    ]
+
+    def build(*args: Any, **kwargs: Any) -> nn.Module:
+        bound = build.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
+        bound.apply_defaults()
+        kw = dict(bound.arguments)
+        kw.update(kw.pop("quant", {}))
+        return vit.__wrapped__(**kw)  # type: ignore[attr-defined]
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    build.__signature__ = base.replace(parameters=params)  # type: ignore[attr-defined]
+    return _registered(build)
+
+
+vit1 = _preset(
+    "vit1",
+    "VIT1 of the Low-Resolution study: ``vit`` with 3 blocks, head units (2048, 1216); "
+    "4,766,282 parameters on 32x32x3 / 10 classes.",
+    blocks=3,
+    head_units=(2048, 1216),
+)
+vit2 = _preset(
+    "vit2",
+    "VIT2 of the Low-Resolution study: ``vit`` with 11 blocks, head units (3392, 1920); "
+    "10,573,770 parameters on 32x32x3 / 10 classes.",
+    blocks=11,
+    head_units=(3392, 1920),
+)
 
 
 NAMES = tuple(_REGISTRY)
@@ -515,4 +796,7 @@ __all__ = [
     "make_conv",
     "make_linear",
     "mlp",
+    "vit",
+    "vit1",
+    "vit2",
 ]
