@@ -54,3 +54,28 @@ def linear(
     if activations not in ACTIVATION_MODES:
         raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
     return reference.linear(x, weight.codes, weight.scale, weight.levels, bias, activations)
+
+
+def conv2d(
+    x: torch.Tensor,
+    weight: PreparedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    activations: str = "fp32",
+) -> torch.Tensor:
+    """A groups=1 convolution: x (B, C_in, H, W) -> (B, N_out, H', W'), with ``weight`` prepared
+    from codes (N_out, C_in*kH*kW). For now ``linear`` over im2col patches
+    (``reference.im2col_conv2d``); a direct convolution kernel can take over here."""
+    return reference.im2col_conv2d(
+        x,
+        lambda cols: linear(cols, weight, bias, activations),
+        weight.shape[0],
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+    )

@@ -24,13 +24,15 @@ Two activation modes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 ACTIVATION_MODES = ("fp32", "int8")
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
-    """W = s * (c - (levels-1)/2): codes (N_out, K) uint8, scale () or (N_out,) -> (N_out, K) f32."""
+    """W = s * (c - (levels-1)/2): codes (N_out, K) uint8, scale () or (N_out,) -> (N_out, K)."""
     s = scale.reshape(-1, 1) if scale.dim() else scale
     return (codes.to(torch.float32) - (levels - 1) / 2) * s
 
@@ -61,3 +63,50 @@ def linear(
     s = scale.to(torch.float64)
     y = (acc * s / (2 * a.to(torch.float64))).to(torch.float32)
     return y if bias is None else y + bias
+
+
+def im2col_conv2d(
+    x: torch.Tensor,
+    linear_fn: Callable[[torch.Tensor], torch.Tensor],
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """A groups=1 convolution as a linear map over im2col patches.
+
+    x (B, C, H, W) -> patches (B, L, C*kH*kW) (``F.unfold``'s order: channel, then kernel row,
+    then column, matching ``weight.reshape(C_out, -1)``) -> ``linear_fn`` -> (B, L, C_out) ->
+    (B, C_out, H', W') with H' = (H + 2 pH - dH (kH - 1) - 1) // sH + 1 (W' likewise)."""
+    b, _, h, w = x.shape
+    cols = torch.nn.functional.unfold(x, kernel_size, dilation, padding, stride)  # (B, K, L)
+    ho = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    y = linear_fn(cols.transpose(1, 2))  # (B, L, C_out)
+    return y.transpose(1, 2).reshape(b, out_channels, ho, wo)
+
+
+def conv2d(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    levels: int,
+    bias: torch.Tensor | None = None,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    activations: str = "fp32",
+) -> torch.Tensor:
+    """The reference convolution: ``linear`` over im2col patches; codes (C_out, C_in*kH*kW)."""
+    return im2col_conv2d(
+        x,
+        lambda cols: linear(cols, codes, scale, levels, bias, activations),
+        codes.shape[0],
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+    )
