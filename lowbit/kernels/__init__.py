@@ -6,42 +6,189 @@
 ``codes`` (N_out, K) uint8 in 0..levels-1 and ``scale`` () or (N_out,) float32 describe
 ``W = scale * (codes - (levels-1)/2)`` (see ``reference``). A convolution is a ``linear`` over
 im2col patches (PackedConv2d does the unfolding).
+
+Backends (``backend()`` names the one ``prepare`` picks on this machine):
+
+* ``native-avx512``: the compiled library (``native``), AVX-512 VNNI ``vpdpbusd`` dot products of
+  the unsigned codes with int8 activations; ``native-avx2`` and ``native-portable`` are the same
+  algorithm compiled for AVX2 and for plain x86-64 (runtime dispatch by CPU features). Used for
+  levels 2..17 on CPU float tensors.
+* ``reference``: ``reference.linear`` (pure torch). Used for levels > 17, non-CPU tensors, and
+  wherever the library was not built (then one ``RuntimeWarning`` says so, once per process).
+
+Results: ``activations="int8"`` equals the reference exactly (integer dot products, the same
+float64 rescale); ``activations="fp32"`` equals it up to float32 summation order.
+
+The environment variable ``LOWBIT_KERNELS`` forces a backend: ``reference``, ``portable``,
+``avx2`` or ``avx512`` (default ``auto``, the best the CPU supports); ``prepare(..., isa=...)``
+does the same for one weight. Threads: ``torch.get_num_threads()`` unless ``threads`` is given.
+
+The compiled call is registered as the single op ``torch.ops.lowbit.packed_linear`` (with a fake
+kernel) so ``torch.compile`` traces through it; eager calls skip the dispatcher and call the
+same implementation directly, which saves its Python overhead on small layers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import warnings
 
 import torch
 
-from lowbit.kernels import reference
+from lowbit.errors import ConfigError
+from lowbit.kernels import native, reference
 from lowbit.kernels.reference import ACTIVATION_MODES
 
+BACKENDS = ("auto", "reference", *native.ISAS)
 
-@dataclass
+_warned = False
+
+
 class PreparedWeight:
-    """A weight in the layout the active backend computes with (built once by ``prepare``)."""
+    """A weight in the layout the active backend computes with (built once by ``prepare``).
 
-    codes: torch.Tensor  # (N_out, K) uint8, the storage codes
-    scale: torch.Tensor  # () or (N_out,) float32
-    levels: int
-    backend: str = "reference"
-    data: object = None  # backend-specific layout
+    ``backend`` is ``"reference"`` or ``"native-<isa>"``; for the native backends ``data`` is
+    the packed (N_out, kp * bits / 8) uint8 tensor described in ``native`` and the codes are not
+    kept (``codes`` unpacks them on demand), so a prepared ternary weight holds 2 bits a weight.
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor | None,
+        scale: torch.Tensor,
+        levels: int,
+        backend: str = "reference",
+        data: torch.Tensor | None = None,
+        *,
+        shape: tuple[int, int] | None = None,
+        bits: int = 8,
+        kp: int = 0,
+    ) -> None:
+        self._codes = codes
+        self.scale = scale
+        self.levels = levels
+        self.backend = backend
+        self.data = data
+        self.bits = bits
+        self.kp = kp
+        self._shape = tuple(codes.shape) if shape is None else tuple(shape)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
+        return self._shape  # type: ignore[return-value]
+
+    @property
+    def isa(self) -> str | None:
+        return self.backend.removeprefix("native-") if self.backend != "reference" else None
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """(N_out, K) uint8 storage codes (unpacked from the compute layout when not kept)."""
+        if self._codes is not None:
+            return self._codes
+        return native.unpack(self.data, self.bits, self._shape[1])
+
+    def __repr__(self) -> str:
+        n, k = self._shape
+        return f"PreparedWeight({n}x{k}, levels={self.levels}, backend={self.backend})"
+
+
+def _requested() -> str:
+    choice = os.environ.get("LOWBIT_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ConfigError(
+            f"LOWBIT_KERNELS={choice!r} is not a kernel backend; use one of {', '.join(BACKENDS)}"
+        )
+    return choice
+
+
+def _warn_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"lowbit: {native.load_error()}; packed layers use the slow reference kernels",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _pick_isa(isa: str | None) -> str:
+    """The ISA to prepare for, or "reference" (warning once if the library is missing)."""
+    choice = _requested() if isa is None else isa
+    if choice not in BACKENDS:
+        raise ConfigError(f"isa must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    if choice == "reference":
+        return choice
+    if native.load() is None:
+        _warn_fallback()
+        return "reference"
+    best = native.best_isa()
+    if choice == "auto":
+        return best
+    if native.ISAS.index(choice) > native.ISAS.index(best):
+        raise ConfigError(f"this CPU cannot run the {choice} kernels (best: {best})")
+    return choice
 
 
 def backend() -> str:
-    """Name of the backend ``prepare`` picks on this machine."""
-    return "reference"
+    """Name of the backend ``prepare`` picks on this machine (for levels 2..17)."""
+    isa = _pick_isa(None)
+    return isa if isa == "reference" else f"native-{isa}"
 
 
-def prepare(codes: torch.Tensor, scale: torch.Tensor, levels: int) -> PreparedWeight:
+def prepare(
+    codes: torch.Tensor, scale: torch.Tensor, levels: int, *, isa: str | None = None
+) -> PreparedWeight:
+    """Convert storage codes (N_out, K) uint8 + scale () or (N_out,) to the compute layout."""
     if codes.dim() != 2 or codes.dtype != torch.uint8:
-        raise ValueError(f"codes must be a 2-D uint8 tensor, got {tuple(codes.shape)} {codes.dtype}")
-    return PreparedWeight(codes.contiguous(), scale.to(torch.float32), levels)
+        raise ValueError(
+            f"codes must be a 2-D uint8 tensor, got {tuple(codes.shape)} {codes.dtype}"
+        )
+    if not 2 <= levels <= 256:
+        raise ValueError(f"levels must be in 2..256, got {levels}")
+    scale = scale.detach().to(torch.float32).contiguous()
+    if scale.numel() not in (1, codes.shape[0]):
+        raise ValueError(
+            f"scale must have 1 or {codes.shape[0]} (N_out) elements, got {scale.numel()}"
+        )
+    bits = native.bits_for(levels)
+    if bits is None or codes.device.type != "cpu":
+        return PreparedWeight(codes.contiguous(), scale, levels)
+    chosen = _pick_isa(isa)
+    if chosen == "reference":
+        return PreparedWeight(codes.contiguous(), scale, levels)
+    if codes.numel() and int(codes.max()) >= levels:
+        raise ValueError(f"codes must be < levels={levels}, got a code {int(codes.max())}")
+    packed, kp = native.pack(codes, bits)
+    return PreparedWeight(
+        None, scale, levels, f"native-{chosen}", packed, shape=tuple(codes.shape), bits=bits, kp=kp
+    )
+
+
+@torch.library.custom_op("lowbit::packed_linear", mutates_args=())
+def _packed_linear_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    kp: int,
+    levels: int,
+    bits: int,
+    activations: str,
+    isa: str,
+    threads: int,
+) -> torch.Tensor:
+    """x (M, K) float32 -> (M, N_out) float32 with the compiled kernels."""
+    return native.linear(
+        x.contiguous(), packed, scale, bias, k, kp, levels, bits, activations, isa, threads
+    )
+
+
+@_packed_linear_op.register_fake
+def _(x, packed, scale, bias, k, kp, levels, bits, activations, isa, threads):
+    return x.new_empty((x.shape[0], packed.shape[0]))
 
 
 def linear(
@@ -49,11 +196,39 @@ def linear(
     weight: PreparedWeight,
     bias: torch.Tensor | None = None,
     activations: str = "fp32",
+    *,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b: x (..., K) float32 -> (..., N_out) float32."""
     if activations not in ACTIVATION_MODES:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
-    return reference.linear(x, weight.codes, weight.scale, weight.levels, bias, activations)
+        modes = ", ".join(ACTIVATION_MODES)
+        raise ValueError(f"activations must be one of {modes}, got {activations!r}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
+    if weight.backend == "reference" or x.device.type != "cpu":
+        return reference.linear(x, weight.codes, weight.scale, weight.levels, bias, activations)
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    if bias is not None:
+        bias = bias.detach().to(torch.float32).contiguous()
+    args = (
+        x2,
+        weight.data,
+        weight.scale,
+        bias,
+        k,
+        weight.kp,
+        weight.levels,
+        weight.bits,
+        activations,
+        weight.isa,
+        threads or torch.get_num_threads(),
+    )
+    if torch.compiler.is_compiling():
+        y = torch.ops.lowbit.packed_linear(*args)
+    else:
+        y = native.linear(*args)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def conv2d(

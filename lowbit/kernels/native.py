@@ -1,0 +1,185 @@
+"""ctypes binding of the compiled CPU kernels (``csrc/lowbit_kernels.c``).
+
+The C library is built by ``pip install`` (``setup.py``, an optional extension named
+``lowbit.kernels._native``) with the machine's compiler; it has no Python or torch headers and is
+called with raw tensor data pointers. ``load()`` returns None (with the reason in ``load_error()``)
+where it was not built or cannot be loaded; ``lowbit.kernels`` then falls back to the reference.
+
+Compute layout (see the C file's header for the drawing): each code sits in a lane of ``bits``
+bits (1 for N = 2, 2 for N <= 4, 4 for N <= 16, 8 for N = 17), K is zero-padded to ``kp``, a
+multiple of the 64-byte group (512 / bits codes), and the weight is a (N_out, kp * bits / 8)
+uint8 tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+import torch
+
+ISAS = ("portable", "avx2", "avx512")
+MAX_LEVELS = 17
+
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_tried = False
+
+
+def _library_path() -> str | None:
+    override = os.environ.get("LOWBIT_KERNELS_LIB")
+    if override:
+        return override
+    spec = importlib.util.find_spec("lowbit.kernels._native")
+    return spec.origin if spec is not None else None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.lb_isa.restype = i32
+    lib.lb_version.restype = i32
+    lib.lb_pack.argtypes = [p, i64, i64, i32, i64, p]
+    lib.lb_pack.restype = None
+    lib.lb_quantize_i8.argtypes = [i32, p, i64, i64, i64, p, p, p]
+    lib.lb_quantize_i8.restype = None
+    linear_args = [i32, p, i64, i64, p, i64, i64, i32, i32, p, i32, p, p, i32]
+    for fn in (lib.lb_linear_i8, lib.lb_linear_f32):
+        fn.argtypes = linear_args
+        fn.restype = i32
+
+
+def load() -> ctypes.CDLL | None:
+    """The loaded library, or None where it is missing or broken (reason: ``load_error()``)."""
+    global _lib, _error, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    path = _library_path()
+    if path is None or not os.path.exists(path):
+        _error = (
+            "the compiled kernel library was not built "
+            "(reinstall with a C compiler: pip install -e .)"
+        )
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+        _declare(lib)
+        if lib.lb_version() != 1:
+            raise OSError(f"unexpected kernel library version {lib.lb_version()}")
+    except (OSError, AttributeError) as exc:
+        _error = f"the compiled kernel library {path} cannot be loaded: {exc}"
+        return None
+    _lib = lib
+    return _lib
+
+
+def load_error() -> str | None:
+    return _error
+
+
+def reset() -> None:
+    """Forget the loaded library (tests use this to simulate a missing build)."""
+    global _lib, _error, _tried
+    _lib, _error, _tried = None, None, False
+
+
+def best_isa() -> str:
+    lib = load()
+    return ISAS[lib.lb_isa()] if lib is not None else "reference"
+
+
+def bits_for(levels: int) -> int | None:
+    """Lane width of the compute layout, or None where the native kernels do not apply."""
+    if levels == 2:
+        return 1
+    if 3 <= levels <= 4:
+        return 2
+    if 5 <= levels <= 16:
+        return 4
+    if levels == MAX_LEVELS:
+        return 8
+    return None
+
+
+def padded_k(k: int, bits: int) -> int:
+    group = 512 // bits
+    return max(group, -(-k // group) * group)
+
+
+def pack(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """codes (N_out, K) uint8 -> (packed (N_out, kp * bits / 8) uint8, kp)."""
+    lib = load()
+    assert lib is not None
+    codes = codes.contiguous()
+    n, k = codes.shape
+    kp = padded_k(k, bits)
+    out = torch.empty((n, kp * bits // 8), dtype=torch.uint8)
+    lib.lb_pack(codes.data_ptr(), n, k, bits, kp, out.data_ptr())
+    return out, kp
+
+
+def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of ``pack``: (N_out, kp * bits / 8) uint8 -> codes (N_out, K) uint8."""
+    n, rowbytes = packed.shape
+    groups = packed.reshape(n, rowbytes // 64, 1, 64)  # (n, g, 1, i)
+    shifts = (torch.arange(8 // bits, dtype=torch.uint8) * bits).reshape(1, 1, -1, 1)
+    codes = (groups >> shifts) & ((1 << bits) - 1)  # (n, g, j, i): k = g*G + j*64 + i
+    return codes.reshape(n, -1)[:, :k].contiguous()
+
+
+def quantize_i8(
+    x: torch.Tensor, kp: int, isa: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token int8: x (M, K) float32 -> (q (M, kp) int8, a (M,) float32, sum_k q (M,) int32)."""
+    lib = load()
+    assert lib is not None
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, kp), dtype=torch.int8)
+    a = torch.empty(m, dtype=torch.float32)
+    sq = torch.empty(m, dtype=torch.int32)
+    lib.lb_quantize_i8(
+        ISAS.index(isa), x.data_ptr(), m, k, kp, q.data_ptr(), a.data_ptr(), sq.data_ptr()
+    )
+    return q, a, sq
+
+
+def linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    kp: int,
+    levels: int,
+    bits: int,
+    activations: str,
+    isa: str,
+    threads: int,
+) -> torch.Tensor:
+    """y = x W^T + b: x (M, K) float32 contiguous -> (M, N_out) float32."""
+    lib = load()
+    assert lib is not None
+    m, n = x.shape[0], packed.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32)
+    fn = lib.lb_linear_i8 if activations == "int8" else lib.lb_linear_f32
+    rc = fn(
+        ISAS.index(isa),
+        x.data_ptr(),
+        m,
+        k,
+        packed.data_ptr(),
+        n,
+        kp,
+        bits,
+        levels,
+        scale.data_ptr(),
+        int(scale.numel() > 1),
+        bias.data_ptr() if bias is not None else None,
+        y.data_ptr(),
+        threads,
+    )
+    if rc != 0:
+        raise MemoryError(f"packed linear ({m}x{k} by {n}x{k}) could not allocate its buffers")
+    return y
