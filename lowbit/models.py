@@ -379,7 +379,7 @@ def fcnn1(
     convolutional networks are then compared at about equal memory.
     """
     return _fcnn(
-        (256, 256), input_shape, classes, quantize_first, quantize_head, layer, levels, quant
+        (256, 256), input_shape, classes, quantize_first, quantize_head, init, layer, levels, quant
     )
 
 
