@@ -3,9 +3,28 @@
     quantizers -> nn (layers) -> models -> train / study -> pack -> packed -> kernels
 """
 
-from lowbit import quantizers
-from lowbit.nn import QATConfig, QuantConv2d, QuantLinear, quantize_
+from lowbit import models, quantizers
+from lowbit.nn import (
+    BitLinear8,
+    MisbornLinear,
+    QATConfig,
+    QuantConv2d,
+    QuantLinear,
+    SignLinear,
+    quantize_,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["QATConfig", "QuantConv2d", "QuantLinear", "__version__", "quantize_", "quantizers"]
+__all__ = [
+    "BitLinear8",
+    "MisbornLinear",
+    "QATConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "SignLinear",
+    "__version__",
+    "models",
+    "quantize_",
+    "quantizers",
+]
