@@ -13,6 +13,9 @@ from lowbit.nn import (
     SignLinear,
     quantize_,
 )
+from lowbit.fileformat import load, save
+from lowbit.packed import PackedConv2d, PackedLinear, convert_
+from lowbit.summary import summary
 
 __version__ = "0.1.0"
 
@@ -22,9 +25,15 @@ __all__ = [
     "QATConfig",
     "QuantConv2d",
     "QuantLinear",
+    "PackedConv2d",
+    "PackedLinear",
     "SignLinear",
     "__version__",
+    "convert_",
+    "load",
     "models",
     "quantize_",
     "quantizers",
+    "save",
+    "summary",
 ]

@@ -48,9 +48,16 @@ Two layouts choose (k, b):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import os
+import struct
+import tempfile
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -269,3 +276,187 @@ def _trailing_bits(p: np.ndarray, used_bits: int) -> bool:
     if used_bits % 8 == 0:
         return False
     return bool(int(p[-1]) >> (used_bits % 8))
+
+
+# --- the container: safetensors layout, written and read strictly ---------------------------------
+#
+# A .lowbit file is a valid safetensors file (any safetensors reader opens it)::
+#
+#     [u64 little-endian: n] [n bytes: JSON header, space-padded so 8 + n is a multiple of 8] [data]
+#
+#     header = {"__metadata__": {str: str}, "<tensor>": {"dtype": "F32", "shape": [...],
+#               "data_offsets": [begin, end]}, ...}          offsets relative to the data start
+#
+# lowbit writes and reads it itself rather than through the safetensors package so that the file
+# size is known exactly before writing (``container_size``) and every declared size is checked
+# against the bytes actually present before anything is allocated.
+
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+_DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+MAX_HEADER_BYTES = 64 << 20
+"""Largest JSON header accepted on reading (a model description is a few kB)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a container: name, dtype name ("F32", "U8", ...), shape, data bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview | np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+    def tensor(self) -> torch.Tensor:
+        """A new tensor (copied out of the file buffer) of this entry's dtype and shape."""
+        dtype = DTYPES[self.dtype][0]
+        raw = np.frombuffer(self.data, dtype=np.uint8).copy()
+        return torch.from_numpy(raw).view(dtype).reshape(self.shape)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"tensors of dtype {dtype} cannot be stored in a .lowbit file")
+    return _DTYPE_NAMES[dtype]
+
+
+def _header(layout: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """The padded JSON header for tensors (name, dtype, shape, nbytes) stored in this order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in layout:
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+    return text + b" " * (-(8 + len(text)) % 8)
+
+
+def container_size(
+    layout: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]
+) -> int:
+    """Exact size in bytes of the file ``write_container`` writes for this layout and metadata."""
+    return 8 + len(_header(layout, metadata)) + sum(item[3] for item in layout)
+
+
+def write_container(path: str | os.PathLike, entries: list[Entry], metadata: dict[str, str]) -> int:
+    """Write ``entries`` (in this order) atomically to ``path``; returns the file size."""
+    for e in entries:
+        if len(memoryview(e.data).cast("B")) != e.nbytes:
+            raise ValueError(f"tensor {e.name}: {e.nbytes} bytes declared, data differs")
+    header = _header([(e.name, e.dtype, e.shape, e.nbytes) for e in entries], metadata)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for e in entries:
+                f.write(memoryview(e.data).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path.stat().st_size
+
+
+def read_container(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Entry]]:
+    """Read and validate a safetensors container: (metadata, {name: Entry}).
+
+    Raises ``FormatError`` (naming the file and, where it applies, the tensor) unless: the header
+    length fits the file, the header is a JSON object of well-formed entries, every dtype is known,
+    every ``shape`` product times the dtype size equals its ``data_offsets`` span, and the spans
+    tile the data section exactly (no gaps, overlaps or trailing bytes)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+    def bad(msg: str) -> FormatError:
+        return FormatError(f"{path}: {msg}")
+
+    if len(raw) < 8:
+        raise bad(f"truncated: {len(raw)} bytes, not even a header length")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > len(raw) - 8 or n > MAX_HEADER_BYTES:
+        raise bad(f"header of {n} bytes declared but the file has {len(raw) - 8} after its length")
+    try:
+        header = json.loads(raw[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(
+            f"header is not valid JSON ({type(exc).__name__}): corrupt or not a .lowbit file"
+        ) from exc
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise bad("__metadata__ must map strings to strings")
+    data = memoryview(raw)[8 + n :]
+    spans: list[tuple[int, int, str]] = []
+    entries: dict[str, Entry] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name!r}: entry must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPES:
+            raise bad(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+            raise bad(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_count(o) for o in offsets)
+            or not offsets[0] <= offsets[1] <= len(data)
+        ):
+            raise bad(
+                f"tensor {name!r}: data_offsets {offsets!r} outside the {len(data)}-byte data"
+            )
+        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        if nbytes != offsets[1] - offsets[0]:
+            raise bad(
+                f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes but its data "
+                f"holds {offsets[1] - offsets[0]}"
+            )
+        spans.append((offsets[0], offsets[1], name))
+        entries[name] = Entry(name, dtype, tuple(shape), data[offsets[0] : offsets[1]])
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise bad(
+                f"tensor {name!r}: data does not follow the previous tensor's (gap or overlap)"
+            )
+        end = stop
+    if end != len(data):
+        raise bad(f"{len(data) - end} bytes after the last tensor: corrupt or appended data")
+    return metadata, entries
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
+
+
+def sha256(data: bytes | memoryview | np.ndarray) -> str:
+    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()

@@ -1,0 +1,355 @@
+"""Packed inference layers, ``convert_``, and saving/loading packed models as .lowbit files.
+
+``convert_(model)`` replaces, in place, every ``QuantLinear``/``QuantConv2d`` (and their
+subclasses, e.g. the seed-study layers) by a ``PackedLinear``/``PackedConv2d`` that holds only
+
+    codes   the integer weight codes, in the kernel backend's layout (``lowbit.kernels.prepare``,
+            run once at construction; the latent fp32 weights are dropped)
+    scale   () or (out,) float32, the step between levels
+    bias    (out,) float32 or None
+
+and computes ``y = kernels.linear(t(x), W, b)``, with ``W = scale * (codes - (N-1)/2)`` and ``t``
+the source layer's own ``quantize_input`` (called, not re-implemented: BitLinear8's norm +
+absmax8, SignLinear's norm, the absmax8 of ``input_quantizer="absmax8"``). Activation modes:
+
+* ``"int8"`` for linear layers trained with an absmax8 input quantizer: ``t(x)`` is already
+  quantized per token, the kernel recovers the same integers (``round(x_hat * 127 / max|x_hat|)``
+  gives them back exactly) and takes the dot products in exact integer arithmetic.
+* ``"fp32"`` otherwise (weight-only quantization), and for convolutions: a conv's absmax8 runs
+  over the image's last axis (as the fake-quant layer trained it), not over an im2col patch, so
+  the patches are not per-token int8 vectors; they hold the already quantized values in fp32.
+
+The output equals the fake-quant model's up to float summation order (tests bound it).
+
+Saving and loading packed models: ``lowbit.fileformat``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit import kernels
+from lowbit.kernels import reference
+from lowbit.nn import QuantConv2d, QuantLinear
+from lowbit.quantizers import AbsMax8, Quantizer
+
+ACTIVATIONS = ("fp32", "int8")
+
+
+# --- layers --------------------------------------------------------------------------------------
+
+
+def _input_shell(source: nn.Module) -> nn.Module:
+    """A copy of ``source`` without its weight and bias: kept only to call its ``quantize_input``
+    (the same code the trained layer ran), so packed layers hold no latent weights."""
+    shell = copy.copy(source)
+    shell._parameters = {**source._parameters, "weight": None, "bias": None}
+    shell._buffers = dict(source._buffers)
+    shell._modules = dict(source._modules)
+    return shell
+
+
+def _default_activations(source: nn.Module | None, conv: bool) -> str:
+    if conv or source is None:
+        return "fp32"
+    return "int8" if isinstance(getattr(source, "input_quantizer", None), AbsMax8) else "fp32"
+
+
+class _Packed(nn.Module):
+    """Shared state of PackedLinear and PackedConv2d: codes (prepared), scale, bias, input."""
+
+    levels: int
+    granularity: str
+    activations: str
+
+    def _init_packed(
+        self,
+        out_features: int,
+        k: int,
+        levels: int,
+        bias: bool,
+        granularity: str,
+        activations: str,
+        source: nn.Module | None,
+        device: Any,
+    ) -> None:
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
+            raise ValueError(f"levels must be an integer in 2..256, got {levels!r}")
+        if granularity not in ("tensor", "channel"):
+            raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}")
+        self.levels, self.granularity, self.activations = levels, granularity, activations
+        self.out_features_, self.k = out_features, k
+        scale_shape = () if granularity == "tensor" else (out_features,)
+        self.register_buffer("scale", torch.ones(scale_shape, device=device))
+        b = torch.zeros(out_features, device=device) if bias else None
+        self.bias = nn.Parameter(b, requires_grad=False) if bias else None
+        # Not a submodule: it has no parameters of its own and must not show in the module tree.
+        object.__setattr__(
+            self, "input_source", _input_shell(source) if source is not None else None
+        )
+        object.__setattr__(self, "weight_prepared", None)
+
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Install codes (out, k) uint8 (and optionally a new scale) and prepare them once."""
+        codes = codes.reshape(self.out_features_, self.k)
+        if codes.dtype != torch.uint8:
+            raise ValueError(f"codes must be uint8, got {codes.dtype}")
+        if codes.numel() and int(codes.max()) >= self.levels:
+            raise ValueError(f"codes must lie in 0..{self.levels - 1}")
+        if scale is not None:
+            self.scale = scale.detach().to(torch.float32).reshape(self.scale.shape).clone()
+        object.__setattr__(self, "weight_prepared", kernels.prepare(codes, self.scale, self.levels))
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """(out, k) uint8 codes (unpacked from the backend layout when it does not keep them)."""
+        if self.weight_prepared is None:
+            raise RuntimeError("packed layer has no codes yet")
+        return self.weight_prepared.codes
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with, ``scale * (codes - (N-1)/2)``, fp32."""
+        return reference.dequantize(self.codes, self.scale, self.levels)
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_source is None else self.input_source.quantize_input(x)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "codes"] = self.codes
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+    ):  # noqa: E501
+        codes = state_dict.get(prefix + "codes")
+        super()._load_from_state_dict(
+            {k: v for k, v in state_dict.items() if k != prefix + "codes"},
+            prefix,
+            local_metadata,
+            strict,
+            missing,
+            unexpected,
+            errors,
+        )
+        if codes is None:
+            missing.append(prefix + "codes")
+        else:
+            self.set_codes(codes.to(torch.uint8))
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:  # type: ignore[override]
+        super()._apply(fn, recurse)
+        if self.weight_prepared is not None and self.scale.device.type != "meta":
+            self.set_codes(self.codes.to(self.scale.device))  # re-prepare for the new device
+        return self
+
+    def _packed_repr(self) -> str:
+        src = "" if self.input_source is None else f", input={type(self.input_source).__name__}"
+        return (
+            f"levels={self.levels}, granularity={self.granularity}, "
+            f"activations={self.activations}{src}"
+        )
+
+
+class PackedLinear(_Packed):
+    """Inference-only linear layer with packed N-level weights: (..., in) -> (..., out)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        levels: int,
+        bias: bool = True,
+        *,
+        granularity: str = "tensor",
+        activations: str = "fp32",
+        source: nn.Module | None = None,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_packed(
+            out_features, in_features, levels, bias, granularity, activations, source, device
+        )
+
+    @classmethod
+    def from_quant(cls, layer: QuantLinear, activations: str | None = None) -> PackedLinear:
+        """Pack a trained QuantLinear (or subclass): its codes, scale, bias and input transform."""
+        q = _weight_quantizer(layer)
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            q.levels,
+            layer.bias is not None,
+            granularity=_granularity(q, layer.weight),
+            activations=activations or _default_activations(layer, conv=False),
+            source=layer,
+            device=layer.weight.device,
+        )
+        return _fill_from(new, layer, q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(self._transform(x), self.weight_prepared, self.bias, self.activations)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self._packed_repr()}"
+        )
+
+
+class PackedConv2d(_Packed):
+    """Inference-only 2-d convolution with packed N-level weights (groups = 1).
+
+    (B, C_in, H, W) -> (B, C_out, H', W'); the weight (C_out, C_in, kH, kW) is stored as codes
+    (C_out, C_in * kH * kW), the im2col patch order of ``F.unfold``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        levels: int = 3,
+        bias: bool = True,
+        *,
+        granularity: str = "tensor",
+        activations: str = "fp32",
+        source: nn.Module | None = None,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        k = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self._init_packed(out_channels, k, levels, bias, granularity, activations, source, device)
+
+    @classmethod
+    def from_quant(cls, layer: QuantConv2d, activations: str | None = None) -> PackedConv2d:
+        q = _weight_quantizer(layer)
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            _conv_padding(layer),
+            layer.dilation,
+            q.levels,
+            layer.bias is not None,
+            granularity=_granularity(q, layer.weight),
+            activations=activations or _default_activations(layer, conv=True),
+            source=layer,
+            device=layer.weight.device,
+        )
+        return _fill_from(new, layer, q)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.conv2d(
+            self._transform(x),
+            self.weight_prepared,
+            self.bias,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            activations=self.activations,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"bias={self.bias is not None}, {self._packed_repr()}"
+        )
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _weight_quantizer(layer: nn.Module) -> Quantizer:
+    q = getattr(layer, "weight_quantizer", None)
+    if not isinstance(q, Quantizer):
+        raise ValueError(f"{type(layer).__name__} has no weight quantizer: nothing to pack")
+    return q
+
+
+def _granularity(q: Quantizer, w: torch.Tensor) -> str:
+    return "channel" if q.granularity == "channel" and w.dim() >= 2 else "tensor"
+
+
+def _conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
+    """Symmetric explicit padding equal to the layer's (which F.unfold needs)."""
+    if layer.groups != 1:
+        raise ValueError(f"PackedConv2d supports groups=1 only, got groups={layer.groups}")
+    if layer.padding_mode != "zeros":
+        raise ValueError(
+            f"PackedConv2d supports padding_mode='zeros' only, got {layer.padding_mode!r}"
+        )
+    if layer.padding == "valid":
+        return (0, 0)
+    if layer.padding == "same":
+        total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            raise ValueError("PackedConv2d: padding='same' with an even kernel is asymmetric")
+        return (total[0] // 2, total[1] // 2)
+    return _pair(layer.padding)
+
+
+def _fill_from(new: _Packed, layer: nn.Module, q: Quantizer) -> _Packed:
+    """Codes and scale from the layer's latent weight; checks they give its forward weight."""
+    with torch.no_grad():
+        codes, scale = q.codes(layer.weight)
+        w_q = layer.quantized_weight()
+        if not torch.equal(q.dequantize(codes, scale), w_q):
+            raise ValueError(
+                f"{type(layer).__name__}.quantized_weight() differs from its weight quantizer's "
+                "codes; such a layer cannot be packed"
+            )
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+        new.set_codes(
+            codes.reshape(new.out_features_, new.k), scale.reshape(-1) if scale.dim() else scale
+        )
+    return new
+
+
+def convert_(
+    model: nn.Module,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    *,
+    activations: str | None = None,
+) -> nn.Module:
+    """Replace, in place, each QuantLinear/QuantConv2d with a weight quantizer (accepted by
+    ``filter_fn(module, fqn)``) by its PackedLinear/PackedConv2d. ``activations`` forces a mode
+    for every converted layer (default: "int8" where the layer was trained with absmax8 inputs,
+    else "fp32"). Returns ``model``."""
+    for fqn, module in list(model.named_modules()):
+        if not isinstance(module, (QuantLinear, QuantConv2d)):
+            continue
+        if not isinstance(module.weight_quantizer, Quantizer):
+            continue
+        if filter_fn is not None and not filter_fn(module, fqn):
+            continue
+        if not fqn:
+            raise ValueError(
+                "convert_ cannot replace the root module itself; wrap it in a container"
+            )
+        kind = PackedLinear if isinstance(module, QuantLinear) else PackedConv2d
+        new = kind.from_quant(module, activations)
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model

@@ -1,0 +1,223 @@
+"""``lowbit.summary``: what a model stores, per layer and in total, and what the file will weigh.
+
+For each module holding tensors (a row)::
+
+    type           the module's class (QuantLinear and PackedLinear rows are stored packed)
+    levels         N of a quantized layer (None for fp32 parts)
+    nominal bits   log2 N (32 for fp32 parts)
+    stored bits    bits per weight actually written: 8 * payload bytes / weights (codec b/k,
+                   plus the rounding of the last byte)
+    params         stored values: weights + bias (+ buffers such as running statistics)
+    packed bytes   bytes the layer's tensors take in the .lowbit file (codes, scale, bias, fp32)
+    fp32 bytes     the same values as float32: 4 * params
+    MACs           multiply-accumulates of one forward pass for ``input_shape`` (batch 1)
+
+Totals: ``total_bytes`` is the size of the .lowbit file ``lowbit.save`` writes (tensors plus the
+header, computed the way ``save`` builds it: exact), ``fp32_bytes`` the float32 model,
+``compression = fp32_bytes / total_bytes`` and ``bits_per_weight = 8 * total_bytes / params``
+(fp32 parts and header included).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit import fileformat, pack
+
+
+@dataclass
+class Row:
+    name: str
+    type: str
+    levels: int | None
+    nominal_bits: float
+    stored_bits: float
+    params: int
+    packed_bytes: int
+    fp32_bytes: int
+    macs: int | None
+
+
+@dataclass
+class Summary:
+    rows: list[Row]
+    total_bytes: int
+    header_bytes: int
+    fp32_bytes: int
+    params: int
+    macs: int | None
+    layout: str = "dense"
+    file_bytes: int | None = None  # the real size, when summarising a .lowbit file
+    source: str = ""
+    input_shape: tuple[int, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compression(self) -> float:
+        return self.fp32_bytes / self.total_bytes if self.total_bytes else math.nan
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.total_bytes / self.params if self.params else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(compression=self.compression, bits_per_weight=self.bits_per_weight)
+        return d
+
+    def __str__(self) -> str:
+        head = ("layer", "type", "levels", "bits", "stored", "params", "packed B", "fp32 B", "MACs")
+        body = [
+            (
+                r.name or "(root)",
+                r.type,
+                "-" if r.levels is None else str(r.levels),
+                f"{r.nominal_bits:.2f}",
+                f"{r.stored_bits:.3f}",
+                f"{r.params:,}",
+                f"{r.packed_bytes:,}",
+                f"{r.fp32_bytes:,}",
+                "-" if r.macs is None else f"{r.macs:,}",
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+        left = {0, 1}
+
+        def line(cells: tuple[str, ...]) -> str:
+            return "  ".join(
+                c.ljust(w) if i in left else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
+        out = [line(head), "  ".join("-" * w for w in widths)]
+        out += [line(b) for b in body]
+        macs = "-" if self.macs is None else f"{self.macs:,}"
+        out += [
+            "",
+            f"packed size   {self.total_bytes:,} bytes ({self.header_bytes:,} header, "
+            f"{self.layout} layout)"
+            + ("" if self.file_bytes is None else f"; file on disk {self.file_bytes:,} bytes"),
+            f"fp32 size     {self.fp32_bytes:,} bytes",
+            f"compression   {self.compression:.2f}x",
+            f"bits/weight   {self.bits_per_weight:.3f} (whole model: {self.params:,} values)",
+            f"MACs          {macs}"
+            + ("" if self.input_shape is None else f" for input {tuple(self.input_shape)}"),
+        ]
+        return "\n".join(out)
+
+
+def _macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """MACs per Linear/Conv2d-like module from one zero-input forward pass (batch 1)."""
+    from lowbit.packed import PackedConv2d, PackedLinear
+
+    names = {m: n for n, m in model.named_modules()}
+    counts: dict[str, int] = {}
+
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        if isinstance(module, (nn.Linear, PackedLinear)):
+            counts[names[module]] = counts.get(names[module], 0) + out.numel() * module.in_features
+        elif isinstance(module, (nn.Conv2d, PackedConv2d)):
+            groups = getattr(module, "groups", 1)
+            k = module.in_channels // groups * math.prod(module.kernel_size)
+            counts[names[module]] = counts.get(names[module], 0) + out.numel() * k
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def summary(
+    x: nn.Module | str | os.PathLike,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    layout: str = "dense",
+) -> Summary:
+    """Summarise a model, a .lowbit file, a training run directory or checkpoint.
+
+    ``input_shape`` (C, H, W) for the MAC count: defaults to the model spec's ``input_shape``;
+    without either, MACs are left out."""
+    file_bytes, source = None, ""
+    if isinstance(x, nn.Module):
+        model = x
+    else:
+        path = Path(x)
+        source = str(path)
+        if fileformat.is_lowbit_file(path):
+            model = fileformat.load(path)
+            file_bytes = path.stat().st_size
+        else:
+            model, _ = fileformat.load_trained(path)
+    meta, items = fileformat.plan(model, layout)
+    layout_items = [(it.name, it.dtype, it.shape, it.nbytes) for it in items]
+    total = pack.container_size(layout_items, fileformat._metadata_strings(meta))
+    data_bytes = sum(it.nbytes for it in items)
+
+    spec = getattr(model, "lowbit_spec", None)
+    if input_shape is None and spec is not None:
+        shape = spec.get("kwargs", {}).get("input_shape")
+        input_shape = tuple(shape) if shape else None
+    macs = _macs(model, tuple(input_shape)) if input_shape is not None else {}
+
+    by_module: dict[str, list[Any]] = {}
+    for it in items:
+        owner = it.name.rpartition(".")[0]
+        by_module.setdefault(owner, []).append(it)
+    rows = []
+    for fqn, module in model.named_modules():
+        if fqn not in by_module:
+            continue
+        own = by_module[fqn]
+        nbytes = sum(it.nbytes for it in own)
+        info = meta["packed"].get(fqn)
+        if info is not None:
+            weights = math.prod(info["shape"])
+            codes = next(it for it in own if it.name.endswith("codes"))
+            bias = sum(math.prod(it.shape) for it in own if it.name.endswith("bias"))
+            params = weights + bias
+            levels, nominal = info["levels"], math.log2(info["levels"])
+            stored = 8 * codes.nbytes / weights
+        else:
+            params = sum(math.prod(it.shape) for it in own)
+            levels, nominal = None, 32.0
+            stored = 8 * nbytes / params if params else 0.0
+        rows.append(
+            Row(
+                fqn,
+                type(module).__name__,
+                levels,
+                nominal,
+                stored,
+                params,
+                nbytes,
+                4 * params,
+                macs.get(fqn) if macs else None,
+            )
+        )
+    return Summary(
+        rows=rows,
+        total_bytes=total,
+        header_bytes=total - data_bytes,
+        fp32_bytes=sum(r.fp32_bytes for r in rows),
+        params=sum(r.params for r in rows),
+        macs=sum(macs.values()) if macs else None,
+        layout=layout,
+        file_bytes=file_bytes,
+        source=source,
+        input_shape=input_shape,
+    )
