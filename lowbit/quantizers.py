@@ -174,16 +174,25 @@ class Quantizer:
             return (_abs_stat(w, self.stat, self.granularity) / self.spread).clamp_min(EPS)
 
     def _levels(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Float level per weight, same shape as ``w``."""
-        s = (w - _center(w, self.granularity) if self.center else w) / scale
-        rounded = s.round() if self.levels % 2 else s.floor() + 0.5
-        return rounded.clamp(-self.half_range, self.half_range)
+        """Float level per weight, same shape as ``w`` (a new tensor; ``w`` is not modified).
+
+        One allocation, then in-place passes: this runs on every training step, and fresh
+        4 MB temporaries per op cost as much as the arithmetic (same values as out-of-place)."""
+        if self.center:
+            s = (w - _center(w, self.granularity)).div_(scale)
+        else:
+            s = w / scale
+        if self.levels % 2:
+            s.round_()
+        else:
+            s.floor_().add_(0.5)
+        return s.clamp_(-self.half_range, self.half_range)
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantize: forward value ``scale * level``, straight-through gradient to ``w``."""
         scale = self.scale(w)
         with torch.no_grad():
-            w_hat = self._levels(w, scale) * scale
+            w_hat = self._levels(w, scale).mul_(scale)
             mask = None
             if self.ste == "clipped":
                 c = _center(w, self.granularity) if self.center else 0.0
