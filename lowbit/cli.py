@@ -162,9 +162,127 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.status == "interrupted" else 0
 
 
+# --- pack, summary, verify ----------------------------------------------------------------------
+
+
+def _add_pack(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "pack",
+        "Pack a trained model (run directory or checkpoint) into a .lowbit file.",
+        "  lowbit pack runs/t3 -o t3.lowbit\n"
+        "  lowbit pack runs/t3/checkpoint.safetensors -o t3.lowbit --layout byte --json",
+    )
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a training run to pack")
+    p.add_argument("-o", "--output", required=True, help="the .lowbit file to write")
+    p.add_argument("--layout", choices=("dense", "byte"), default="dense", help="code layout")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_pack)
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from lowbit import fileformat
+    from lowbit.packed import convert_
+
+    model, _ = fileformat.load_trained(args.source)
+    predicted = fileformat.predicted_size(model, args.layout)
+    size = fileformat.save(convert_(model), args.output, layout=args.layout)
+    result = {"output": args.output, "bytes": size, "predicted_bytes": predicted}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {args.output}: {size:,} bytes (summary predicted {predicted:,})")
+    return 0
+
+
+def _add_summary(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "summary",
+        "Per-layer and total storage of a model: levels, bits, bytes, MACs, file size.",
+        "  lowbit summary t3.lowbit\n  lowbit summary runs/t3 --json\n"
+        "  lowbit summary runs/t3 --layout byte --input-shape 1,28,28",
+    )
+    p.add_argument("path", help="a .lowbit file, a run directory or a checkpoint")
+    p.add_argument("--layout", choices=("dense", "byte"), default="dense", help="code layout")
+    p.add_argument("--input-shape", help="C,H,W for the MAC count (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_summary)
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from lowbit.summary import summary
+
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(s) for s in args.input_shape.split(","))
+        except ValueError as exc:
+            raise ValueError(
+                f"--input-shape must be C,H,W integers, got {args.input_shape!r}"
+            ) from exc
+    s = summary(args.path, input_shape=shape, layout=args.layout)
+    if args.json:
+        _print_json(s.to_dict())
+    else:
+        print(s)
+    return 0
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "verify",
+        "Check a .lowbit file: codes in their level sets, accuracy, same predictions as trained.",
+        "  lowbit verify t3.lowbit --dataset fashion-mnist\n"
+        "  lowbit verify t3.lowbit --against runs/t3 --json",
+    )
+    p.add_argument("path", help="the .lowbit file")
+    p.add_argument("--against", metavar="RUN_DIR", help="the run (or checkpoint) it came from")
+    p.add_argument("--dataset", help="dataset for the test set (default: the run's)")
+    p.add_argument("--data-dir", help="a folder to search first for the dataset")
+    p.add_argument("--batch-size", type=int, default=50, help="evaluation batch size")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from lowbit.verify import verify
+
+    r = verify(
+        args.path,
+        against=args.against,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+    )
+    if args.json:
+        _print_json(r)
+    else:
+        print(f"{r['packed_layers']} packed layers, codes {'ok' if r['codes_ok'] else 'BAD'}")
+        for problem in r["problems"]:
+            print(f"  {problem}")
+        if "accuracy" in r:
+            print(f"{r['dataset']} test accuracy {r['accuracy']:.4f} ({r['test_size']} images)")
+        if "prediction_mismatches" in r:
+            print(
+                f"fake-quant accuracy {r['fake_quant_accuracy']:.4f}; predictions differ on "
+                f"{r['prediction_mismatches']} images; max |delta logit| "
+                f"{r['max_abs_logit_diff']:.3g}"
+            )
+        print("verify: OK" if r["ok"] else "verify: FAILED")
+    return 0 if r["ok"] else 1
+
+
 # --- registry of subcommands ---------------------------------------------------------------------
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_train]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_data,
+    _add_train,
+    _add_pack,
+    _add_summary,
+    _add_verify,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
