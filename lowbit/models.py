@@ -22,7 +22,9 @@
   convolutional model asked for one raises ValueError (``CONV_LAYERS`` lists the conv kinds).
 
 Further keyword options of the layer kind go through ``**quant`` (``spread``, ``granularity``,
-``ste``, ``center`` for the quantizers; the seed layers' own flags, e.g. ``mask="weight"``).
+``ste``, ``center`` for the quantizers; the seed layers' own flags, e.g. ``mask="weight"``), and
+``bias`` for every kind: None (default) gives a bias to every layer except ``bitlinear8`` and
+``mybitlinear``, which follow kyegomez/BitNet 0.2.5 in having none (see ``default_bias``).
 
 What stays fp32, whatever ``layer`` is: biases (always), normalisation layers, the ViT's patch
 embedding and position embedding (``quantize_patch=True`` quantizes the patch embedding). The first
@@ -71,7 +73,7 @@ _SEED_LAYERS: dict[str, type[QuantLinear]] = {
     "mybitlinear": SignLinear,
     "misborn": MisbornLinear,
 }
-# Keyword options each layer kind accepts through ``**quant``.
+# Keyword options each layer kind accepts through ``**quant`` (besides ``bias``, which all take).
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "linear": (),
     "sign": ("center", "granularity", "ste"),
@@ -91,6 +93,9 @@ def check_layer(layer: str, levels: int | None = None, **quant: Any) -> None:
     """Validate a layer kind and its options; ValueError naming what is wrong and what is valid."""
     if layer not in LAYERS:
         raise ValueError(f"unknown layer kind {layer!r}; valid kinds: {', '.join(LAYERS)}")
+    bias = quant.pop("bias", None)
+    if bias is not None and not isinstance(bias, bool):
+        raise ValueError(f"bias must be True, False or None (the kind's default), got {bias!r}")
     unknown = sorted(set(quant) - set(_OPTIONS[layer]))
     if unknown:
         valid = ", ".join(_OPTIONS[layer]) or "none"
@@ -109,6 +114,18 @@ def check_layer(layer: str, levels: int | None = None, **quant: Any) -> None:
         _SEED_LAYERS[layer](1, 1, device="meta", **quant)
 
 
+def default_bias(layer: str) -> bool:
+    """Whether layers of kind ``layer`` get a bias when ``bias`` is not given.
+
+    False for ``bitlinear8`` and ``mybitlinear``: kyegomez/BitNet 0.2.5 (the code the
+    sign-vs-linear study used) drops the bias, and its input norm scales each token to L2 norm
+    d**-0.5, so a layer's output is O(1/d) while a bias starts at O(d**-0.5): with a bias the
+    signal is swamped and an MLP barely learns (measured in docs/results/seed-layers.md). The
+    layers themselves apply a bias when they have one. True for every other kind.
+    """
+    return layer not in ("bitlinear8", "mybitlinear")
+
+
 def _weight_quantizer(layer: str, levels: int | None, quant: dict[str, Any]) -> Any:
     kw = dict(quant)
     if levels is not None:
@@ -121,11 +138,14 @@ def make_linear(
     out_features: int,
     layer: str = "linear",
     levels: int | None = None,
-    bias: bool = True,
+    bias: bool | None = None,
     **quant: Any,
 ) -> nn.Linear:
-    """A fully connected layer of kind ``layer``: (..., in_features) -> (..., out_features)."""
+    """A fully connected layer of kind ``layer``: (..., in_features) -> (..., out_features).
+
+    ``bias=None`` takes the kind's default (``default_bias``)."""
     check_layer(layer, levels, **quant)
+    bias = default_bias(layer) if bias is None else bias
     if layer == "linear":
         return nn.Linear(in_features, out_features, bias)
     if layer in _SEED_LAYERS:
@@ -141,7 +161,7 @@ def make_conv(
     kernel_size: int,
     layer: str = "linear",
     levels: int | None = None,
-    bias: bool = True,
+    bias: bool | None = None,
     **quant: Any,
 ) -> nn.Conv2d:
     """A 'same'-padded (odd ``kernel_size``) 2-d convolution of kind ``layer``.
@@ -154,6 +174,7 @@ def make_conv(
             f"convolutional form; for conv models use one of {', '.join(CONV_LAYERS)}"
         )
     check_layer(layer, levels, **quant)
+    bias = default_bias(layer) if bias is None else bias
     padding = kernel_size // 2
     if layer == "linear":
         return nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias)
@@ -209,7 +230,7 @@ def get(name: str, layer: str = "linear", levels: int | None = None, **kw: Any) 
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(NAMES)}")
     params = [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "quant"]
-    layer_options = {o for opts in _OPTIONS.values() for o in opts}
+    layer_options = {"bias", *(o for opts in _OPTIONS.values() for o in opts)}
     unknown = sorted(k for k in kw if k not in params and k not in layer_options)
     if unknown:
         raise ValueError(
@@ -788,6 +809,7 @@ __all__ = [
     "NAMES",
     "check_layer",
     "count_parameters",
+    "default_bias",
     "cvnn1",
     "cvnn2",
     "fcnn1",

@@ -159,6 +159,20 @@ def test_mlp_activation_and_fp32_flags():
     assert models.get("mlp", in_features=20, depth=1, width=4)(torch.randn(3, 20)).shape == (3, 10)
 
 
+def test_bias_defaults_follow_the_layer_kind():
+    for kind in models.LAYERS:
+        model = models.get("mlp", depth=1, width=4, **_kw(kind))
+        has_bias = [m.bias is not None for m in model.modules() if isinstance(m, nn.Linear)]
+        assert has_bias == [kind not in ("bitlinear8", "mybitlinear")] * 2
+        assert models.default_bias(kind) == has_bias[0]
+    with_bias = models.get("mlp", depth=1, width=4, layer="bitlinear8", bias=True)
+    assert with_bias[1].bias is not None and with_bias.lowbit_spec["kwargs"]["bias"] is True
+    no_bias = models.get("cvnn1", layer="ternary", bias=False, quantize_head=False)
+    assert no_bias[0].bias is None and no_bias[-1].bias is not None  # fp32 head keeps its bias
+    with pytest.raises(ValueError, match="bias must be"):
+        models.get("mlp", bias="yes")
+
+
 def test_vit_structure():
     vit = models.get("vit1", layer="ternary")
     assert not any(isinstance(m, nn.MultiheadAttention) for m in vit.modules())
