@@ -326,14 +326,18 @@ def simple_rms_norm(x: torch.Tensor) -> torch.Tensor:
     ``F.normalize(x, dim=-1) * d**-0.5`` with ``d = x.shape[-1]``: each token is scaled to L2 norm
     ``1/sqrt(d)``, i.e. RMS ``1/d``. A true RMSNorm multiplies by ``d**+0.5`` (RMS 1); the
     negative exponent is kept on purpose because it is what that version computes. The absmax
-    quantizer that follows is scale invariant, so for BitLinear8 only the fp32 path differs.
-    Shapes: (..., d) -> (..., d).
+    codes that follow do not depend on the scale, but their dequantized values do: a layer's
+    output is ``d`` times smaller than with a true RMSNorm. Shapes: (..., d) -> (..., d).
     """
     return F.normalize(x, dim=-1) * x.shape[-1] ** -0.5
 
 
 class _SeedLinear(QuantLinear):
-    """QuantLinear whose quantizers are fixed by the layer's own keyword options."""
+    """QuantLinear whose quantizers are fixed by the layer's own keyword options.
+
+    ``to_float(quantized=True)`` bakes in the weights only; the input transform
+    (``quantize_input``) is part of the layer and is not carried by a plain nn.Linear.
+    """
 
     @classmethod
     def from_float(cls, module: nn.Linear, **options: Any) -> _SeedLinear:  # type: ignore[override]
@@ -361,7 +365,9 @@ class BitLinear8(_SeedLinear):
         y   = x_q @ w_q.T + b
 
     Differences from 0.2.5, both deliberate: 0.2.5 calls ``F.linear(x_q, w_q)`` and silently
-    drops the bias — here the bias is applied (with ``bias=False`` the outputs are that version's);
+    drops the bias — here the bias is applied (with ``bias=False`` the outputs are that version's;
+    ``lowbit.models`` builds this kind without a bias by default, because the O(1/d) outputs of
+    the norm are swamped by an O(d**-0.5) bias and the network barely learns);
     ``sign(0) = +1`` here (the project's 2-level convention) where ``torch.sign(0) = 0`` there,
     which only matters for a weight exactly equal to the mean. The weights are binary, as in
     0.2.5 (its README says b1.58). Gradients reach the latent weight and the input straight
