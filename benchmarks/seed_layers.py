@@ -7,7 +7,7 @@ training set, full test set, ``--seeds`` seeds, one CPU thread. A sanity check o
 their flags, not the study itself (that is ``lowbit study``).
 
 Run:  python benchmarks/seed_layers.py [--epochs 3 --subset 20000 --seeds 3]
-Writes docs/results/seed-layers.md.
+Writes docs/results/seed-layers.md (a hand-written "## Notes" section at its end is kept).
 """
 
 from __future__ import annotations
@@ -112,8 +112,11 @@ def main() -> None:
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines)
+    if out.exists() and "\n## Notes" in out.read_text():
+        text += "\n## Notes" + out.read_text().split("\n## Notes", 1)[1]
     tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
+    tmp.write_text(text)
     os.replace(tmp, out)
     print(f"wrote {out}")
 
