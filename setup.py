@@ -18,8 +18,14 @@ ext_modules = (
         Extension(
             "lowbit.kernels._native",
             sources=["lowbit/kernels/csrc/lowbit_kernels.c"],
-            extra_compile_args=["-O3", "-std=gnu11", "-fopenmp", "-fvisibility=hidden"],
-            extra_link_args=["-fopenmp"],
+            extra_compile_args=[
+                "-O3",
+                "-std=gnu11",
+                "-fopenmp-simd",
+                "-pthread",
+                "-fvisibility=hidden",
+            ],
+            extra_link_args=["-pthread"],
             optional=True,
         )
     ]

@@ -222,7 +222,7 @@ def linear(
         weight.bits,
         activations,
         weight.isa,
-        threads or torch.get_num_threads(),
+        threads or 0,
     )
     if torch.compiler.is_compiling():
         y = torch.ops.lowbit.packed_linear(*args)

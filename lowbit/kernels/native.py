@@ -158,7 +158,7 @@ def linear(
     isa: str,
     threads: int,
 ) -> torch.Tensor:
-    """y = x W^T + b: x (M, K) float32 contiguous -> (M, N_out) float32."""
+    """y = x W^T + b: x (M, K) float32 contiguous -> (M, N_out) float32; threads 0: torch's."""
     lib = load()
     assert lib is not None
     m, n = x.shape[0], packed.shape[0]
@@ -178,7 +178,7 @@ def linear(
         int(scale.numel() > 1),
         bias.data_ptr() if bias is not None else None,
         y.data_ptr(),
-        threads,
+        threads or torch.get_num_threads(),
     )
     if rc != 0:
         raise MemoryError(f"packed linear ({m}x{k} by {n}x{k}) could not allocate its buffers")

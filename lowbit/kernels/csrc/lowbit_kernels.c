@@ -37,13 +37,17 @@
  *
  * fp32 activations: y[t,n] = s[n] * sum_k x[t,k] * (c[n,k] - (N-1)/2) + b[n], float32 sums.
  *
- * Threads: OpenMP over blocks of 8 output rows (torch's own OpenMP runtime when loaded from
- * torch, since both are libgomp.so.1).
+ * Threads: a small persistent pool (pthreads) splits the output rows into chunks claimed with
+ * an atomic counter. The calling thread works too and waits only for chunks that were claimed,
+ * never for a helper to wake up: on a busy shared machine a descheduled helper costs nothing
+ * (a fork-join barrier such as OpenMP's waits a whole scheduler time slice for it).
  */
 
 #include <immintrin.h>
 #include <math.h>
-#include <omp.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,7 +72,128 @@ LB_EXPORT int lb_isa(void) {
     return ISA_PORTABLE;
 }
 
-LB_EXPORT int lb_max_threads(void) { return omp_get_max_threads(); }
+
+/* ---------------------------------------------------------------------------------------- */
+/* Thread pool                                                                               */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef void (*chunk_fn)(const void *ctx, int64_t chunk);
+
+enum { MAX_HELPERS = 63, SPIN_ROUNDS = 20000 };
+
+/* `claim` packs (generation << 32 | next chunk). A job is published by storing a new generation;
+ * a chunk is claimed by a compare-and-swap that keeps the generation, so a thread that read a
+ * stale job can never run a chunk of it: the CAS fails once the generation moved on. */
+static struct {
+    pthread_mutex_t job_mu; /* one parallel job at a time; others run serially */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    _Atomic uint64_t claim;
+    _Atomic int64_t done;
+    _Atomic(chunk_fn) fn;
+    _Atomic(const void *) ctx;
+    _Atomic int64_t nchunks;
+    _Atomic int sleepers;
+    int helpers;
+    pid_t pid;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Run unclaimed chunks of generation `gen` until none is left. */
+static void pool_work(uint32_t gen) {
+    for (;;) {
+        uint64_t v = atomic_load_explicit(&pool.claim, memory_order_acquire);
+        if ((uint32_t)(v >> 32) != gen) return;
+        const chunk_fn fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
+        const void *ctx = atomic_load_explicit(&pool.ctx, memory_order_relaxed);
+        const int64_t n = atomic_load_explicit(&pool.nchunks, memory_order_relaxed);
+        const int64_t idx = (int64_t)(v & 0xffffffffu);
+        if (idx >= n) return;
+        if (!atomic_compare_exchange_weak(&pool.claim, &v, v + 1)) continue;
+        fn(ctx, idx);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
+static void *pool_helper(void *arg) {
+    (void)arg;
+    uint32_t seen = (uint32_t)(atomic_load(&pool.claim) >> 32);
+    for (;;) {
+        uint64_t v;
+        int spins = 0;
+        while ((uint32_t)((v = atomic_load_explicit(&pool.claim, memory_order_acquire)) >> 32) ==
+               seen) {
+            if (++spins < SPIN_ROUNDS) {
+                cpu_relax();
+                continue;
+            }
+            pthread_mutex_lock(&pool.mu);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while ((uint32_t)(atomic_load(&pool.claim) >> 32) == seen)
+                pthread_cond_wait(&pool.cv, &pool.mu);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.mu);
+            spins = 0;
+        }
+        seen = (uint32_t)(v >> 32);
+        pool_work(seen);
+    }
+    return NULL;
+}
+
+/* Start helpers up to `want` (lazily; again in a forked child, which has none). */
+static int pool_ensure(int want) {
+    if (pool.pid != getpid()) {
+        pool.helpers = 0;
+        pool.pid = getpid();
+    }
+    if (want > MAX_HELPERS) want = MAX_HELPERS;
+    while (pool.helpers < want) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&th, &attr, pool_helper, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        pool.helpers++;
+    }
+    return pool.helpers;
+}
+
+/* fn(ctx, i) for i in 0..nchunks-1 on up to `nthreads` threads (the caller included). */
+static void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads) {
+    if (nthreads <= 1 || nchunks <= 1 || pthread_mutex_trylock(&pool.job_mu) != 0) {
+        for (int64_t i = 0; i < nchunks; i++) fn(ctx, i);
+        return;
+    }
+    if (pool_ensure(nthreads - 1) == 0) {
+        pthread_mutex_unlock(&pool.job_mu);
+        for (int64_t i = 0; i < nchunks; i++) fn(ctx, i);
+        return;
+    }
+    atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&pool.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&pool.nchunks, nchunks, memory_order_relaxed);
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    const uint32_t gen = (uint32_t)(atomic_load(&pool.claim) >> 32) + 1;
+    atomic_store(&pool.claim, (uint64_t)gen << 32); /* seq_cst: publishes the job */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    pool_work(gen);
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks) cpu_relax();
+    pthread_mutex_unlock(&pool.job_mu);
+}
+
+LB_EXPORT int lb_max_threads(void) { return (int)sysconf(_SC_NPROCESSORS_ONLN); }
 
 static int64_t group_codes(int bits) { return 512 / bits; }
 
@@ -156,15 +281,32 @@ T512 static void quantize_row_512(const float *x, int64_t k, int64_t kp, int8_t 
     *sq = s;
 }
 
+typedef struct {
+    int isa;
+    const float *x;
+    int64_t m, k, kp, per_chunk;
+    int8_t *q;
+    float *a;
+    int32_t *sq;
+} quant_job;
+
+static void quantize_chunk(const void *ctx, int64_t chunk) {
+    const quant_job *j = ctx;
+    const int64_t t1 = (chunk + 1) * j->per_chunk < j->m ? (chunk + 1) * j->per_chunk : j->m;
+    for (int64_t t = chunk * j->per_chunk; t < t1; t++) {
+        if (j->isa == ISA_AVX512)
+            quantize_row_512(j->x + t * j->k, j->k, j->kp, j->q + t * j->kp, j->a + t, j->sq + t);
+        else
+            quantize_row_generic(j->x + t * j->k, j->k, j->kp, j->q + t * j->kp, j->a + t,
+                                 j->sq + t);
+    }
+}
+
 static void quantize_rows(int isa, const float *x, int64_t m, int64_t k, int64_t kp, int8_t *q,
                           float *a, int32_t *sq, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (m > 1 && m * k > 65536)
-    for (int64_t t = 0; t < m; t++) {
-        if (isa == ISA_AVX512)
-            quantize_row_512(x + t * k, k, kp, q + t * kp, a + t, sq + t);
-        else
-            quantize_row_generic(x + t * k, k, kp, q + t * kp, a + t, sq + t);
-    }
+    const int64_t per_chunk = m * k > 65536 ? (m + 4 * nthreads - 1) / (4 * nthreads) : m;
+    const quant_job job = {isa, x, m, k, kp, per_chunk ? per_chunk : 1, q, a, sq};
+    parallel_for(quantize_chunk, &job, (m + job.per_chunk - 1) / job.per_chunk, nthreads);
 }
 
 LB_EXPORT void lb_quantize_i8(int isa, const float *x, int64_t m, int64_t k, int64_t kp,
@@ -285,70 +427,71 @@ static void dots_dispatch(int isa, const uint8_t *w, int64_t rb, const int8_t *q
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* int8 linear: the driver                                                                   */
+/* fp32 activations, AVX-512: codes -> float levels through a 16/32-entry table (vpermps)      */
 /* ---------------------------------------------------------------------------------------- */
 
-static void *xalloc(size_t bytes) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
-    return p;
-}
-
-/* Returns 0 on success, -1 when out of memory. */
-LB_EXPORT int lb_linear_i8(int isa, const float *x, int64_t m, int64_t k, const uint8_t *w,
-                           int64_t n, int64_t kp, int bits, int levels, const float *scale,
-                           int per_channel, const float *bias, float *y, int nthreads) {
-    int8_t *q = xalloc((size_t)(m * kp + 64));
-    float *a = xalloc((size_t)m * sizeof(float));
-    int32_t *sq = xalloc((size_t)m * sizeof(int32_t));
-    if (!q || !a || !sq) {
-        free(q), free(a), free(sq);
-        return -1;
-    }
-    quantize_rows(isa, x, m, k, kp, q, a, sq, nthreads);
-    const int64_t rowbytes = kp * bits / 8, ngroups = rowbytes / 64;
-    const int64_t nblocks = (n + ROWS - 1) / ROWS;
-    const int par = nthreads > 1 && n >= 2 * ROWS && (double)m * n * k > 2.0e5;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t r0 = blk * ROWS, nr = n - r0 < ROWS ? n - r0 : ROWS;
-        int32_t dots[ROWS * 4];
-        int nt = 1;
-        for (int64_t t0 = 0; t0 < m; t0 += nt) {
-            nt = m - t0 >= 4 ? 4 : 1; /* 4-token tiles, then single tokens */
-            const int8_t *qt = q + t0 * kp;
-            if (nr == ROWS && nt == 1) {
-                dots_dispatch(isa, w + r0 * rowbytes, rowbytes, qt, kp, ngroups, bits, 8, 1, dots);
-            } else if (nr == ROWS) {
-                dots_dispatch(isa, w + r0 * rowbytes, rowbytes, qt, kp, ngroups, bits, 4, 4, dots);
-                dots_dispatch(isa, w + (r0 + 4) * rowbytes, rowbytes, qt, kp, ngroups, bits, 4, 4,
-                              dots + 16);
-            } else {
-                for (int r = 0; r < nr; r++)
-                    dots_dispatch(isa, w + (r0 + r) * rowbytes, rowbytes, qt, kp, ngroups, bits, 1,
-                                  nt, dots + r * nt);
-            }
-            for (int r = 0; r < nr; r++) {
-                const int64_t row = r0 + r;
-                const float s = per_channel ? scale[row] : scale[0];
-                for (int t = 0; t < nt; t++) {
-                    float v = rescale_i8(dots[r * nt + t], sq[t0 + t], levels, a[t0 + t], s);
-                    if (bias) v += bias[row];
-                    y[(t0 + t) * n + row] = v;
+/* out[r*T + t] = sum_k (c[r,k] - (N-1)/2) * x[t,k] for R rows and T tokens. Sixteen codes are
+ * zero-extended to dwords (vpmovzxbd), shifted so their lane is in the low bits, and looked up
+ * in `lut` (lut[i] = level of i mod 2^B, so the bits of the neighbouring lanes above are ignored
+ * by vpermps, which reads only 4 index bits); B = 8 (N = 17) uses the two-table vpermt2ps. */
+LB_INLINE T512 void f32tile_512(const uint8_t *w, int64_t rowbytes, const float *x, int64_t kp,
+                                int64_t ngroups, const int bits, const float *lut, const int R,
+                                const int T, float *out) {
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    const __m512 lut0 = _mm512_loadu_ps(lut), lut1 = _mm512_loadu_ps(lut + 16);
+    const int sub = 8 / bits;
+    for (int64_t g = 0; g < ngroups; g++) {
+        const uint8_t *wg = w + g * 64;
+        for (int j = 0; j < sub; j++) {
+            const __m512i shift = _mm512_set1_epi32(j * bits);
+#pragma GCC unroll 4
+            for (int qq = 0; qq < 4; qq++) {
+                const int64_t koff = g * (512 / bits) + j * 64 + qq * 16;
+                __m512 xv[4];
+#pragma GCC unroll 4
+                for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + t * kp + koff);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    __m512i idx = _mm512_cvtepu8_epi32(
+                        _mm_loadu_si128((const __m128i *)(wg + r * rowbytes + qq * 16)));
+                    __m512 lev;
+                    if (bits == 8) {
+                        lev = _mm512_permutex2var_ps(lut0, idx, lut1);
+                    } else {
+                        idx = _mm512_srlv_epi32(idx, shift);
+                        lev = _mm512_permutexvar_ps(idx, lut0);
+                    }
+#pragma GCC unroll 4
+                    for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(lev, xv[t], acc[r][t]);
                 }
             }
         }
     }
-    free(q), free(a), free(sq);
-    return 0;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) out[r * T + t] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-/* ---------------------------------------------------------------------------------------- */
-/* fp32 activations                                                                          */
-/* ---------------------------------------------------------------------------------------- */
+#define DEF_F32_512(B)                                                                           \
+    T512 static void f32_512_b##B(const uint8_t *w, int64_t rb, const float *x, int64_t kp,      \
+                                  int64_t ng, const float *lut, int R, int T, float *out) {       \
+        if (R == 4 && T == 4) f32tile_512(w, rb, x, kp, ng, B, lut, 4, 4, out);                  \
+        else if (R == 4 && T == 1) f32tile_512(w, rb, x, kp, ng, B, lut, 4, 1, out);             \
+        else if (R == 1 && T == 4) f32tile_512(w, rb, x, kp, ng, B, lut, 1, 4, out);             \
+        else f32tile_512(w, rb, x, kp, ng, B, lut, 1, 1, out);                                   \
+    }
+DEF_F32_512(1)
+DEF_F32_512(2)
+DEF_F32_512(4)
+DEF_F32_512(8)
 
-/* Each row's group is decoded to float levels (c - (N-1)/2, exact), then dotted with every
- * token in float32 with the compiler's vectorised reduction. R rows x T tokens per call. */
+/* fp32 generic C: each row's group is decoded to float levels (c - (N-1)/2, exact), then dotted
+ * with every token in float32 (the compiler vectorises the omp simd reduction). */
 #define DEF_F32(NAME, ATTR)                                                                      \
     ATTR static void NAME(const uint8_t *w, int64_t rowbytes, const float *x, int64_t kp,        \
                           int64_t ngroups, int bits, float half, int R, int T, float *out) {     \
@@ -370,48 +513,163 @@ LB_EXPORT int lb_linear_i8(int isa, const float *x, int64_t m, int64_t k, const 
             }                                                                                    \
         }                                                                                        \
     }
-DEF_F32(f32_512, T512)
 DEF_F32(f32_avx2, T256)
 DEF_F32(f32_portable, )
+
+/* ---------------------------------------------------------------------------------------- */
+/* The linear drivers: chunks of output rows, 8-row blocks, 4-token tiles                     */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    int isa, bits, levels, per_channel;
+    int64_t m, n, k, kp, rowbytes, ngroups, rows_per_chunk;
+    const uint8_t *w;
+    const float *scale, *bias;
+    float *y;
+    const int8_t *q; /* int8: quantized tokens (m, kp), multipliers, token sums */
+    const float *a;
+    const int32_t *sq;
+    const float *xp; /* fp32: zero-padded tokens (m, kp), level table */
+    const float *lut;
+    float half;
+} lin_job;
+
+static void *xalloc(size_t bytes) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
+    return p;
+}
+
+static void i8_chunk(const void *ctx, int64_t chunk) {
+    const lin_job *j = ctx;
+    const int64_t rb = j->rowbytes, kp = j->kp, ng = j->ngroups, n = j->n, m = j->m;
+    const int64_t rend = (chunk + 1) * j->rows_per_chunk < n ? (chunk + 1) * j->rows_per_chunk : n;
+    for (int64_t r0 = chunk * j->rows_per_chunk; r0 < rend; r0 += ROWS) {
+        const int64_t nr = rend - r0 < ROWS ? rend - r0 : ROWS;
+        const uint8_t *w = j->w + r0 * rb;
+        int32_t dots[ROWS * 4];
+        int nt = 1;
+        for (int64_t t0 = 0; t0 < m; t0 += nt) {
+            nt = m - t0 >= 4 ? 4 : 1; /* 4-token tiles, then single tokens */
+            const int8_t *qt = j->q + t0 * kp;
+            if (nr == ROWS && nt == 1) {
+                dots_dispatch(j->isa, w, rb, qt, kp, ng, j->bits, 8, 1, dots);
+            } else if (nr == ROWS) {
+                dots_dispatch(j->isa, w, rb, qt, kp, ng, j->bits, 4, 4, dots);
+                dots_dispatch(j->isa, w + 4 * rb, rb, qt, kp, ng, j->bits, 4, 4, dots + 16);
+            } else {
+                for (int r = 0; r < nr; r++)
+                    dots_dispatch(j->isa, w + r * rb, rb, qt, kp, ng, j->bits, 1, nt, dots + r * nt);
+            }
+            for (int r = 0; r < nr; r++) {
+                const int64_t row = r0 + r;
+                const float s = j->per_channel ? j->scale[row] : j->scale[0];
+                for (int t = 0; t < nt; t++) {
+                    float v = rescale_i8(dots[r * nt + t], j->sq[t0 + t], j->levels, j->a[t0 + t], s);
+                    if (j->bias) v += j->bias[row];
+                    j->y[(t0 + t) * n + row] = v;
+                }
+            }
+        }
+    }
+}
+
+static void f32_tile(const lin_job *j, const uint8_t *w, const float *xt, int R, int T, float *acc) {
+    const int64_t rb = j->rowbytes, kp = j->kp, ng = j->ngroups;
+    if (j->isa == ISA_AVX512) {
+        switch (j->bits) {
+        case 1: f32_512_b1(w, rb, xt, kp, ng, j->lut, R, T, acc); return;
+        case 2: f32_512_b2(w, rb, xt, kp, ng, j->lut, R, T, acc); return;
+        case 4: f32_512_b4(w, rb, xt, kp, ng, j->lut, R, T, acc); return;
+        default: f32_512_b8(w, rb, xt, kp, ng, j->lut, R, T, acc); return;
+        }
+    }
+    if (j->isa == ISA_AVX2)
+        f32_avx2(w, rb, xt, kp, ng, j->bits, j->half, R, T, acc);
+    else
+        f32_portable(w, rb, xt, kp, ng, j->bits, j->half, R, T, acc);
+}
+
+static void f32_chunk(const void *ctx, int64_t chunk) {
+    const lin_job *j = ctx;
+    const int64_t rb = j->rowbytes, n = j->n, m = j->m;
+    const int64_t rend = (chunk + 1) * j->rows_per_chunk < n ? (chunk + 1) * j->rows_per_chunk : n;
+    for (int64_t r0 = chunk * j->rows_per_chunk; r0 < rend; r0 += 4) {
+        const int nr = rend - r0 < 4 ? (int)(rend - r0) : 4;
+        float acc[16];
+        int nt = 1;
+        for (int64_t t0 = 0; t0 < m; t0 += nt) {
+            nt = m - t0 >= 4 ? 4 : 1;
+            const float *xt = j->xp + t0 * j->kp;
+            if (nr == 4) {
+                f32_tile(j, j->w + r0 * rb, xt, 4, nt, acc);
+            } else {
+                for (int r = 0; r < nr; r++) f32_tile(j, j->w + (r0 + r) * rb, xt, 1, nt, acc + r * nt);
+            }
+            for (int r = 0; r < nr; r++) {
+                const int64_t row = r0 + r;
+                const float s = j->per_channel ? j->scale[row] : j->scale[0];
+                for (int t = 0; t < nt; t++) {
+                    float v = acc[r * nt + t] * s;
+                    if (j->bias) v += j->bias[row];
+                    j->y[(t0 + t) * n + row] = v;
+                }
+            }
+        }
+    }
+}
+
+static lin_job make_job(int isa, int64_t m, int64_t k, const uint8_t *w, int64_t n, int64_t kp,
+                        int bits, int levels, const float *scale, int per_channel,
+                        const float *bias, float *y, int *nthreads) {
+    lin_job j;
+    memset(&j, 0, sizeof j);
+    j.isa = isa, j.bits = bits, j.levels = levels, j.per_channel = per_channel;
+    j.m = m, j.n = n, j.k = k, j.kp = kp, j.w = w, j.scale = scale, j.bias = bias, j.y = y;
+    j.rowbytes = kp * bits / 8, j.ngroups = j.rowbytes / 64;
+    if ((double)m * (double)n * (double)k < 2.0e5 || n < 2 * ROWS) *nthreads = 1;
+    /* about 4 chunks a thread, whole 8-row blocks */
+    const int64_t nblocks = (n + ROWS - 1) / ROWS;
+    int64_t per = nblocks / (4 * (int64_t)*nthreads);
+    j.rows_per_chunk = ROWS * (per > 0 ? per : 1);
+    return j;
+}
+
+/* Returns 0 on success, -1 when out of memory. */
+LB_EXPORT int lb_linear_i8(int isa, const float *x, int64_t m, int64_t k, const uint8_t *w,
+                           int64_t n, int64_t kp, int bits, int levels, const float *scale,
+                           int per_channel, const float *bias, float *y, int nthreads) {
+    lin_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
+    int8_t *q = xalloc((size_t)(m * kp + 64));
+    float *a = xalloc((size_t)m * sizeof(float));
+    int32_t *sq = xalloc((size_t)m * sizeof(int32_t));
+    if (!q || !a || !sq) {
+        free(q), free(a), free(sq);
+        return -1;
+    }
+    quantize_rows(isa, x, m, k, kp, q, a, sq, nthreads);
+    j.q = q, j.a = a, j.sq = sq;
+    parallel_for(i8_chunk, &j, (n + j.rows_per_chunk - 1) / j.rows_per_chunk, nthreads);
+    free(q), free(a), free(sq);
+    return 0;
+}
 
 LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const uint8_t *w,
                             int64_t n, int64_t kp, int bits, int levels, const float *scale,
                             int per_channel, const float *bias, float *y, int nthreads) {
+    lin_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
     float *xp = xalloc((size_t)(m * kp) * sizeof(float));
+    float lut[32];
     if (!xp) return -1;
     for (int64_t t = 0; t < m; t++) {
         memcpy(xp + t * kp, x + t * k, (size_t)k * sizeof(float));
         memset(xp + t * kp + k, 0, (size_t)(kp - k) * sizeof(float));
     }
-    const int64_t rowbytes = kp * bits / 8, ngroups = rowbytes / 64;
-    const float half = (float)(levels - 1) / 2.0f;
-    const int64_t nblocks = (n + ROWS - 1) / ROWS;
-    const int par = nthreads > 1 && n >= 2 * ROWS && (double)m * n * k > 2.0e5;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (par)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        const int64_t r0 = blk * ROWS, nr = n - r0 < ROWS ? n - r0 : ROWS;
-        float acc[ROWS * 4];
-        for (int64_t t0 = 0; t0 < m; t0 += 4) {
-            const int nt = m - t0 >= 4 ? 4 : (int)(m - t0);
-            const float *xt = xp + t0 * kp;
-            const uint8_t *wr = w + r0 * rowbytes;
-            if (isa == ISA_AVX512)
-                f32_512(wr, rowbytes, xt, kp, ngroups, bits, half, (int)nr, nt, acc);
-            else if (isa == ISA_AVX2)
-                f32_avx2(wr, rowbytes, xt, kp, ngroups, bits, half, (int)nr, nt, acc);
-            else
-                f32_portable(wr, rowbytes, xt, kp, ngroups, bits, half, (int)nr, nt, acc);
-            for (int r = 0; r < nr; r++) {
-                const int64_t row = r0 + r;
-                const float s = per_channel ? scale[row] : scale[0];
-                for (int t = 0; t < nt; t++) {
-                    float v = acc[r * nt + t] * s;
-                    if (bias) v += bias[row];
-                    y[(t0 + t) * n + row] = v;
-                }
-            }
-        }
-    }
+    j.half = (float)(levels - 1) / 2.0f;
+    const int lanemask = bits == 8 ? 31 : (1 << bits) - 1;
+    for (int i = 0; i < 32; i++) lut[i] = (float)(i & lanemask) - j.half; /* exact */
+    j.xp = xp, j.lut = lut;
+    parallel_for(f32_chunk, &j, (n + j.rows_per_chunk - 1) / j.rows_per_chunk, nthreads);
     free(xp);
     return 0;
 }

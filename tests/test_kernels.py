@@ -1,0 +1,204 @@
+"""The compiled kernels against the reference (the spec), on every ISA path this CPU can run.
+
+int8 activations must equal the reference bit for bit (integer dot products, the same float64
+rescale); fp32 activations agree within float32 summation error.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lowbit import kernels
+from lowbit.errors import ConfigError
+from lowbit.kernels import native, reference
+
+LEVELS = (2, 3, 4, 5, 8, 9, 16, 17)
+HAVE_NATIVE = native.load() is not None
+ISAS = native.ISAS[: native.ISAS.index(native.best_isa()) + 1] if HAVE_NATIVE else ()
+needs_native = pytest.mark.skipif(
+    not HAVE_NATIVE, reason=f"no compiled kernels: {native.load_error()}"
+)
+
+# (batch, N_out, K): K and N_out off the 64/256/512 blocks and the 8-row blocks on purpose
+SHAPES = ((1, 37, 300), (3, 16, 513), (5, 9, 1000), (32, 70, 777), (1, 8, 1))
+
+
+def _case(levels: int, m: int, n: int, k: int, seed: int, per_channel: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, levels, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(n if per_channel else (), generator=g) + 0.05
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g) * 3
+    return codes, scale, bias, x
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("levels", LEVELS)
+def test_int8_equals_reference_exactly(isa: str, levels: int) -> None:
+    for i, (m, n, k) in enumerate(SHAPES):
+        codes, scale, bias, x = _case(
+            levels, m, n, k, seed=100 * levels + i, per_channel=i % 2 == 0
+        )
+        w = kernels.prepare(codes, scale, levels, isa=isa)
+        assert w.backend == f"native-{isa}"
+        want = reference.linear(x, codes, scale, levels, bias, "int8")
+        got = kernels.linear(x, w, bias, "int8")
+        assert torch.equal(got, want), (isa, levels, m, n, k, (got - want).abs().max())
+        got_nb = kernels.linear(x, w, None, "int8", threads=1)
+        assert torch.equal(got_nb, reference.linear(x, codes, scale, levels, None, "int8"))
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("levels", LEVELS)
+def test_fp32_matches_reference(isa: str, levels: int) -> None:
+    for i, (m, n, k) in enumerate(SHAPES):
+        codes, scale, bias, x = _case(levels, m, n, k, seed=7 * levels + i, per_channel=i % 2 == 1)
+        w = kernels.prepare(codes, scale, levels, isa=isa)
+        want = reference.linear(x, codes, scale, levels, bias, "fp32")
+        got = kernels.linear(x, w, bias, "fp32")
+        # float32 sums of K terms in another order: error ~ K * eps * sum |x w|
+        bound = 1e-6 * k * (x.abs() @ reference.dequantize(codes, scale, levels).abs().T) + 1e-6
+        assert (got - want).abs().le(bound).all(), (isa, levels, m, n, k)
+
+
+@needs_native
+@pytest.mark.parametrize("levels", (2, 3, 5, 17))
+def test_large_batch_threads_and_shapes(levels: int) -> None:
+    codes, scale, bias, x = _case(levels, 67, 131, 1100, seed=levels)
+    w = kernels.prepare(codes, scale, levels)
+    want = reference.linear(x, codes, scale, levels, bias, "int8")
+    for threads in (1, 2, 3):
+        assert torch.equal(kernels.linear(x, w, bias, "int8", threads=threads), want)
+    # leading dimensions are kept, like F.linear
+    y = kernels.linear(x.reshape(1, 67, 1100), w, bias, "int8")
+    assert y.shape == (1, 67, 131) and torch.equal(y[0], want)
+
+
+@needs_native
+@pytest.mark.parametrize("levels", LEVELS)
+def test_layout_round_trip(levels: int) -> None:
+    codes, scale, _, _ = _case(levels, 1, 13, 1031, seed=levels)
+    w = kernels.prepare(codes, scale, levels)
+    assert w.data.dtype == torch.uint8 and w.data.shape == (13, w.kp * w.bits // 8)
+    assert w.kp % (512 // w.bits) == 0 and w.kp >= 1031
+    assert torch.equal(w.codes, codes)
+    assert w.bits == {2: 1, 3: 2, 4: 2, 5: 4, 8: 4, 9: 4, 16: 4, 17: 8}[levels]
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_activation_quantization_is_the_reference(isa: str) -> None:
+    x = torch.randn(9, 300) * torch.logspace(-3, 3, 9).unsqueeze(1)
+    x[3] = 0.0  # all-zero token: the 1e-5 clamp
+    x[4, :7] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 127.0, -127.0])  # ties round to even
+    q, a, sq = native.quantize_i8(x, 512, isa)
+    want_q, want_a = reference.quantize_activations(x)
+    assert torch.equal(a, want_a.squeeze(1))
+    assert torch.equal(q[:, :300].float(), want_q) and not q[:, 300:].any()
+    assert torch.equal(sq, want_q.sum(1).int())
+
+
+@needs_native
+def test_zero_input_and_hand_computed_values() -> None:
+    # ternary levels -1, 0, +1 (codes 0, 1, 2), scale 0.5; x = [1, 2, 4]
+    codes = torch.tensor([[2, 1, 0], [0, 0, 0]], dtype=torch.uint8)
+    w = kernels.prepare(codes, torch.tensor(0.5), 3)
+    x = torch.tensor([[1.0, 2.0, 4.0], [0.0, 0.0, 0.0]])
+    y = kernels.linear(x, w, torch.tensor([0.25, 0.0]), "fp32")
+    torch.testing.assert_close(y, torch.tensor([[0.5 * (1 - 4) + 0.25, -3.5], [0.25, 0.0]]))
+    # int8: a = 127/4, q = [32, 64, 127] (31.75 -> 32, 63.5 -> 64), acc = 2*(32*2 + 64) - 2*223
+    yi = kernels.linear(x, w, None, "int8")
+    assert yi[0, 0].item() == pytest.approx((2 * (64 + 64) - 2 * 223) * 0.5 / (2 * 127 / 4))
+    assert yi[1].abs().sum().item() == 0.0
+
+
+@needs_native
+def test_conv2d_matches_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 3, (10, 3 * 3 * 3), generator=g, dtype=torch.uint8)
+    scale, bias = torch.rand(10, generator=g) + 0.1, torch.randn(10, generator=g)
+    x = torch.randn(2, 3, 11, 9, generator=g)
+    w = kernels.prepare(codes, scale, 3)
+    kw = dict(kernel_size=(3, 3), stride=(2, 1), padding=(1, 1))
+    for act in ("int8", "fp32"):
+        got = kernels.conv2d(x, w, bias, activations=act, **kw)
+        want = reference.conv2d(x, codes, scale, 3, bias, activations=act, **kw)
+        torch.testing.assert_close(
+            got, want, rtol=0 if act == "int8" else 1e-5, atol=0 if act == "int8" else 1e-5
+        )
+
+
+@needs_native
+def test_torch_library_op() -> None:
+    codes, scale, bias, x = _case(3, 4, 24, 100, seed=1)
+    w = kernels.prepare(codes, scale, 3)
+    args = (x, w.data, w.scale, bias, 100, w.kp, 3, w.bits, "int8", w.isa, 1)
+    torch.library.opcheck(torch.ops.lowbit.packed_linear.default, args)
+    want = reference.linear(x, codes, scale, 3, bias, "int8")
+    assert torch.equal(torch.ops.lowbit.packed_linear(*args), want)
+    # torch.compile sees one op (fullgraph: no graph break on the ctypes call)
+    fn = torch.compile(
+        lambda t: kernels.linear(t, w, bias, "int8"), backend="eager", fullgraph=True
+    )
+    assert torch.equal(fn(x), want)
+
+
+def test_more_than_17_levels_uses_the_reference() -> None:
+    codes, scale, bias, x = _case(33, 2, 5, 40, seed=3)
+    w = kernels.prepare(codes, scale, 33)
+    assert w.backend == "reference"
+    assert torch.equal(
+        kernels.linear(x, w, bias, "int8"), reference.linear(x, codes, scale, 33, bias, "int8")
+    )
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="2-D uint8"):
+        kernels.prepare(torch.zeros(3, dtype=torch.uint8), torch.tensor(1.0), 3)
+    with pytest.raises(ValueError, match="scale must have"):
+        kernels.prepare(torch.zeros(3, 4, dtype=torch.uint8), torch.ones(2), 3)
+    w = kernels.prepare(torch.zeros(3, 4, dtype=torch.uint8), torch.tensor(1.0), 3)
+    with pytest.raises(ValueError, match="features"):
+        kernels.linear(torch.zeros(2, 5), w)
+    with pytest.raises(ValueError, match="activations"):
+        kernels.linear(torch.zeros(2, 4), w, activations="int4")
+    if HAVE_NATIVE:
+        with pytest.raises(ValueError, match="codes must be < levels"):
+            kernels.prepare(torch.full((3, 4), 3, dtype=torch.uint8), torch.tensor(1.0), 3)
+
+
+def test_backend_choice_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOWBIT_KERNELS", "reference")
+    assert kernels.backend() == "reference"
+    assert (
+        kernels.prepare(torch.zeros(2, 3, dtype=torch.uint8), torch.tensor(1.0), 3).backend
+        == "reference"
+    )
+    monkeypatch.setenv("LOWBIT_KERNELS", "gpu")
+    with pytest.raises(ConfigError, match="LOWBIT_KERNELS"):
+        kernels.backend()
+
+
+def test_missing_library_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOWBIT_KERNELS_LIB", "/nonexistent/_native.so")
+    monkeypatch.setattr(kernels, "_warned", False)
+    native.reset()
+    try:
+        codes, scale, bias, x = _case(3, 3, 8, 50, seed=5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            w1 = kernels.prepare(codes, scale, 3)
+            w2 = kernels.prepare(codes, scale, 5 - 2)
+            y = kernels.linear(x, w1, bias, "int8")
+        msgs = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
+        assert len(msgs) == 1 and "reference kernels" in msgs[0], msgs
+        assert w1.backend == w2.backend == "reference" and kernels.backend() == "reference"
+        assert torch.equal(y, reference.linear(x, codes, scale, 3, bias, "int8"))
+    finally:
+        monkeypatch.delenv("LOWBIT_KERNELS_LIB")
+        native.reset()
