@@ -372,3 +372,51 @@ def test_augment_shift_stays_within_the_documented_fraction():
     # Up to 10% of 20 pixels = 2 pixels either way, and the range is used.
     assert cx.abs().max() <= 2.0 + 1e-4 and cy.abs().max() <= 2.0 + 1e-4
     assert cx.abs().max() > 1.5 and cy.abs().max() > 1.5
+
+
+def _py2_batch(x: np.ndarray, labels: list[int]) -> bytes:
+    """A CIFAR batch as Python 2's cPickle wrote it: py2 ``str`` (SHORT_BINSTRING / BINSTRING)
+    keys and array bytes, ``numpy.core.multiarray._reconstruct`` and a dtype with BUILD state."""
+
+    def s(b: bytes) -> bytes:
+        if len(b) < 256:
+            return b"U" + bytes([len(b)]) + b
+        return b"T" + struct.pack("<I", len(b)) + b
+
+    def k(i: int) -> bytes:
+        return b"K" + bytes([i]) if i < 256 else b"M" + struct.pack("<H", i)
+
+    n = x.shape[0]
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+        + k(0) + b"\x85" + s(b"b") + b"\x87R"  # _reconstruct(ndarray, (0,), 'b')
+        + b"(" + k(1) + k(n) + k(3072) + b"\x86"  # state: (1, (n, 3072),
+        + b"cnumpy\ndtype\n" + s(b"u1") + k(0) + k(1) + b"\x87R"  # dtype('u1', 0, 1)
+        + b"(" + k(3) + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff" + k(0) + b"tb"
+        + b"\x89" + s(x.tobytes()) + b"tb"  # False, raw bytes)
+    )  # fmt: skip
+    label_list = b"](" + b"".join(k(v) for v in labels) + b"e"
+    return (
+        b"\x80\x02}(" + s(b"data") + array + s(b"labels") + label_list + s(b"batch_label")
+        + s(b"training batch 1 of 5") + b"u."
+    )  # fmt: skip
+
+
+def test_cifar_python_batches_written_by_python2(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    for stem in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, 10, 2)]
+        (folder / stem).write_bytes(_py2_batch(x, y))
+        xs.append(x)
+        ys.append(y)
+    ds = data.load("cifar10", data_dir=tmp_path)
+    assert ds.train_y.tolist() == sum(ys[:5], []) and ds.test_y.tolist() == ys[5]
+    exp_tr, exp_te = _expected(
+        np.concatenate(xs[:5]).reshape(-1, 3, 32, 32), xs[5].reshape(-1, 3, 32, 32)
+    )
+    np.testing.assert_allclose(ds.train_x.numpy(), exp_tr, atol=1e-5)
+    np.testing.assert_allclose(ds.test_x.numpy(), exp_te, atol=1e-5)
