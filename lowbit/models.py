@@ -713,6 +713,9 @@ def vit(
     (3392, 1920) = 10,573,770. The two differ only in blocks and units, as the paper says; the
     counts do not identify the architecture (many other exact matches exist), so this is one
     consistent choice, not a recovery.
+
+    On 28x28 inputs 8x8 patches crop the last 4 rows and columns (3x3 patches); pass
+    ``patch_size=7`` to cover the whole image with 4x4 patches.
     """
     shape = _input_shape(input_shape)
     _check_positive(
