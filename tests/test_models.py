@@ -192,6 +192,16 @@ def test_vit_structure():
     assert patches[0, 1].tolist() == [2, 18, 3, 19, 6, 22, 7, 23]
 
 
+def test_attention_matches_the_written_out_formula():
+    torch.manual_seed(0)
+    attn = models.Attention(8, 2, dropout=0.0, linear=nn.Linear).eval()
+    x = torch.randn(3, 5, 8)  # (B, T, D)
+    q, k, v = (m(x).view(3, 5, 2, 4).transpose(1, 2) for m in (attn.q, attn.k, attn.v))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # sqrt(head dim 4) = 2
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(3, 5, 8))
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_glorot_init_zero_biases():
     model = models.get("cvnn1")
     assert all(
