@@ -109,7 +109,17 @@ def test_seed_layers_on_conv_models_raise(kind):
             {"depth": 1, "width": 4, "activation": "study", "layer": "misborn", "mask": "weight"},
         ),
         ("cvnn2", {"layer": "nlevel", "levels": 9, "spread": 2.0, "kernel_size": 5}),
-        ("vit2", {"layer": "sign", "quantize_patch": True, "input_shape": MNIST, "classes": 100}),
+        (
+            "vit2",
+            {
+                "layer": "sign",
+                "quantize_patch": True,
+                "input_shape": MNIST,
+                "classes": 100,
+                "blocks": 2,
+                "head_units": (64,),
+            },
+        ),
         ("fcnn2", {"layer": "ternary-median", "granularity": "channel", "quantize_head": False}),
     ],
 )
