@@ -274,6 +274,60 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if r["ok"] else 1
 
 
+# --- bench ---------------------------------------------------------------------------------------
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "bench",
+        "Benchmark lowbit's packed kernels against torch fp32 / bf16 (interleaved medians).",
+        "  lowbit bench kernels --quick\n"
+        "  lowbit bench kernels --json --shapes benchmarks/shapes.csv --out results.csv",
+    )
+    p.add_argument("what", choices=["kernels"], help="what to benchmark")
+    p.add_argument("--quick", action="store_true", help="a few shapes, levels 2/3/5, few rounds")
+    p.add_argument(
+        "--shapes", help="shape list CSV (default: the repository's benchmarks/shapes.csv)"
+    )
+    p.add_argument("--no-stream", action="store_true", help="skip the weights-streaming regime")
+    p.add_argument("--out", help="also write the rows to this CSV file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from lowbit.kernels import bench
+
+    quiet = args.json or not sys.stderr.isatty()
+    info, rows = bench.run(
+        args.shapes,
+        quick=args.quick,
+        stream=not args.no_stream,
+        progress=None if quiet else lambda s: print(f"  {s}", file=sys.stderr),
+    )
+    if args.out:
+        bench.write_csv(args.out, info, rows)
+    checks = [{"claim": c, "measured": m, "met": ok} for c, m, ok in bench.targets(rows)]
+    if args.json:
+        _print_json({"machine": info, "targets": checks, "rows": rows})
+        return 0
+    print(" ".join(f"{k}={v}" for k, v in info.items()))
+    print(
+        f"{'shape':20s} {'batch':>5s} {'regime':6s} {'variant':10s} {'us':>10s} "
+        f"{'GMAC/s':>8s} {'xfp32':>7s} {'xbf16':>7s}"
+    )
+    for r in rows:
+        print(
+            f"{r['shape']:20s} {r['batch']:5d} {r['regime']:6s} {r['variant']:10s} "
+            f"{r['median_us']:10.1f} {r['gmacs']:8.1f} {r['speedup_vs_fp32']:7.2f} "
+            f"{r['speedup_vs_bf16']:7.2f}"
+        )
+    for c in checks:
+        print(f"{c['claim']:45s} {c['measured']:>22s}  {'met' if c['met'] else 'NOT met'}")
+    return 0
+
+
 # --- registry of subcommands ---------------------------------------------------------------------
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -282,6 +336,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_pack,
     _add_summary,
     _add_verify,
+    _add_bench,
 ]
 
 

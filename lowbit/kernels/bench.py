@@ -1,0 +1,367 @@
+"""Kernel benchmark: packed linear / conv vs torch fp32 and bf16, interleaved in one run.
+
+For every shape of a CSV (``benchmarks/shapes.csv``), batch and level count it times
+
+* ``kernels.linear`` / ``kernels.conv2d`` with int8 activations (the exact integer path) and with
+  fp32 activations, for levels 2, 3, 5, 9, 17;
+* the baselines ``F.linear`` / ``F.conv2d`` with fp32 weights and with bf16 weights + inputs.
+
+All variants of one (shape, batch) run round-robin, one call each per round, so a noisy
+neighbour slows them alike; the figure is the median over rounds. Two weight regimes:
+
+* ``cache``: the same weight every call (packed 4096x4096 ternary, 4 MiB, stays in L3);
+* ``stream``: calls cycle through distinct copies totalling >= 256 MiB per variant, so every
+  call reads its weight from memory (run at batch 1 for the large shapes).
+
+Columns: median time (us), packed weight GB/s (packed bytes / time), G MAC/s, and the speed-ups
+over fp32 and bf16 of the same round-robin.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowbit import kernels
+
+LEVELS = (2, 3, 5, 9, 17)
+STREAM_BYTES = 256 << 20
+QUICK_SHAPES = ("square-4096", "square-4096-1core", "mlp1024-hidden", "cvnn2-conv4")
+DEFAULT_SHAPES = Path(__file__).resolve().parents[2] / "benchmarks" / "shapes.csv"
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    kind: str  # "linear" | "conv2d"
+    out_features: int
+    in_features: int
+    c_in: int
+    h: int
+    w: int
+    kernel: int
+    padding: int
+    batches: tuple[int, ...]
+    threads: int  # 0: torch's default
+
+
+def read_shapes(path: str | os.PathLike | None = None) -> list[Shape]:
+    """Shapes from the CSV (lines starting with '#' are comments)."""
+    path = Path(path) if path else DEFAULT_SHAPES
+    if not path.exists():
+        raise FileNotFoundError(f"shape list {path} not found; pass --shapes benchmarks/shapes.csv")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    shapes = []
+    for row in csv.DictReader(io.StringIO("\n".join(lines))):
+        conv = row["kind"] == "conv2d"
+        if row["kind"] not in ("linear", "conv2d"):
+            raise ValueError(f"{path}: shape {row['name']}: kind must be linear or conv2d")
+        shapes.append(
+            Shape(
+                row["name"],
+                row["kind"],
+                int(row["out_features"]),
+                int(row["in_features"]),
+                int(row["c_in"]) if conv else 0,
+                int(row["h"]) if conv else 0,
+                int(row["w"]) if conv else 0,
+                int(row["kernel"]) if conv else 0,
+                int(row["padding"]) if conv else 0,
+                tuple(int(b) for b in row["batches"].split(";")),
+                0 if row["threads"] in ("", "all") else int(row["threads"]),
+            )
+        )
+    return shapes
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "backend": kernels.backend(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def _packed_bytes(out_features: int, in_features: int, levels: int) -> int:
+    w = kernels.prepare(torch.zeros(1, in_features, dtype=torch.uint8), torch.ones(()), levels)
+    per_row = w.data.numel() if w.data is not None else in_features
+    return out_features * per_row
+
+
+def _copies(bytes_each: int, stream: bool) -> int:
+    return max(1, math.ceil(STREAM_BYTES / bytes_each)) if stream else 1
+
+
+def _variants(shape: Shape, batch: int, stream: bool, levels: tuple[int, ...], modes):
+    """name -> (callable, info) for one (shape, batch); each callable runs one call."""
+    g = torch.Generator().manual_seed(0)
+    n, k = shape.out_features, shape.in_features
+    conv = shape.kind == "conv2d"
+    if conv:
+        x = torch.randn(batch, shape.c_in, shape.h, shape.w, generator=g)
+        tokens = batch * shape.h * shape.w
+        kw = dict(kernel_size=(shape.kernel,) * 2, padding=(shape.padding,) * 2)
+    else:
+        x = torch.randn(batch, k, generator=g)
+        tokens = batch
+    xb = x.to(torch.bfloat16)
+    bias = torch.randn(n, generator=g)
+    out: dict[str, tuple[Callable[[], object], dict]] = {}
+
+    def cycler(items: list, fn: Callable) -> Callable[[], object]:
+        it = iter(range(1 << 62))
+        return lambda: fn(items[next(it) % len(items)])
+
+    wshape = (n, shape.c_in, shape.kernel, shape.kernel) if conv else (n, k)
+    for name, dtype, xin in (("fp32", torch.float32, x), ("bf16", torch.bfloat16, xb)):
+        copies = _copies(n * k * (4 if dtype == torch.float32 else 2), stream)
+        ws = [torch.randn(wshape, generator=g).to(dtype) for _ in range(copies)]
+        b = bias.to(dtype)
+        if conv:
+            fn = cycler(ws, lambda w, xin=xin, b=b: F.conv2d(xin, w, b, padding=shape.padding))
+        else:
+            fn = cycler(ws, lambda w, xin=xin, b=b: F.linear(xin, w, b))
+        out[name] = (
+            fn,
+            {
+                "levels": 0,
+                "activations": name,
+                "packed_bytes": n * k * (4 if name == "fp32" else 2),
+            },
+        )
+    for lv in levels:
+        pb = _packed_bytes(n, k, lv)
+        codes = torch.randint(0, lv, (n, k), generator=g, dtype=torch.uint8)
+        prepared = [
+            kernels.prepare(codes, torch.rand(n, generator=g) + 0.1, lv)
+            for _ in range(_copies(pb, stream))
+        ]
+        for act in modes:
+            if conv:
+                fn = cycler(
+                    prepared,
+                    lambda w, act=act: kernels.conv2d(x, w, bias, activations=act, **kw),
+                )
+            else:
+                fn = cycler(prepared, lambda w, act=act: kernels.linear(x, w, bias, act))
+            out[f"L{lv}-{act}"] = (fn, {"levels": lv, "activations": act, "packed_bytes": pb})
+    return out, tokens
+
+
+def _time_round_robin(variants: dict, budget_s: float, min_rounds: int, max_rounds: int) -> dict:
+    for fn, _ in variants.values():  # warm-up, and a first estimate of the round time
+        fn()
+    t0 = time.perf_counter()
+    for fn, _ in variants.values():
+        fn()
+    per_round = time.perf_counter() - t0
+    rounds = int(max(min_rounds, min(max_rounds, budget_s / max(per_round, 1e-9))))
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (fn, _) in variants.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run(
+    shapes_path: str | os.PathLike | None = None,
+    *,
+    quick: bool = False,
+    stream: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Run the benchmark; returns (machine info, result rows)."""
+    shapes = read_shapes(shapes_path)
+    if quick:
+        shapes = [s for s in shapes if s.name in QUICK_SHAPES] or shapes
+    levels = (2, 3, 5) if quick else LEVELS
+    budget, min_rounds, max_rounds = (0.3, 5, 31) if quick else (1.5, 9, 201)
+    info = machine()
+    rows: list[dict] = []
+    default_threads = torch.get_num_threads()
+    for shape in shapes:
+        batches = shape.batches[:2] if quick else shape.batches
+        threads = shape.threads or default_threads
+        regimes = ["cache"]
+        if stream and shape.kind == "linear" and shape.out_features * shape.in_features >= 1 << 24:
+            regimes.append("stream")
+        for regime in regimes:
+            for batch in batches if regime == "cache" else (1,):
+                if progress:
+                    progress(f"{shape.name} batch {batch} {regime}")
+                modes = ("int8", "fp32") if regime == "cache" else ("int8",)
+                torch.set_num_threads(threads)
+                try:
+                    variants, tokens = _variants(shape, batch, regime == "stream", levels, modes)
+                    med = _time_round_robin(variants, budget, min_rounds, max_rounds)
+                finally:
+                    torch.set_num_threads(default_threads)
+                macs = tokens * shape.out_features * shape.in_features
+                for name, (_, meta) in variants.items():
+                    t = med[name]
+                    rows.append(
+                        {
+                            "shape": shape.name,
+                            "kind": shape.kind,
+                            "out_features": shape.out_features,
+                            "in_features": shape.in_features,
+                            "batch": batch,
+                            "tokens": tokens,
+                            "threads": threads,
+                            "regime": regime,
+                            "variant": name,
+                            "levels": meta["levels"],
+                            "activations": meta["activations"],
+                            "weight_bytes": meta["packed_bytes"],
+                            "median_us": round(t * 1e6, 2),
+                            "weight_gbps": round(meta["packed_bytes"] / t / 1e9, 2),
+                            "gmacs": round(macs / t / 1e9, 2),
+                            "speedup_vs_fp32": round(med["fp32"] / t, 2),
+                            "speedup_vs_bf16": round(med["bf16"] / t, 2),
+                        }
+                    )
+                del variants
+    return info, rows
+
+
+def write_csv(path: str | os.PathLike, info: dict, rows: list[dict]) -> None:
+    """Atomic write: '#' header lines with the machine, then the rows."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        for key, value in info.items():
+            f.write(f"# {key}: {value}\n")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def default_csv_name(info: dict) -> str:
+    cpu = "".join(c if c.isalnum() else "-" for c in info["cpu"].lower()).strip("-")
+    while "--" in cpu:
+        cpu = cpu.replace("--", "-")
+    return f"{cpu}-torch{info['torch'].split('+')[0]}.csv"
+
+
+def _find(rows: list[dict], **match) -> dict | None:
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
+    """The issue's done-when ratios as (claim, measured, met) from this run's rows."""
+    out: list[tuple[str, str, bool | None]] = []
+
+    def get(shape, batch, variant, regime="cache"):
+        return _find(rows, shape=shape, batch=batch, variant=variant, regime=regime)
+
+    t = get("square-4096", 1, "L3-int8")
+    if t:
+        out.append(
+            (
+                "ternary 4096x4096 b1 >= 10x fp32",
+                f"{t['speedup_vs_fp32']}x",
+                t["speedup_vs_fp32"] >= 10,
+            )
+        )
+        out.append(
+            (
+                "ternary 4096x4096 b1 >= 5x bf16",
+                f"{t['speedup_vs_bf16']}x",
+                t["speedup_vs_bf16"] >= 5,
+            )
+        )
+    c = get("square-4096-1core", 1, "L3-int8")
+    if c:
+        out.append(
+            ("ternary >= 100 G MAC/s per core (cache)", f"{c['gmacs']} G/s", c["gmacs"] >= 100)
+        )
+    b = get("square-4096", 1, "L2-int8")
+    if b and t:
+        out.append(
+            (
+                "binary at least as fast as ternary (b1)",
+                f"{b['median_us']} vs {t['median_us']} us",
+                b["median_us"] <= t["median_us"] * 1.05,
+            )
+        )
+    f = get("square-4096", 1, "L5-int8")
+    if f:
+        out.append(
+            (
+                "5 levels 4096x4096 b1 >= 5x fp32",
+                f"{f['speedup_vs_fp32']}x",
+                f["speedup_vs_fp32"] >= 5,
+            )
+        )
+    t32 = get("square-4096", 32, "L3-int8")
+    if t32:
+        out.append(
+            (
+                "ternary 4096x4096 b32 >= 2x fp32",
+                f"{t32['speedup_vs_fp32']}x",
+                t32["speedup_vs_fp32"] >= 2,
+            )
+        )
+    return out
+
+
+def markdown(info: dict, rows: list[dict]) -> str:
+    """A summary: machine, targets, and the int8 / fp32 tables per shape at batch 1 and 32."""
+    lines = ["# Packed kernels vs torch F.linear / F.conv2d", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += [
+        "",
+        "Medians of interleaved round-robin calls (all variants of a shape and batch alternate, "
+        "one call each per round), speed-ups over torch fp32 and bf16 measured in the same "
+        "round-robin. The machine is shared with other jobs: the load average above shows the "
+        "contention, and single numbers can move by 20-50% between runs.",
+        "",
+        "## Targets",
+        "",
+        "| claim | measured | met |",
+        "|---|---|---|",
+    ]
+    for claim, measured, met in targets(rows):
+        lines.append(f"| {claim} | {measured} | {'yes' if met else 'no'} |")
+    lines += ["", "## Results", "", "Variant L<levels>-<activations>; fp32 / bf16: torch.", ""]
+    lines.append(
+        "| shape | batch | regime | variant | median us | weight GB/s | G MAC/s "
+        "| vs fp32 | vs bf16 |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['regime']} | {r['variant']} | {r['median_us']} | "
+            f"{r['weight_gbps']} | {r['gmacs']} | {r['speedup_vs_fp32']} | {r['speedup_vs_bf16']} |"
+        )
+    return "\n".join(lines) + "\n"
