@@ -274,6 +274,113 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if r["ok"] else 1
 
 
+# --- study, report -------------------------------------------------------------------------------
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "study",
+        "Run a sweep (a preset or a TOML spec) into DIR/results.sqlite; re-running resumes.",
+        "  lowbit study sign-vs-linear --quick --out runs/svl\n"
+        "  lowbit study low-resolution --quick --out runs/lr --workers 2\n"
+        "  lowbit study my-grid.toml --out runs/mine --backend ray --export csv\n"
+        "presets: sign-vs-linear, low-resolution (spec format: lowbit/study/spec.py)",
+    )
+    p.add_argument("spec", metavar="PRESET_OR_SPEC", help="a preset name or a .toml spec file")
+    p.add_argument("--out", required=True, metavar="DIR", help="study folder (database, runs)")
+    p.add_argument("--quick", action="store_true", help="the spec's [quick] variant")
+    p.add_argument("--workers", type=int, help="parallel cells (default: the core count)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local", help="executor")
+    p.add_argument("--data-dir", help="a folder to search first for datasets")
+    p.add_argument("--export", choices=("csv",), help="also write DIR/*.csv when done")
+    p.add_argument("--dry-run", action="store_true", help="validate and list cells; run nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from lowbit.study import spec as study_spec
+    from lowbit.study.runner import dataset_checker, run
+
+    spec = study_spec.load(args.spec, quick=args.quick)
+    if args.dry_run:
+        cells = spec.cells(dataset_checker(args.data_dir))
+        if args.json:
+            _print_json([{"id": c.id, **c.config} for c in cells])
+        else:
+            for c in cells:
+                print(c.id, json.dumps(c.config, sort_keys=True))
+            print(f"{len(cells)} cells")
+        return 0
+    result = run(
+        spec,
+        args.out,
+        workers=args.workers,
+        backend=args.backend,
+        data_dir=args.data_dir,
+        quick=args.quick,
+    )
+    files = []
+    if args.export == "csv":
+        from lowbit.study.export import export_csv
+
+        files = [str(f) for f in export_csv(args.out)]
+    out = {
+        "out": str(result.out_dir),
+        "database": str(result.db_path),
+        "cells": result.cells,
+        "skipped": result.skipped,
+        "statuses": result.statuses,
+        "wall_s": round(result.wall_s, 1),
+        "notes": result.notes,
+        "csv": files,
+    }
+    if args.json:
+        _print_json(out)
+    else:
+        for note in result.notes:
+            print(f"note: {note}")
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(result.statuses.items()))
+        print(
+            f"{result.cells} cells ({result.skipped} already done): {counts} "
+            f"in {result.wall_s:.0f} s; database {result.db_path}"
+        )
+        for f in files:
+            print(f"wrote {f}")
+    return 0 if result.statuses.get("failed", 0) == 0 else 1
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "report",
+        "Write DIR/report/index.html and report.md with PNG figures from a study's database.",
+        "  lowbit report runs/svl\n  lowbit report runs/lr --csv --json",
+    )
+    p.add_argument("dir", metavar="DIR", help="a study folder (holds results.sqlite)")
+    p.add_argument("--csv", action="store_true", help="also write DIR/runs.csv, epochs.csv, ...")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lowbit.study.report import write_report
+
+    info = write_report(args.dir)
+    if args.csv:
+        from lowbit.study.export import export_csv
+
+        info["csv"] = [str(f) for f in export_csv(args.dir)]
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"report: {info['index']} ({len(info['figures'])} figures; also {info['markdown']})")
+        for f in info.get("csv", []):
+            print(f"wrote {f}")
+    return 0
+
+
 # --- bench ---------------------------------------------------------------------------------------
 
 
@@ -336,6 +443,8 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_pack,
     _add_summary,
     _add_verify,
+    _add_study,
+    _add_report,
     _add_bench,
 ]
 

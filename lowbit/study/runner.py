@@ -385,7 +385,11 @@ def run(
         )
         store.add_runs([(c.id, c.config) for c in cells])
         status = store.status()
-        todo = [c for c in cells if status.get(c.id) not in DONE]
+        # seed-major order: every cell's first seed runs before any second seed, so a sweep cut
+        # short still covers the whole grid
+        todo = sorted(
+            (c for c in cells if status.get(c.id) not in DONE), key=lambda c: c.config["seed"]
+        )
         threads = max(1, cores // min(workers, max(1, len(todo))))
         tasks = [
             {

@@ -27,6 +27,10 @@ A spec has four tables; only ``[grid]`` is required::
     seed = 0
     train_subset = 2000
 
+    [[quick.override]]              # overrides applied only with --quick (after the others)
+    when = { model = "cvnn2" }
+    set = { epochs = 1 }
+
 Each cell's *resolved* config holds every key of ``GRID_KEYS``; keys a model does not use are None
 (depth/width only for ``mlp``, kernel_size only for ``cvnn*``, levels only for ``nlevel``), so two
 grid points that train the same network collapse into one cell. A cell's id is the first 16 hex
@@ -190,7 +194,7 @@ def _check_table(where: str, table: Any, *, lists: bool) -> dict[str, Any]:
         if key not in GRID_KEYS:
             raise ConfigError(
                 f"{where}.{key}: unknown key; valid keys: {', '.join(GRID_KEYS)}"
-                + (", epochs_by_size" if where == "quick" else "")
+                + (", epochs_by_size, override" if where == "quick" else "")
             )
         values = value if isinstance(value, list) else [value]
         if not values:
@@ -236,12 +240,18 @@ def parse(doc: dict[str, Any], *, quick: bool = False, source: str = "") -> Spec
     grid = _check_table("grid", doc["grid"], lists=True)
     rule = _check_epochs_rule("epochs_by_size", doc.get("epochs_by_size", {}))
 
+    quick_doc = dict(doc.get("quick", {}))
+    if not isinstance(doc.get("quick", {}), dict):
+        raise ConfigError("quick: expected a table")
     raw_over = doc.get("override", [])
-    if not isinstance(raw_over, list):
+    quick_over = quick_doc.pop("override", [])
+    if not isinstance(raw_over, list) or not isinstance(quick_over, list):
         raise ConfigError("override: expected an array of tables ([[override]])")
     overrides = []
-    for i, ov in enumerate(raw_over):
-        where = f"override[{i}]"
+    tagged = [("override", i, ov) for i, ov in enumerate(raw_over)]
+    tagged += [("quick.override", i, ov) for i, ov in enumerate(quick_over)]
+    for prefix, i, ov in tagged:
+        where = f"{prefix}[{i}]"
         if not isinstance(ov, dict) or set(ov) - {"when", "set"}:
             raise ConfigError(f"{where}: expected a table with only 'when' and 'set'")
         when = _check_table(f"{where}.when", ov.get("when", {}), lists=True)
@@ -249,17 +259,17 @@ def parse(doc: dict[str, Any], *, quick: bool = False, source: str = "") -> Spec
         for key, v in sets.items():
             if isinstance(v, list):
                 raise ConfigError(f"{where}.set.{key}: expected a single value, not a list")
-        overrides.append({"when": when, "set": sets})
+        if prefix == "override" or quick:
+            overrides.append({"when": when, "set": sets})
 
+    # [quick] is validated either way, so a typo in it fails without --quick too
+    quick_rule = quick_doc.pop("epochs_by_size", None)
+    if quick_rule is not None:
+        quick_rule = _check_epochs_rule("quick.epochs_by_size", quick_rule)
+    quick_grid = _check_table("quick", quick_doc, lists=True)
     if quick:
-        q = dict(doc.get("quick", {}))
-        if "epochs_by_size" in q:
-            rule = _check_epochs_rule("quick.epochs_by_size", q.pop("epochs_by_size"))
-        grid.update(_check_table("quick", q, lists=True))
-    else:
-        quick_doc = doc.get("quick", {})  # still validated, so a typo fails without --quick
-        quick_doc = {k: v for k, v in quick_doc.items() if k != "epochs_by_size"}
-        _check_table("quick", quick_doc, lists=True)
+        grid.update(quick_grid)
+        rule = quick_rule or rule
 
     claims = study.get("claims", [])
     if not all(isinstance(c, str) for c in claims):
