@@ -183,3 +183,61 @@ def linear(
     if rc != 0:
         raise MemoryError(f"packed linear ({m}x{k} by {n}x{k}) could not allocate its buffers")
     return y
+
+
+def weight_args(
+    isa: str,
+    packed: torch.Tensor,
+    shape: tuple[int, int],
+    kp: int,
+    bits: int,
+    levels: int,
+    scale: torch.Tensor,
+) -> tuple:
+    """The weight's part of the C call, resolved once at prepare (see ``call``)."""
+    n, k = shape
+    return (
+        ISAS.index(isa),
+        k,
+        packed.data_ptr(),
+        n,
+        kp,
+        bits,
+        levels,
+        scale.data_ptr(),
+        int(scale.numel() > 1),
+        packed,
+        scale,
+    )
+
+
+def call(
+    wargs: tuple,
+    x: torch.Tensor,
+    m: int,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    activations: str,
+    threads: int | None,
+) -> None:
+    """y (M, N_out) = x (M, K) W^T + b, all float32 contiguous, with ``weight_args``'s weight."""
+    isa, k, wptr, n, kp, bits, levels, sptr, per_channel = wargs[:9]
+    fn = _lib.lb_linear_i8 if activations == "int8" else _lib.lb_linear_f32  # type: ignore[union-attr]
+    rc = fn(
+        isa,
+        x.data_ptr(),
+        m,
+        k,
+        wptr,
+        n,
+        kp,
+        bits,
+        levels,
+        sptr,
+        per_channel,
+        bias.data_ptr() if bias is not None else None,
+        y.data_ptr(),
+        threads or torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError(f"packed linear ({m}x{k} by {n}x{k}) could not allocate its buffers")
