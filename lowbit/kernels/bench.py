@@ -195,13 +195,15 @@ def run(
     quick: bool = False,
     stream: bool = True,
     progress: Callable[[str], None] | None = None,
+    rounds: tuple[float, int, int] | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Run the benchmark; returns (machine info, result rows)."""
+    """Run the benchmark; returns (machine info, result rows). ``rounds``: (seconds budget per
+    shape and batch, min rounds, max rounds), default (1.5, 9, 201), quick (0.3, 5, 31)."""
     shapes = read_shapes(shapes_path)
     if quick:
         shapes = [s for s in shapes if s.name in QUICK_SHAPES] or shapes
     levels = (2, 3, 5) if quick else LEVELS
-    budget, min_rounds, max_rounds = (0.3, 5, 31) if quick else (1.5, 9, 201)
+    budget, min_rounds, max_rounds = rounds or ((0.3, 5, 31) if quick else (1.5, 9, 201))
     info = machine()
     rows: list[dict] = []
     default_threads = torch.get_num_threads()
@@ -345,6 +347,27 @@ def markdown(info: dict, rows: list[dict]) -> str:
         "one call each per round), speed-ups over torch fp32 and bf16 measured in the same "
         "round-robin. The machine is shared with other jobs: the load average above shows the "
         "contention, and single numbers can move by 20-50% between runs.",
+        "",
+        "## What runs",
+        "",
+        "- Weights are repacked once at load into B-bit lanes (B = 1 for 2 levels, 2 for 3-4, "
+        "4 for 5-16, 8 for 17): 64-byte groups whose byte i holds the codes k = j*64 + i in bits "
+        "j*B..j*B+B-1, so one load + a 16-bit shift + a byte mask yields 64 consecutive codes.",
+        "- int8 activations (BitNet's per-token absmax, the reference's `activations=\"int8\"`): "
+        "AVX-512 VNNI `vpdpbusd` multiplies the unsigned codes (u8 operand) by the signed int8 "
+        "activations (s8 operand); the level offset (N-1)/2 is applied once per output through "
+        "the token's activation sum, acc = 2 sum c q - (N-1) sum q, exact in int32, then one "
+        "float64 rescale as in the reference: results equal the reference bit for bit.",
+        "- fp32 activations: codes -> float levels through a 16/32-entry `vpermps` table, FMA in "
+        "float32 (equal to the reference up to summation order). Much slower than int8 (FMA "
+        "does 16 MACs an instruction, `vpdpbusd` 64).",
+        "- Runtime dispatch: AVX-512 (F/BW/VL/DQ/VNNI) -> AVX2 -> portable C, per-function "
+        "target attributes in one library; 2 threads by default (torch.get_num_threads()), a "
+        "pthread pool splitting the output rows, the caller never waiting for a helper that "
+        "has not started (robust on a loaded machine).",
+        "- Packed layers (lowbit.packed) pick the mode per layer: int8 where the layer was "
+        "trained with absmax8 inputs (exact), fp32 otherwise; see docs/results/end_to_end.md "
+        "for what int8 activations do to a weight-only-trained model.",
         "",
         "## Targets",
         "",

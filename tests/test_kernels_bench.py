@@ -1,0 +1,77 @@
+"""The kernel benchmark harness (not its timings): shape list parsing, rows, ratios, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lowbit import cli
+from lowbit.kernels import bench
+
+CSV = """# a comment
+name,kind,out_features,in_features,c_in,h,w,kernel,padding,batches,threads
+tiny,linear,24,100,,,,,,1;3,all
+tinyconv,conv2d,8,18,2,6,5,3,1,2,1
+"""
+
+
+@pytest.fixture()
+def shapes(tmp_path: Path) -> Path:
+    p = tmp_path / "shapes.csv"
+    p.write_text(CSV)
+    return p
+
+
+def test_read_shapes(shapes: Path) -> None:
+    lin, conv = bench.read_shapes(shapes)
+    assert (lin.name, lin.kind, lin.out_features, lin.in_features, lin.batches) == (
+        "tiny",
+        "linear",
+        24,
+        100,
+        (1, 3),
+    )
+    assert (conv.c_in, conv.h, conv.w, conv.kernel, conv.padding, conv.threads) == (
+        2,
+        6,
+        5,
+        3,
+        1,
+        1,
+    )
+    with pytest.raises(FileNotFoundError, match="shape list"):
+        bench.read_shapes(shapes.parent / "missing.csv")
+
+
+def test_run_rows_and_ratios(shapes: Path, tmp_path: Path) -> None:
+    info, rows = bench.run(shapes, quick=True, stream=False, rounds=(0.0, 3, 3))
+    assert {"cpu", "torch", "date", "backend"} <= set(info)
+    # per (shape, batch): fp32 + bf16 + 3 levels x 2 activation modes
+    assert len(rows) == (2 + 1) * (2 + 3 * 2)
+    for r in rows:
+        base = next(
+            b
+            for b in rows
+            if (b["shape"], b["batch"], b["variant"]) == (r["shape"], r["batch"], "fp32")
+        )
+        assert r["speedup_vs_fp32"] == pytest.approx(
+            base["median_us"] / r["median_us"], rel=0.02, abs=0.01
+        )
+        macs = r["tokens"] * r["out_features"] * r["in_features"]
+        assert r["gmacs"] == pytest.approx(macs / r["median_us"] / 1e3, rel=0.02, abs=0.01)
+    conv = [r for r in rows if r["shape"] == "tinyconv"]
+    assert conv and all(r["tokens"] == 2 * 6 * 5 and r["threads"] == 1 for r in conv)
+    out = tmp_path / "r.csv"
+    bench.write_csv(out, info, rows)
+    text = out.read_text()
+    assert text.startswith("# cpu: ") and "speedup_vs_bf16" in text
+    assert "| tiny | 1 | cache | L3-int8 |" in bench.markdown(info, rows)
+
+
+def test_cli_json(shapes: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "kernels", "--quick", "--shapes", str(shapes), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] and out["machine"]["backend"]
+    assert cli.main(["bench", "kernels", "--shapes", str(shapes.parent / "nope.csv")]) == 2
