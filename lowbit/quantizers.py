@@ -247,18 +247,47 @@ class AbsMax8:
         return (codes.to(scale.dtype) - 127) / scale
 
 
-# Default spread lambda for `nlevel` per level count, from the sweep in
-# benchmarks/lambda_sweep.py (docs/results/lambda-sweep.md). Counts not listed use the rule below.
-DEFAULT_SPREAD: dict[int, float] = {3: 1.0}
+# Default spread lambda of `nlevel` per level count, measured by benchmarks/lambda_sweep.py
+# (docs/results/lambda-sweep.md: short QAT runs on Fashion-MNIST around the MSE-optimal lambda,
+# one smooth model fitted to all runs). N = 3 is fixed at 1 so that nlevel(3) == ternary.
+DEFAULT_SPREAD: dict[int, float] = {
+    2: 0.25,
+    3: 1.0,
+    4: 0.4,
+    5: 0.54,
+    8: 0.95,
+    9: 1.1,
+    16: 2.1,
+    17: 2.3,
+}
+
+
+def _outer_level(levels: int) -> float:
+    """R(N) = L / lambda: where the outermost level sits, in units of mean|w| (measured N)."""
+    return (levels - 1) / 2 / DEFAULT_SPREAD[levels]
 
 
 def default_spread(levels: int) -> float:
-    """lambda for ``levels``: the measured table where present, else ``(N - 1) / 2`` scaled so the
-    outermost level sits near 2.5 mean|w| (a Gaussian's ~99% range, where the sweep's optimum lies).
+    """lambda for ``levels``: the measured table where present; otherwise from the position of
+    the outermost level, ``R(N) = L / lambda`` in units of mean|w| (the sweep found R ~ 3.5-3.75
+    for every measured N >= 4), so ``lambda = L / R(N)`` with
+
+    * 4 < N < 17: R interpolated linearly in log2 N between the measured neighbours;
+    * N > 17: ``R(17) * sqrt(ln N / ln 17)``, the growth of the optimal clipping range of a
+      Gaussian's tail (R(256) ~ 4.9 mean|w| ~ 3.9 sigma).
     """
     if levels in DEFAULT_SPREAD:
         return DEFAULT_SPREAD[levels]
-    return max((levels - 1) / 2 / 2.5, 0.5)
+    half = (levels - 1) / 2
+    known = sorted(n for n in DEFAULT_SPREAD if n >= 4)  # N = 2, 3 are not on the smooth trend
+    if levels > known[-1]:
+        r = _outer_level(known[-1]) * math.sqrt(math.log(levels) / math.log(known[-1]))
+        return half / r
+    hi = next(n for n in known if n > levels)
+    lo = max(n for n in known if n < levels)
+    t = (math.log2(levels) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+    r = (1 - t) * _outer_level(lo) + t * _outer_level(hi)
+    return half / r
 
 
 def _sign(levels: int = 2, center: bool = True, **kw: Any) -> Quantizer:
