@@ -6,6 +6,7 @@ rescale); fp32 activations agree within float32 summation error.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import pytest
@@ -202,3 +203,25 @@ def test_missing_library_falls_back_with_one_warning(monkeypatch: pytest.MonkeyP
     finally:
         monkeypatch.delenv("LOWBIT_KERNELS_LIB")
         native.reset()
+
+
+@needs_native
+def test_concurrent_callers_and_empty_inputs() -> None:
+    codes, scale, bias, x = _case(3, 7, 300, 500, seed=11)
+    w = kernels.prepare(codes, scale, 3)
+    want = reference.linear(x, codes, scale, 3, bias, "int8")
+    bad: list[int] = []
+
+    def work() -> None:  # the thread pool runs one job at a time; others run serially
+        bad.extend(
+            i for i in range(30) if not torch.equal(kernels.linear(x, w, bias, "int8"), want)
+        )
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+    assert kernels.linear(torch.zeros(0, 500), w, bias, "int8").shape == (0, 300)
+    assert kernels.linear(torch.zeros(2, 0, 500), w, None, "fp32").shape == (2, 0, 300)
