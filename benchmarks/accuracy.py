@@ -26,18 +26,24 @@ import environment  # noqa: E402
 
 from lowbit import data, models, train  # noqa: E402
 
-# name -> (layer, levels, bits, target: max points below fp32, None for fp32 itself)
+# name -> (layer, levels, options, bits, target: max points below fp32, None for fp32 itself)
 KINDS = {
-    "fp32": ("linear", None, "32", None),
-    "ternary": ("ternary", None, "1.58", 1.0),
-    "nlevel5": ("nlevel", 5, "2.32", 0.7),
-    "sign": ("sign", None, "1", 2.0),
+    "fp32": ("linear", None, {}, "32", None),
+    "ternary": ("ternary", None, {}, "1.58", 1.0),
+    "nlevel5": ("nlevel", 5, {}, "2.32", 0.7),
+    "sign": ("sign", None, {}, "1", 2.0),
+    # Not the layer defaults: a per-output-channel scale, measured to see what it buys.
+    "ternary-ch": ("ternary", None, {"granularity": "channel"}, "1.58", 1.0),
+    "nlevel5-ch": ("nlevel", 5, {"granularity": "channel"}, "2.32", 0.7),
+    # Three levels with the spread the lambda sweep prefers (not ternary's fixed lambda = 1).
+    "nlevel3-0.46": ("nlevel", 3, {"spread": 0.46}, "1.58", 1.0),
 }
+DEFAULT_KINDS = ["fp32", "ternary", "nlevel5", "sign", "ternary-ch"]
 FP32_TARGET = 0.880
 
 
 def run_one(dataset, kind: str, seed: int, args) -> dict:
-    layer, levels, _, _ = KINDS[kind]
+    layer, levels, options, _, _ = KINDS[kind]
     torch.manual_seed(seed)
     model = models.get(
         "mlp",
@@ -48,6 +54,7 @@ def run_one(dataset, kind: str, seed: int, args) -> dict:
         input_shape=dataset.input_shape,
         classes=dataset.classes,
         init=args.init,
+        **options,
     )
     cfg = train.TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, seed=seed, threads=args.threads
@@ -64,7 +71,7 @@ def run_one(dataset, kind: str, seed: int, args) -> dict:
     }
 
 
-def report(runs: list[dict], args, info: dict, finished_load: str) -> str:
+def report(runs: list[dict], args, envs: list[dict]) -> str:
     by_kind = {k: [r for r in runs if r["kind"] == k] for k in args.kinds}
     mean = {k: statistics.mean(r["test_acc"] for r in v) for k, v in by_kind.items()}
     lines = [
@@ -75,8 +82,7 @@ def report(runs: list[dict], args, info: dict, finished_load: str) -> str:
         f"seeds {' '.join(map(str, args.seeds))}, Adam lr 1e-3 betas (0.9, 0.999), "
         "cross-entropy, normalised inputs, every layer quantized incl. first and head, ReLU).",
         "",
-        environment.markdown(info) + f"- load average at end: {finished_load}",
-        "",
+        *[environment.markdown(env) for env in envs],
         "The machine is shared by several engineers running their own jobs; this affects wall "
         "time only, not the numbers below (training is deterministic per seed on CPU).",
         "",
@@ -84,7 +90,7 @@ def report(runs: list[dict], args, info: dict, finished_load: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for kind, rs in by_kind.items():
-        _, _, bits, target = KINDS[kind]
+        _, _, _, bits, target = KINDS[kind]
         accs = [100 * r["test_acc"] for r in rs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         per_seed = ", ".join(f"{a:.2f}" for a in accs)
@@ -119,7 +125,7 @@ def report(runs: list[dict], args, info: dict, finished_load: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, choices=list(KINDS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
@@ -127,23 +133,46 @@ def main() -> int:
     p.add_argument("--init", choices=("torch", "glorot"), default="torch")
     p.add_argument("--data-dir")
     p.add_argument("--out", default="docs/results/accuracy")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="JSON",
+        help="report the runs saved by earlier invocations (same protocol) instead of training",
+    )
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    info = environment.describe()
-    dataset = data.load("fashion-mnist", args.data_dir)
-    runs = []
-    for seed in args.seeds:  # seed-major: a partial run still covers every kind
-        for kind in args.kinds:
-            r = run_one(dataset, kind, seed, args)
-            runs.append(r)
-            acc, wall = 100 * r["test_acc"], r["wall_s"]
-            print(f"{kind:8s} seed {seed}: test acc {acc:.2f}%  ({wall:.0f} s)", flush=True)
-    text = report(runs, args, info, environment.load())
+    if args.from_json:
+        runs, envs = [], []
+        for path in args.from_json:
+            saved = json.loads(Path(path).read_text())
+            for key in ("batch_size", "epochs", "threads"):
+                if saved["config"][key] != getattr(args, key):
+                    raise SystemExit(
+                        f"{path}: {key}={saved['config'][key]}, not {getattr(args, key)}"
+                    )
+            if saved["config"].get("init", "torch") != args.init:
+                raise SystemExit(f"{path}: init differs")
+            runs += [r for r in saved["runs"] if r["seed"] in args.seeds]
+            envs += saved.get("environments") or [saved["environment"]]
+        present = {r["kind"] for r in runs}
+        args.kinds = [k for k in KINDS if k in present]
+    else:
+        torch.set_num_threads(args.threads)
+        envs = [environment.describe()]
+        dataset = data.load("fashion-mnist", args.data_dir)
+        runs = []
+        for seed in args.seeds:  # seed-major: a partial run still covers every kind
+            for kind in args.kinds:
+                r = run_one(dataset, kind, seed, args)
+                runs.append(r)
+                acc, wall = 100 * r["test_acc"], r["wall_s"]
+                print(f"{kind:8s} seed {seed}: test acc {acc:.2f}%  ({wall:.0f} s)", flush=True)
+        envs[0]["load average at end"] = environment.load()
+    text = report(runs, args, envs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(
-        json.dumps({"config": vars(args), "environment": info, "runs": runs}, indent=1) + "\n"
+        json.dumps({"config": vars(args), "environments": envs, "runs": runs}, indent=1) + "\n"
     )
     print(text)
     return 0
