@@ -6,9 +6,10 @@ called with raw tensor data pointers. ``load()`` returns None (with the reason i
 where it was not built or cannot be loaded; ``lowbit.kernels`` then falls back to the reference.
 
 Compute layout (see the C file's header for the drawing): each code sits in a lane of ``bits``
-bits (1 for N = 2, 2 for N <= 4, 4 for N <= 16, 8 for N = 17), K is zero-padded to ``kp``, a
-multiple of the 64-byte group (512 / bits codes), and the weight is a (N_out, kp * bits / 8)
-uint8 tensor.
+bits (1 for N = 2, 2 for N <= 4, 4 for N <= 16), K is zero-padded to ``kp``, a multiple of the
+64-byte group (512 / bits codes), and the weight is a (N_out, kp * bits / 8) uint8 tensor.
+N = 17 has ``bits = 5``: per row, the B = 4 row of the low nibbles (kp / 2 bytes), then the
+B = 1 row of the high bits (kp / 8 bytes), kp a multiple of 512.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import torch
 
 ISAS = ("portable", "avx2", "avx512")
+ABI_VERSION = 2  # lb_version() of the C library this binding matches (layout, signatures)
 MAX_LEVELS = 17
 
 _lib: ctypes.CDLL | None = None
@@ -65,8 +67,10 @@ def load() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(path)
         _declare(lib)
-        if lib.lb_version() != 1:
-            raise OSError(f"unexpected kernel library version {lib.lb_version()}")
+        if lib.lb_version() != ABI_VERSION:
+            raise OSError(
+                f"version {lib.lb_version()}, expected {ABI_VERSION} (rebuild: pip install -e .)"
+            )
     except (OSError, AttributeError) as exc:
         _error = f"the compiled kernel library {path} cannot be loaded: {exc}"
         return None
@@ -98,12 +102,12 @@ def bits_for(levels: int) -> int | None:
     if 5 <= levels <= 16:
         return 4
     if levels == MAX_LEVELS:
-        return 8
+        return 5
     return None
 
 
 def padded_k(k: int, bits: int) -> int:
-    group = 512 // bits
+    group = 512 if bits == 5 else 512 // bits
     return max(group, -(-k // group) * group)
 
 
@@ -122,6 +126,10 @@ def pack(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
 def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of ``pack``: (N_out, kp * bits / 8) uint8 -> codes (N_out, K) uint8."""
     n, rowbytes = packed.shape
+    if bits == 5:
+        kp = rowbytes * 8 // 5
+        lo = unpack(packed[:, : kp // 2], 4, k)
+        return lo | (unpack(packed[:, kp // 2 :], 1, k) << 4)
     groups = packed.reshape(n, rowbytes // 64, 1, 64)  # (n, g, 1, i)
     shifts = (torch.arange(8 // bits, dtype=torch.uint8) * bits).reshape(1, 1, -1, 1)
     codes = (groups >> shifts) & ((1 << bits) - 1)  # (n, g, j, i): k = g*G + j*64 + i

@@ -7,10 +7,10 @@
  * ---------------------------------------------------------------------------------------------
  * Compute layout (built once by lb_pack; the storage codec of the .lowbit file is another one)
  * ---------------------------------------------------------------------------------------------
- * Every code c (0..N-1) is held in a lane of B bits, B = 1 (N = 2), 2 (N <= 4), 4 (N <= 16) or
- * 8 (N = 17; larger N are not handled here). K is zero-padded to Kp, a multiple of the group
- * size G = 512 / B codes = 64 bytes. Row n occupies Kp * B / 8 bytes; group g of row n is the
- * 64 bytes at offset g * 64, and holds codes k = g*G + j*64 + i (j = 0..8/B-1, i = 0..63):
+ * Every code c (0..N-1) is held in a lane of B bits, B = 1 (N = 2), 2 (N <= 4) or 4 (N <= 16).
+ * K is zero-padded to Kp, a multiple of the group size G = 512 / B codes = 64 bytes. Row n
+ * occupies Kp * B / 8 bytes; group g of a row is the 64 bytes at offset g * 64, and holds codes
+ * k = g*G + j*64 + i (j = 0..8/B-1, i = 0..63):
  *
  * byte i of the group, bits [j*B, (j+1)*B), holds code k = g*G + j*64 + i:
  *
@@ -20,6 +20,10 @@
  * so one 64-byte load yields 8/B vectors of 64 consecutive codes, each with one 16-bit shift and
  * one byte mask: u_j = (p >> j*B) & (2^B - 1). (A masked-move layout for B = 1, bits -> bytes
  * through a k-register, and a GF2P8AFFINE bit select measured slower on Zen 4.)
+ *
+ * N = 17 ("B = 5", 5 bits a weight): c = lo + 16 hi, the row is a B = 4 row of the low nibbles
+ * (Kp / 2 bytes) followed by a B = 1 row of the high bits (Kp / 8 bytes), Kp a multiple of 512;
+ * dot products are taken on both parts and combined, dot = dot_lo + 16 dot_hi.
  *
  * ---------------------------------------------------------------------------------------------
  * int8 activations (exact integer arithmetic, the reference's activations="int8")
@@ -33,7 +37,7 @@
  * The codes are unsigned, so they are vpdpbusd's u8 operand and the signed activations its s8
  * operand; the "offset" (N-1)/2 that makes the levels signed is applied once per output through
  * the token sum of q (the second line), not per multiply. No product can saturate: |c * q| <=
- * 16 * 127 and the AVX2 path's pairwise int16 sums stay below 2 * 16 * 127 = 4064.
+ * 15 * 127 and the AVX2 path's pairwise int16 sums stay below 2 * 15 * 127 = 3810.
  *
  * fp32 activations: y[t,n] = s[n] * sum_k x[t,k] * (c[n,k] - (N-1)/2) + b[n], float32 sums.
  *
@@ -60,7 +64,7 @@
 enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { ROWS = 8 }; /* rows per thread work item */
 
-LB_EXPORT int lb_version(void) { return 1; }
+LB_EXPORT int lb_version(void) { return 2; }
 
 LB_EXPORT int lb_isa(void) {
     __builtin_cpu_init();
@@ -195,7 +199,7 @@ static void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthr
 
 LB_EXPORT int lb_max_threads(void) { return (int)sysconf(_SC_NPROCESSORS_ONLN); }
 
-static int64_t group_codes(int bits) { return 512 / bits; }
+static int64_t group_codes(int lanes) { return 512 / lanes; }
 
 /* ---------------------------------------------------------------------------------------- */
 /* Packing: codes (n, k) uint8 -> compute layout (n, kp * bits / 8) bytes                   */
@@ -203,14 +207,23 @@ static int64_t group_codes(int bits) { return 512 / bits; }
 
 LB_EXPORT void lb_pack(const uint8_t *codes, int64_t n, int64_t k, int bits, int64_t kp,
                        uint8_t *out) {
-    const int64_t rowbytes = kp * bits / 8, gc = group_codes(bits);
+    const int64_t rowbytes = kp * bits / 8;
     memset(out, 0, (size_t)(n * rowbytes));
     for (int64_t r = 0; r < n; r++) {
         const uint8_t *c = codes + r * k;
         uint8_t *o = out + r * rowbytes;
+        const int lanes = bits == 5 ? 4 : bits; /* B = 5: nibbles first, then the high bits */
+        const int64_t gc = group_codes(lanes);
         for (int64_t i = 0; i < k; i++) {
             const int64_t g = i / gc, rem = i % gc, j = rem >> 6, b = rem & 63;
-            o[g * 64 + b] |= (uint8_t)(c[i] << (j * bits));
+            o[g * 64 + b] |= (uint8_t)((c[i] & 15) << (j * lanes));
+        }
+        if (bits == 5) {
+            uint8_t *h = o + kp / 2;
+            for (int64_t i = 0; i < k; i++) {
+                const int64_t g = i / 512, rem = i % 512, j = rem >> 6, b = rem & 63;
+                h[g * 64 + b] |= (uint8_t)((c[i] >> 4) << j);
+            }
         }
     }
 }
@@ -333,7 +346,7 @@ LB_INLINE T512 void dots_512(const uint8_t *w, int64_t rowbytes, const int8_t *q
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
-    const __m512i lanemask = _mm512_set1_epi8((char)((1 << (bits & 7)) - 1));
+    const __m512i lanemask = _mm512_set1_epi8((char)((1 << bits) - 1));
     const int sub = 8 / bits;
     for (int64_t g = 0; g < ngroups; g++) {
         const uint8_t *wg = w + g * 64;
@@ -348,13 +361,8 @@ LB_INLINE T512 void dots_512(const uint8_t *w, int64_t rowbytes, const int8_t *q
             for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_si512(qg + t * kp + j * 64);
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
-                __m512i u;
-                if (bits == 8) {
-                    u = p[r];
-                } else {
-                    u = _mm512_and_si512(p[r], lanemask);
-                    p[r] = _mm512_srli_epi16(p[r], bits); /* 16-bit shift: the mask drops spill */
-                }
+                const __m512i u = _mm512_and_si512(p[r], lanemask);
+                p[r] = _mm512_srli_epi16(p[r], bits); /* 16-bit shift: the mask drops spill */
 #pragma GCC unroll 4
                 for (int t = 0; t < T; t++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u, xv[t]);
             }
@@ -377,7 +385,6 @@ LB_INLINE T512 void dots_512(const uint8_t *w, int64_t rowbytes, const int8_t *q
 DEF_DOTS_512(1)
 DEF_DOTS_512(2)
 DEF_DOTS_512(4)
-DEF_DOTS_512(8)
 
 /* ---------------------------------------------------------------------------------------- */
 /* int8 x packed dot products, generic C (compiled for AVX2 and for the baseline ISA)         */
@@ -410,39 +417,51 @@ DEF_DOTS_GENERIC(dots_portable, )
 typedef void (*dots_fn)(const uint8_t *, int64_t, const int8_t *, int64_t, int64_t, int, int,
                         int32_t *);
 
-static void dots_dispatch(int isa, const uint8_t *w, int64_t rb, const int8_t *q, int64_t kp,
-                          int64_t ng, int bits, int R, int T, int32_t *out) {
+static void dots_lanes(int isa, const uint8_t *w, int64_t rb, const int8_t *q, int64_t kp,
+                       int lanes, int R, int T, int32_t *out) {
+    const int64_t ng = kp * lanes / 512;
     if (isa == ISA_AVX512) {
-        switch (bits) {
+        switch (lanes) {
         case 1: dots_512_b1(w, rb, q, kp, ng, R, T, out); return;
         case 2: dots_512_b2(w, rb, q, kp, ng, R, T, out); return;
-        case 4: dots_512_b4(w, rb, q, kp, ng, R, T, out); return;
-        default: dots_512_b8(w, rb, q, kp, ng, R, T, out); return;
+        default: dots_512_b4(w, rb, q, kp, ng, R, T, out); return;
         }
     }
     if (isa == ISA_AVX2)
-        dots_avx2(w, rb, q, kp, ng, bits, R, T, out);
+        dots_avx2(w, rb, q, kp, ng, lanes, R, T, out);
     else
-        dots_portable(w, rb, q, kp, ng, bits, R, T, out);
+        dots_portable(w, rb, q, kp, ng, lanes, R, T, out);
+}
+
+static void dots_dispatch(int isa, const uint8_t *w, int64_t rb, const int8_t *q, int64_t kp,
+                          int bits, int R, int T, int32_t *out) {
+    if (bits != 5) {
+        dots_lanes(isa, w, rb, q, kp, bits, R, T, out);
+        return;
+    }
+    int32_t hi[32];
+    dots_lanes(isa, w, rb, q, kp, 4, R, T, out);
+    dots_lanes(isa, w + kp / 2, rb, q, kp, 1, R, T, hi);
+    for (int i = 0; i < R * T; i++) out[i] += 16 * hi[i];
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* fp32 activations, AVX-512: codes -> float levels through a 16/32-entry table (vpermps)      */
+/* fp32 activations, AVX-512: codes -> float levels through a 16-entry table (vpermps)         */
 /* ---------------------------------------------------------------------------------------- */
 
 /* out[r*T + t] = sum_k (c[r,k] - (N-1)/2) * x[t,k] for R rows and T tokens. Sixteen codes are
  * zero-extended to dwords (vpmovzxbd), shifted so their lane is in the low bits, and looked up
- * in `lut` (lut[i] = level of i mod 2^B, so the bits of the neighbouring lanes above are ignored
- * by vpermps, which reads only 4 index bits); B = 8 (N = 17) uses the two-table vpermt2ps. */
+ * in `table` (table[i] = value of code i mod 2^B, so the bits of the neighbouring lanes above are
+ * ignored by vpermps, which reads only 4 index bits). */
 LB_INLINE T512 void f32tile_512(const uint8_t *w, int64_t rowbytes, const float *x, int64_t kp,
-                                int64_t ngroups, const int bits, const float *lut, const int R,
+                                int64_t ngroups, const int bits, const float *table, const int R,
                                 const int T, float *out) {
     __m512 acc[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    const __m512 lut0 = _mm512_loadu_ps(lut), lut1 = _mm512_loadu_ps(lut + 16);
+    const __m512 lut = _mm512_loadu_ps(table);
     const int sub = 8 / bits;
     for (int64_t g = 0; g < ngroups; g++) {
         const uint8_t *wg = w + g * 64;
@@ -458,13 +477,8 @@ LB_INLINE T512 void f32tile_512(const uint8_t *w, int64_t rowbytes, const float 
                 for (int r = 0; r < R; r++) {
                     __m512i idx = _mm512_cvtepu8_epi32(
                         _mm_loadu_si128((const __m128i *)(wg + r * rowbytes + qq * 16)));
-                    __m512 lev;
-                    if (bits == 8) {
-                        lev = _mm512_permutex2var_ps(lut0, idx, lut1);
-                    } else {
-                        idx = _mm512_srlv_epi32(idx, shift);
-                        lev = _mm512_permutexvar_ps(idx, lut0);
-                    }
+                    if (j) idx = _mm512_srlv_epi32(idx, shift);
+                    const __m512 lev = _mm512_permutexvar_ps(idx, lut);
 #pragma GCC unroll 4
                     for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(lev, xv[t], acc[r][t]);
                 }
@@ -488,13 +502,13 @@ LB_INLINE T512 void f32tile_512(const uint8_t *w, int64_t rowbytes, const float 
 DEF_F32_512(1)
 DEF_F32_512(2)
 DEF_F32_512(4)
-DEF_F32_512(8)
 
 /* fp32 generic C: each row's group is decoded to float levels (c - (N-1)/2, exact), then dotted
  * with every token in float32 (the compiler vectorises the omp simd reduction). */
 #define DEF_F32(NAME, ATTR)                                                                      \
     ATTR static void NAME(const uint8_t *w, int64_t rowbytes, const float *x, int64_t kp,        \
-                          int64_t ngroups, int bits, float half, int R, int T, float *out) {     \
+                          int64_t ngroups, int bits, float mul, float half, int R, int T,        \
+                          float *out) {                                                          \
         uint8_t dec[512];                                                                        \
         float lev[512];                                                                          \
         const int gc = 512 / bits;                                                               \
@@ -502,7 +516,7 @@ DEF_F32_512(8)
         for (int64_t g = 0; g < ngroups; g++) {                                                  \
             for (int r = 0; r < R; r++) {                                                        \
                 decode_group(w + r * rowbytes + g * 64, bits, dec);                              \
-                for (int i = 0; i < gc; i++) lev[i] = (float)dec[i] - half;                      \
+                for (int i = 0; i < gc; i++) lev[i] = (float)dec[i] * mul - half;                \
                 for (int t = 0; t < T; t++) {                                                    \
                     const float *xg = x + t * kp + g * gc;                                       \
                     float s = 0.0f;                                                              \
@@ -522,7 +536,7 @@ DEF_F32(f32_portable, )
 
 typedef struct {
     int isa, bits, levels, per_channel;
-    int64_t m, n, k, kp, rowbytes, ngroups, rows_per_chunk;
+    int64_t m, n, k, kp, rowbytes, rows_per_chunk;
     const uint8_t *w;
     const float *scale, *bias;
     float *y;
@@ -530,7 +544,7 @@ typedef struct {
     const float *a;
     const int32_t *sq;
     const float *xp; /* fp32: zero-padded tokens (m, kp), level table */
-    const float *lut;
+    const float *lut, *lut_hi;
     float half;
 } lin_job;
 
@@ -542,7 +556,7 @@ static void *xalloc(size_t bytes) {
 
 static void i8_chunk(const void *ctx, int64_t chunk) {
     const lin_job *j = ctx;
-    const int64_t rb = j->rowbytes, kp = j->kp, ng = j->ngroups, n = j->n, m = j->m;
+    const int64_t rb = j->rowbytes, kp = j->kp, n = j->n, m = j->m;
     const int64_t rend = (chunk + 1) * j->rows_per_chunk < n ? (chunk + 1) * j->rows_per_chunk : n;
     for (int64_t r0 = chunk * j->rows_per_chunk; r0 < rend; r0 += ROWS) {
         const int64_t nr = rend - r0 < ROWS ? rend - r0 : ROWS;
@@ -553,13 +567,13 @@ static void i8_chunk(const void *ctx, int64_t chunk) {
             nt = m - t0 >= 4 ? 4 : 1; /* 4-token tiles, then single tokens */
             const int8_t *qt = j->q + t0 * kp;
             if (nr == ROWS && nt == 1) {
-                dots_dispatch(j->isa, w, rb, qt, kp, ng, j->bits, 8, 1, dots);
+                dots_dispatch(j->isa, w, rb, qt, kp, j->bits, 8, 1, dots);
             } else if (nr == ROWS) {
-                dots_dispatch(j->isa, w, rb, qt, kp, ng, j->bits, 4, 4, dots);
-                dots_dispatch(j->isa, w + 4 * rb, rb, qt, kp, ng, j->bits, 4, 4, dots + 16);
+                dots_dispatch(j->isa, w, rb, qt, kp, j->bits, 4, 4, dots);
+                dots_dispatch(j->isa, w + 4 * rb, rb, qt, kp, j->bits, 4, 4, dots + 16);
             } else {
                 for (int r = 0; r < nr; r++)
-                    dots_dispatch(j->isa, w + r * rb, rb, qt, kp, ng, j->bits, 1, nt, dots + r * nt);
+                    dots_dispatch(j->isa, w + r * rb, rb, qt, kp, j->bits, 1, nt, dots + r * nt);
             }
             for (int r = 0; r < nr; r++) {
                 const int64_t row = r0 + r;
@@ -574,20 +588,32 @@ static void i8_chunk(const void *ctx, int64_t chunk) {
     }
 }
 
-static void f32_tile(const lin_job *j, const uint8_t *w, const float *xt, int R, int T, float *acc) {
-    const int64_t rb = j->rowbytes, kp = j->kp, ng = j->ngroups;
+/* One tile over a lane layout: table (AVX-512) or value = code * mul - half (generic). */
+static void f32_lanes(const lin_job *j, const uint8_t *w, const float *xt, int lanes,
+                      const float *table, float mul, float half, int R, int T, float *acc) {
+    const int64_t rb = j->rowbytes, kp = j->kp, ng = kp * lanes / 512;
     if (j->isa == ISA_AVX512) {
-        switch (j->bits) {
-        case 1: f32_512_b1(w, rb, xt, kp, ng, j->lut, R, T, acc); return;
-        case 2: f32_512_b2(w, rb, xt, kp, ng, j->lut, R, T, acc); return;
-        case 4: f32_512_b4(w, rb, xt, kp, ng, j->lut, R, T, acc); return;
-        default: f32_512_b8(w, rb, xt, kp, ng, j->lut, R, T, acc); return;
+        switch (lanes) {
+        case 1: f32_512_b1(w, rb, xt, kp, ng, table, R, T, acc); return;
+        case 2: f32_512_b2(w, rb, xt, kp, ng, table, R, T, acc); return;
+        default: f32_512_b4(w, rb, xt, kp, ng, table, R, T, acc); return;
         }
     }
     if (j->isa == ISA_AVX2)
-        f32_avx2(w, rb, xt, kp, ng, j->bits, j->half, R, T, acc);
+        f32_avx2(w, rb, xt, kp, ng, lanes, mul, half, R, T, acc);
     else
-        f32_portable(w, rb, xt, kp, ng, j->bits, j->half, R, T, acc);
+        f32_portable(w, rb, xt, kp, ng, lanes, mul, half, R, T, acc);
+}
+
+static void f32_tile(const lin_job *j, const uint8_t *w, const float *xt, int R, int T, float *acc) {
+    if (j->bits != 5) {
+        f32_lanes(j, w, xt, j->bits, j->lut, 1.0f, j->half, R, T, acc);
+        return;
+    }
+    float hi[16];
+    f32_lanes(j, w, xt, 4, j->lut, 1.0f, j->half, R, T, acc);         /* lo - (N-1)/2 */
+    f32_lanes(j, w + j->kp / 2, xt, 1, j->lut_hi, 16.0f, 0.0f, R, T, hi); /* 16 hi */
+    for (int i = 0; i < R * T; i++) acc[i] += hi[i];
 }
 
 static void f32_chunk(const void *ctx, int64_t chunk) {
@@ -626,7 +652,7 @@ static lin_job make_job(int isa, int64_t m, int64_t k, const uint8_t *w, int64_t
     memset(&j, 0, sizeof j);
     j.isa = isa, j.bits = bits, j.levels = levels, j.per_channel = per_channel;
     j.m = m, j.n = n, j.k = k, j.kp = kp, j.w = w, j.scale = scale, j.bias = bias, j.y = y;
-    j.rowbytes = kp * bits / 8, j.ngroups = j.rowbytes / 64;
+    j.rowbytes = kp * bits / 8;
     if ((double)m * (double)n * (double)k < 2.0e5 || n < 2 * ROWS) *nthreads = 1;
     /* about 4 chunks a thread, whole 8-row blocks */
     const int64_t nblocks = (n + ROWS - 1) / ROWS;
@@ -659,16 +685,19 @@ LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const
                             int per_channel, const float *bias, float *y, int nthreads) {
     lin_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
     float *xp = xalloc((size_t)(m * kp) * sizeof(float));
-    float lut[32];
+    float lut[16], lut_hi[16];
     if (!xp) return -1;
     for (int64_t t = 0; t < m; t++) {
         memcpy(xp + t * kp, x + t * k, (size_t)k * sizeof(float));
         memset(xp + t * kp + k, 0, (size_t)(kp - k) * sizeof(float));
     }
     j.half = (float)(levels - 1) / 2.0f;
-    const int lanemask = bits == 8 ? 31 : (1 << bits) - 1;
-    for (int i = 0; i < 32; i++) lut[i] = (float)(i & lanemask) - j.half; /* exact */
-    j.xp = xp, j.lut = lut;
+    const int lanemask = bits == 5 ? 15 : (1 << bits) - 1;
+    for (int i = 0; i < 16; i++) {
+        lut[i] = (float)(i & lanemask) - j.half; /* exact */
+        lut_hi[i] = (float)(16 * (i & 1));
+    }
+    j.xp = xp, j.lut = lut, j.lut_hi = lut_hi;
     parallel_for(f32_chunk, &j, (n + j.rows_per_chunk - 1) / j.rows_per_chunk, nthreads);
     free(xp);
     return 0;
