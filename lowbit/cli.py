@@ -292,6 +292,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="the spec's [quick] variant")
     p.add_argument("--workers", type=int, help="parallel cells (default: the core count)")
     p.add_argument("--backend", choices=("local", "ray"), default="local", help="executor")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores/workers)")
     p.add_argument("--data-dir", help="a folder to search first for datasets")
     p.add_argument("--export", choices=("csv",), help="also write DIR/*.csv when done")
     p.add_argument("--dry-run", action="store_true", help="validate and list cells; run nothing")
@@ -320,6 +321,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         backend=args.backend,
         data_dir=args.data_dir,
         quick=args.quick,
+        threads=args.threads,
     )
     files = []
     if args.export == "csv":

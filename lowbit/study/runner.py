@@ -355,8 +355,13 @@ def run(
     data_dir: str | None = None,
     progress: bool | None = None,
     quick: bool = False,
+    threads: int | None = None,
 ) -> StudyResult:
-    """Run every unfinished cell of ``spec``; results go to ``out_dir/results.sqlite``."""
+    """Run every unfinished cell of ``spec``; results go to ``out_dir/results.sqlite``.
+
+    ``threads``: torch threads per worker (default ``max(1, cores // workers)``). On a machine
+    other jobs share, 1 avoids threads spinning at barriers while their siblings are descheduled.
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     cores = os.cpu_count() or 1
@@ -390,7 +395,10 @@ def run(
         todo = sorted(
             (c for c in cells if status.get(c.id) not in DONE), key=lambda c: c.config["seed"]
         )
-        threads = max(1, cores // min(workers, max(1, len(todo))))
+        if threads is None:
+            threads = max(1, cores // min(workers, max(1, len(todo))))
+        elif threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
         tasks = [
             {
                 "id": c.id,

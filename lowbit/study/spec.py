@@ -274,6 +274,11 @@ def parse(doc: dict[str, Any], *, quick: bool = False, source: str = "") -> Spec
     claims = study.get("claims", [])
     if not all(isinstance(c, str) for c in claims):
         raise ConfigError("study.claims: expected a list of strings")
+    from lowbit.study.claims import CLAIMS  # here: claims imports numpy, specs need not
+
+    for c in claims:
+        if c not in CLAIMS:
+            raise ConfigError(f"study.claims: unknown claim {c!r}; known: {', '.join(CLAIMS)}")
     return Spec(
         name=study.get("name", Path(source).stem if source else "study"),
         title=study.get("title", ""),
