@@ -87,10 +87,19 @@ def _v_choice(*choices: Any) -> Callable[[Any], Any]:
     return check
 
 
-def _v_pair(v: Any) -> Any:
-    if isinstance(v, list) and len(v) == 2:
-        return tuple(_v_int()(x) for x in v)
-    return _v_int()(v)
+def _v_pair_from(lo: int) -> Callable[[Any], Any]:
+    """An int >= lo or a list of two such ints (kernel sizes, strides: lo=1; padding: lo=0)."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, list) and len(v) == 2:
+            return tuple(_v_int(lo, 1 << 16)(x) for x in v)
+        return _v_int(lo, 1 << 16)(v)
+
+    return check
+
+
+_v_pair = _v_pair_from(1)
+_v_pad = _v_pair_from(0)
 
 
 def _v_optional(inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -104,7 +113,7 @@ def _v_shape(v: Any) -> list[int]:
 
 
 def _v_padding(v: Any) -> Any:
-    return v if v in ("same", "valid") else _v_pair(v)
+    return v if v in ("same", "valid") else _v_pad(v)
 
 
 _SIZE, _COUNT, _BOOL = _v_int(1), _v_int(0), _v_bool
@@ -125,7 +134,7 @@ _CONV_ARGS = {
 _POOL_ARGS = {
     "kernel_size": _v_pair,
     "stride": _v_optional(_v_pair),
-    "padding": _v_pair,
+    "padding": _v_pad,
     "dilation": _v_pair,
     "ceil_mode": _BOOL,
 }
@@ -185,7 +194,7 @@ _TREE_TYPES: dict[str, tuple[type[nn.Module], dict[str, Callable[[Any], Any]]]] 
             "out_channels": _SIZE,
             "kernel_size": _v_pair,
             "stride": _v_pair,
-            "padding": _v_pair,
+            "padding": _v_pad,
             "dilation": _v_pair,
             **_PACKED_COMMON,
         },
@@ -261,7 +270,7 @@ def _build_node(node: Any, where: str, depth: int = 0) -> nn.Module:
     if not isinstance(node, dict) or not isinstance(node.get("args"), dict):
         raise FormatError(f"module {where!r}: a node must be an object with 'type' and 'args'")
     kind = node.get("type")
-    if kind not in _TREE_TYPES:
+    if not isinstance(kind, str) or kind not in _TREE_TYPES:
         raise FormatError(f"module {where!r}: type {kind!r} is not an allowed module type")
     cls, schema = _TREE_TYPES[kind]
     raw = dict(node["args"])
@@ -273,7 +282,7 @@ def _build_node(node: Any, where: str, depth: int = 0) -> nn.Module:
         if issubclass(cls, _Packed):
             args["source"] = _build_input(source_node, cls, args)
         module = cls(**args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
         raise FormatError(f"module {where!r} ({kind}): invalid arguments ({exc})") from exc
     if kind == "Sequential":
         children = node.get("children")
@@ -293,7 +302,11 @@ def _build_node(node: Any, where: str, depth: int = 0) -> nn.Module:
 def _build_input(node: Any, cls: type, args: dict[str, Any]) -> nn.Module | None:
     if node is None:
         return None
-    if not isinstance(node, dict) or node.get("type") not in _INPUT_TYPES:
+    if (
+        not isinstance(node, dict)
+        or not isinstance(node.get("type"), str)
+        or node["type"] not in _INPUT_TYPES
+    ):
         raise ValueError(f"input transform must be one of {', '.join(_INPUT_TYPES)}")
     src_cls, schema = _INPUT_TYPES[node["type"]]
     raw = node.get("args")
@@ -550,6 +563,20 @@ def _read_metadata(path: Path) -> tuple[dict[str, Any], dict[str, pack.Entry]]:
     return meta, entries
 
 
+_MAX_MODEL_INT = 1 << 16  # a bound on registry arguments (depth, width, ...) read from a file
+_LAYER_COUNTS = ("depth", "blocks")  # arguments that multiply the number of modules: <= 1024
+
+
+def _plain_arg(v: Any) -> bool:
+    """JSON scalars and short lists of them, integers at most ``_MAX_MODEL_INT`` (so a forged
+    file cannot ask for a model of a billion layers)."""
+    if isinstance(v, list):
+        return len(v) <= 8 and all(_plain_arg(x) and not isinstance(x, list) for x in v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return abs(v) <= _MAX_MODEL_INT
+    return v is None or isinstance(v, (bool, float, str))
+
+
 def _skeleton(path: Path, meta: dict[str, Any]) -> nn.Module:
     """The model on the meta device, its quantized layers replaced by packed skeletons."""
     desc, packed = meta["model"], meta["packed"]
@@ -560,9 +587,14 @@ def _skeleton(path: Path, meta: dict[str, Any]) -> nn.Module:
             name, kwargs = desc.get("name"), desc.get("kwargs")
             if not isinstance(name, str) or not isinstance(kwargs, dict):
                 raise _fail(path, "registry model needs a name and kwargs")
+            for key, value in kwargs.items():
+                if not _plain_arg(value) or (
+                    key in _LAYER_COUNTS and not (isinstance(value, int) and 0 <= value <= 1024)
+                ):
+                    raise _fail(path, f"model argument {key!r}: {value!r} is out of range")
             try:
                 model = models.get(name, **kwargs)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
                 raise _fail(path, f"cannot rebuild model {name!r}: {exc}") from exc
             for fqn, info in packed.items():
                 if not isinstance(info, dict):
@@ -625,6 +657,8 @@ def load(path: str | Path) -> nn.Module:
     for fqn, layer in layers.items():
         info = meta["packed"][fqn]
         name = f"{fqn}.codes" if fqn else "codes"
+        if not isinstance(info, dict):
+            raise _fail(path, f"tensor {name!r}: malformed packed-layer entry")
         shape = (
             layer.weight_shape
             if isinstance(layer, PackedConv2d)
