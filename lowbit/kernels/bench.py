@@ -172,7 +172,10 @@ def _variants(shape: Shape, batch: int, stream: bool, levels: tuple[int, ...], m
     return out, tokens
 
 
-def _time_round_robin(variants: dict, budget_s: float, min_rounds: int, max_rounds: int) -> dict:
+def _time_round_robin(
+    variants: dict, budget_s: float, min_rounds: int, max_rounds: int
+) -> tuple[dict[str, tuple[float, float]], int]:
+    """(median, min) seconds per variant over interleaved rounds, and the number of rounds."""
     for fn, _ in variants.values():  # warm-up, and a first estimate of the round time
         fn()
     t0 = time.perf_counter()
@@ -180,13 +183,13 @@ def _time_round_robin(variants: dict, budget_s: float, min_rounds: int, max_roun
         fn()
     per_round = time.perf_counter() - t0
     rounds = int(max(min_rounds, min(max_rounds, budget_s / max(per_round, 1e-9))))
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+    samples: dict[str, list[float]] = {name: [] for name in variants}  # seconds per call
     for _ in range(rounds):
         for name, (fn, _) in variants.items():
             t = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}, rounds
 
 
 def run(
@@ -221,12 +224,13 @@ def run(
                 torch.set_num_threads(threads)
                 try:
                     variants, tokens = _variants(shape, batch, regime == "stream", levels, modes)
-                    med = _time_round_robin(variants, budget, min_rounds, max_rounds)
+                    med, len_rounds = _time_round_robin(variants, budget, min_rounds, max_rounds)
                 finally:
                     torch.set_num_threads(default_threads)
                 macs = tokens * shape.out_features * shape.in_features
+                base32, base16 = med["fp32"], med["bf16"]
                 for name, (_, meta) in variants.items():
-                    t = med[name]
+                    t, tmin = med[name]
                     rows.append(
                         {
                             "shape": shape.name,
@@ -244,8 +248,13 @@ def run(
                             "median_us": round(t * 1e6, 2),
                             "weight_gbps": round(meta["packed_bytes"] / t / 1e9, 2),
                             "gmacs": round(macs / t / 1e9, 2),
-                            "speedup_vs_fp32": round(med["fp32"] / t, 2),
-                            "speedup_vs_bf16": round(med["bf16"] / t, 2),
+                            "speedup_vs_fp32": round(base32[0] / t, 2),
+                            "speedup_vs_bf16": round(base16[0] / t, 2),
+                            "min_us": round(tmin * 1e6, 2),
+                            "gmacs_min": round(macs / tmin / 1e9, 2),
+                            "speedup_vs_fp32_min": round(base32[1] / tmin, 2),
+                            "speedup_vs_bf16_min": round(base16[1] / tmin, 2),
+                            "rounds": len_rounds,
                         }
                     )
                 del variants
@@ -280,60 +289,44 @@ def _find(rows: list[dict], **match) -> dict | None:
 
 
 def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
-    """The issue's done-when ratios as (claim, measured, met) from this run's rows."""
+    """The issue's done-when ratios as (claim, measured, met) from this run's rows; "met" is
+    judged on the medians, the best-of-rounds figure is shown beside it."""
     out: list[tuple[str, str, bool | None]] = []
 
     def get(shape, batch, variant, regime="cache"):
         return _find(rows, shape=shape, batch=batch, variant=variant, regime=regime)
 
+    def ratio(r, key, bound):
+        return (f"{r[key]}x (best-of {r[key + '_min']}x)", r[key] >= bound)
+
     t = get("square-4096", 1, "L3-int8")
     if t:
-        out.append(
-            (
-                "ternary 4096x4096 b1 >= 10x fp32",
-                f"{t['speedup_vs_fp32']}x",
-                t["speedup_vs_fp32"] >= 10,
-            )
-        )
-        out.append(
-            (
-                "ternary 4096x4096 b1 >= 5x bf16",
-                f"{t['speedup_vs_bf16']}x",
-                t["speedup_vs_bf16"] >= 5,
-            )
-        )
+        out.append(("ternary 4096x4096 b1 >= 10x fp32", *ratio(t, "speedup_vs_fp32", 10)))
+        out.append(("ternary 4096x4096 b1 >= 5x bf16", *ratio(t, "speedup_vs_bf16", 5)))
     c = get("square-4096-1core", 1, "L3-int8")
     if c:
         out.append(
-            ("ternary >= 100 G MAC/s per core (cache)", f"{c['gmacs']} G/s", c["gmacs"] >= 100)
+            (
+                "ternary >= 100 G MAC/s per core (cache)",
+                f"{c['gmacs']} G/s (best-of {c['gmacs_min']})",
+                c["gmacs"] >= 100,
+            )
         )
     b = get("square-4096", 1, "L2-int8")
     if b and t:
         out.append(
             (
                 "binary at least as fast as ternary (b1)",
-                f"{b['median_us']} vs {t['median_us']} us",
+                f"{b['median_us']} vs {t['median_us']} us (best-of {b['min_us']} vs {t['min_us']})",
                 b["median_us"] <= t["median_us"] * 1.05,
             )
         )
     f = get("square-4096", 1, "L5-int8")
     if f:
-        out.append(
-            (
-                "5 levels 4096x4096 b1 >= 5x fp32",
-                f"{f['speedup_vs_fp32']}x",
-                f["speedup_vs_fp32"] >= 5,
-            )
-        )
+        out.append(("5 levels 4096x4096 b1 >= 5x fp32", *ratio(f, "speedup_vs_fp32", 5)))
     t32 = get("square-4096", 32, "L3-int8")
     if t32:
-        out.append(
-            (
-                "ternary 4096x4096 b32 >= 2x fp32",
-                f"{t32['speedup_vs_fp32']}x",
-                t32["speedup_vs_fp32"] >= 2,
-            )
-        )
+        out.append(("ternary 4096x4096 b32 >= 2x fp32", *ratio(t32, "speedup_vs_fp32", 2)))
     return out
 
 
@@ -346,7 +339,9 @@ def markdown(info: dict, rows: list[dict]) -> str:
         "Medians of interleaved round-robin calls (all variants of a shape and batch alternate, "
         "one call each per round), speed-ups over torch fp32 and bf16 measured in the same "
         "round-robin. The machine is shared with other jobs: the load average above shows the "
-        "contention, and single numbers can move by 20-50% between runs.",
+        "contention (with a load above the 2 cores, every process gets a fraction of a core and "
+        "medians measure the scheduler as much as the code); the best-of-rounds columns (the "
+        "fastest call of each variant, also interleaved) estimate the uncontended speed.",
         "",
         "## What runs",
         "",
@@ -379,12 +374,13 @@ def markdown(info: dict, rows: list[dict]) -> str:
     lines += ["", "## Results", "", "Variant L<levels>-<activations>; fp32 / bf16: torch.", ""]
     lines.append(
         "| shape | batch | regime | variant | median us | weight GB/s | G MAC/s "
-        "| vs fp32 | vs bf16 |"
+        "| vs fp32 | vs bf16 | best-of us | best-of vs fp32 |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['regime']} | {r['variant']} | {r['median_us']} | "
-            f"{r['weight_gbps']} | {r['gmacs']} | {r['speedup_vs_fp32']} | {r['speedup_vs_bf16']} |"
+            f"{r['weight_gbps']} | {r['gmacs']} | {r['speedup_vs_fp32']} | "
+            f"{r['speedup_vs_bf16']} | {r['min_us']} | {r['speedup_vs_fp32_min']} |"
         )
     return "\n".join(lines) + "\n"
