@@ -20,6 +20,7 @@ header, computed the way ``save`` builds it: exact), ``fp32_bytes`` the float32 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -142,6 +143,13 @@ def _macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     return counts
 
 
+def _file_layout(path: Path, default: str) -> str:
+    """The code layout a .lowbit file was written with (its first packed layer's)."""
+    meta = json.loads(pack.read_container(path)[0]["lowbit"])
+    layouts = {info["codec"]["layout"] for info in meta["packed"].values()}
+    return layouts.pop() if len(layouts) == 1 else default
+
+
 def summary(
     x: nn.Module | str | os.PathLike,
     *,
@@ -151,7 +159,8 @@ def summary(
     """Summarise a model, a .lowbit file, a training run directory or checkpoint.
 
     ``input_shape`` (C, H, W) for the MAC count: defaults to the model spec's ``input_shape``;
-    without either, MACs are left out."""
+    without either, MACs are left out. A .lowbit file is summarised in the layout it was written
+    with (``layout`` applies to models, runs and checkpoints)."""
     file_bytes, source = None, ""
     if isinstance(x, nn.Module):
         model = x
@@ -161,6 +170,7 @@ def summary(
         if fileformat.is_lowbit_file(path):
             model = fileformat.load(path)
             file_bytes = path.stat().st_size
+            layout = _file_layout(path, layout)
         else:
             model, _ = fileformat.load_trained(path)
     meta, items = fileformat.plan(model, layout)
