@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import statistics
 import sys
 import time
@@ -38,12 +40,26 @@ KINDS = {
     # Three levels with the spread the lambda sweep prefers (not ternary's fixed lambda = 1).
     "nlevel3-0.46": ("nlevel", 3, {"spread": 0.46}, "1.58", 1.0),
 }
+_TARGETS = {2: 2.0, 3: 1.0, 5: 0.7}
+
+
+def kind_spec(kind: str) -> tuple:
+    """A name of KINDS, or ``nlevel<N>@<lambda>``: N levels with that spread (for lambda checks)."""
+    if kind in KINDS:
+        return KINDS[kind]
+    m = re.fullmatch(r"nlevel(\d+)@([0-9.]+)", kind)
+    if not m:
+        raise SystemExit(f"unknown kind {kind!r}: one of {', '.join(KINDS)} or nlevel<N>@<lambda>")
+    n, lam = int(m[1]), float(m[2])
+    return ("nlevel", n, {"spread": lam}, f"{math.log2(n):.2f}", _TARGETS.get(n))
+
+
 DEFAULT_KINDS = ["fp32", "ternary", "nlevel5", "sign", "ternary-ch"]
 FP32_TARGET = 0.880
 
 
 def run_one(dataset, kind: str, seed: int, args) -> dict:
-    layer, levels, options, _, _ = KINDS[kind]
+    layer, levels, options, _, _ = kind_spec(kind)
     torch.manual_seed(seed)
     model = models.get(
         "mlp",
@@ -90,7 +106,7 @@ def report(runs: list[dict], args, envs: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for kind, rs in by_kind.items():
-        _, _, _, bits, target = KINDS[kind]
+        _, _, _, bits, target = kind_spec(kind)
         accs = [100 * r["test_acc"] for r in rs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         per_seed = ", ".join(f"{a:.2f}" for a in accs)
@@ -125,7 +141,7 @@ def report(runs: list[dict], args, envs: list[dict]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, choices=list(KINDS))
+    p.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, help=", ".join(KINDS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
@@ -140,6 +156,8 @@ def main() -> int:
         help="report the runs saved by earlier invocations (same protocol) instead of training",
     )
     args = p.parse_args()
+    for kind in args.kinds:
+        kind_spec(kind)  # fail now, not after an hour of training
     if args.from_json:
         runs, envs = [], []
         for path in args.from_json:
@@ -154,7 +172,7 @@ def main() -> int:
             runs += [r for r in saved["runs"] if r["seed"] in args.seeds]
             envs += saved.get("environments") or [saved["environment"]]
         present = {r["kind"] for r in runs}
-        args.kinds = [k for k in KINDS if k in present]
+        args.kinds = [k for k in KINDS if k in present] + sorted(present - set(KINDS))
     else:
         torch.set_num_threads(args.threads)
         envs = [environment.describe()]
