@@ -1,4 +1,4 @@
-"""Packed inference layers, ``convert_``, and saving/loading packed models as .lowbit files.
+"""Packed inference layers and ``convert_``: quantized layers without their latent weights.
 
 ``convert_(model)`` replaces, in place, every ``QuantLinear``/``QuantConv2d`` (and their
 subclasses, e.g. the seed-study layers) by a ``PackedLinear``/``PackedConv2d`` that holds only
@@ -127,7 +127,9 @@ class _Packed(nn.Module):
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
-    ):  # noqa: E501
+    ):
+        # The codes live in the prepared weight, not in a buffer; state_dict carries them as
+        # "<prefix>codes" (N_out, K) uint8 so the usual torch round trip works.
         codes = state_dict.get(prefix + "codes")
         super()._load_from_state_dict(
             {k: v for k, v in state_dict.items() if k != prefix + "codes"},

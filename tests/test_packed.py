@@ -442,3 +442,14 @@ def test_fuzz_metadata_edits_with_valid_checksum(
             model(torch.zeros(1, 1, 8, 8) if registry else torch.zeros(1, 3, 16, 16))
     except (RuntimeError, ValueError) as exc:
         assert any(w in str(exc) for w in ("size", "shape", "features")), exc
+
+
+def test_state_dict_round_trip_between_packed_layers() -> None:
+    src = convert_(_small_net(5))
+    dst = convert_(_small_net(5))  # same structure; its codes are scrambled below
+    torch.manual_seed(9)
+    for m in dst.modules():
+        if isinstance(m, (PackedLinear, PackedConv2d)):
+            m.set_codes(torch.randint(0, 5, m.codes.shape, dtype=torch.uint8))
+    dst.load_state_dict(src.state_dict())
+    _assert_same_outputs(src, dst, torch.randn(2, 3, 16, 16))
