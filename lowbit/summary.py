@@ -10,7 +10,8 @@ For each module holding tensors (a row)::
     params         stored values: weights + bias (+ buffers such as running statistics)
     packed bytes   bytes the layer's tensors take in the .lowbit file (codes, scale, bias, fp32)
     fp32 bytes     the same values as float32: 4 * params
-    MACs           multiply-accumulates of one forward pass for ``input_shape`` (batch 1)
+    MACs           multiply-accumulates of one forward pass for ``input_shape`` (batch 1), of
+                   Linear/Conv2d layers (attention's activation products are not counted)
 
 Totals: ``total_bytes`` is the size of the .lowbit file ``lowbit.save`` writes (tensors plus the
 header, computed the way ``save`` builds it: exact), ``fp32_bytes`` the float32 model,
