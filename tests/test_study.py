@@ -197,7 +197,7 @@ def test_failed_cell_is_recorded_and_sweep_goes_on(tmp_path):
         }
     }
     spec = S.parse(doc)
-    res = runner.run(spec, tmp_path, workers=1, progress=False)
+    res = runner.run(spec, tmp_path, workers=1, progress=False, threads=1)
     assert res.statuses == {"finished": 3, "failed": 1}
     with Store(tmp_path / "results.sqlite", readonly=True) as s:
         failed = [r for r in s.runs() if r["status"] == "failed"]
@@ -206,7 +206,7 @@ def test_failed_cell_is_recorded_and_sweep_goes_on(tmp_path):
         assert "Traceback" in failed[0]["error"] and "ValueError" in failed[0]["error"]
         assert len(s.epochs()) == 3 * 2
     # re-running retries only the failed cell (it fails again), the finished ones are skipped
-    again = runner.run(spec, tmp_path, workers=1, progress=False)
+    again = runner.run(spec, tmp_path, workers=1, progress=False, threads=1)
     assert again.skipped == 3 and again.statuses == {"finished": 3, "failed": 1}
 
 
@@ -215,7 +215,7 @@ def test_report_and_csv_on_a_tiny_sweep(tmp_path):
     from lowbit.study.report import pareto, write_report
 
     spec = S.parse(TINY)
-    res = runner.run(spec, tmp_path, workers=1, progress=False)
+    res = runner.run(spec, tmp_path, workers=1, progress=False, threads=1)
     assert res.statuses == {"finished": 8}
     with Store(tmp_path / "results.sqlite", readonly=True) as s:
         layers = s.layers()

@@ -30,7 +30,19 @@ CELLS, EPOCHS = 4, 4
 def _study(spec: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "lowbit", "study", str(spec), "--out", str(out), "--workers", "1"],
+        [
+            sys.executable,
+            "-m",
+            "lowbit",
+            "study",
+            str(spec),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -189,7 +189,7 @@ def svl_ternary_vs_sign(study: Study) -> Verdict:
     return Verdict("svl-ternary-vs-sign", claim, crit, _majority(k, len(groups)), ev)
 
 
-# --- Low-Resolution Neural Networks -----------------------------------------------------------------
+# --- Low-Resolution Neural Networks ------------------------------------------------------------
 
 
 def _lr_sets(study: Study, augment: bool) -> dict[str, dict[int | None, Agg]]:

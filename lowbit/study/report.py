@@ -312,7 +312,8 @@ def fig_size(study: Study, out: Path) -> list[tuple[str, str]]:
                 ylabel="final test accuracy (%)",
             )
             method = sorted({a.size_method for a in sel if a.size_method})
-            title = f"{ds}{' / augmented' if aug else ''}: accuracy against packed size ({', '.join(method)})"
+            aug_txt = " / augmented" if aug else ""
+            title = f"{ds}{aug_txt}: accuracy against packed size ({', '.join(method)})"
             ax.set_title(title, fontsize=9)
             ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
             figs.append((_save(fig, out / f"size-{_slug(ds)}{'-aug' if aug else ''}.png"), title))
@@ -351,12 +352,12 @@ def fig_stability(study: Study, out: Path) -> list[tuple[str, str]]:
     ax1.bar(x, np.nan_to_num(std), color="tab:blue")
     ax1.set(
         ylabel="std of final accuracy over seeds (pt)",
-        title="seed-to-seed spread (mean over networks)",
+        title="spread over seeds",
     )
     ax2.bar(x, drop, color="tab:red")
     ax2.set(
         ylabel="largest epoch-to-epoch drop (pt)",
-        title="fluctuation (mean over networks and seeds)",
+        title="fluctuation",
     )
     for ax in (ax1, ax2):
         ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
@@ -395,7 +396,8 @@ def fig_stability(study: Study, out: Path) -> list[tuple[str, str]]:
             yscale="log",
         )
         ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        title = f"Quantized-weight diagnostics ({'augmented' if aug else 'no augmentation'}; mean over networks, seeds, layers)"
+        setting = "augmented" if aug else "no augmentation"
+        title = f"Quantized-weight diagnostics ({setting}; mean over networks, seeds, layers)"
         fig.suptitle(title, fontsize=9)
         figs.append((_save(fig, out / f"diagnostics{'-aug' if aug else ''}.png"), title))
     return figs
@@ -458,11 +460,22 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{h}</tr>{body}</table>"
 
 
+def _last_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Render ``out_dir/report/``; returns the paths written (``index``, ``markdown``, ``figures``)."""
+    """Render ``out_dir/report/``; returns the paths written (``index``, ``markdown``,
+    ``figures``) and the claims' verdicts."""
     study = load_study(out_dir)
     rep = Path(out_dir) / "report"
     rep.mkdir(parents=True, exist_ok=True)
+    import warnings
+
+    # means over seeds of cells with a single (or no) finite value are NaN by design: no warning
+    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+    warnings.filterwarnings("ignore", "Degrees of freedom", RuntimeWarning)
     sections: list[tuple[str, list[tuple[str, str]]]] = [
         ("1. Learning curves (mean over seeds, band = ±1 std)", fig_curves(study, rep)),
         ("2. Final accuracy over depth x width, and difference to fp32", fig_heatmaps(study, rep)),
@@ -488,8 +501,10 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
     )
     wall = [r["ended"] - r["started"] for r in study.runs if r["ended"] and r["started"]]
     info = [
-        f"Study: **{meta.get('name', '?')}**{' (--quick)' if meta.get('quick') else ''} — {meta.get('title', '')}",
-        f"Spec: `{meta.get('source', '')}`; database `{Path(out_dir) / 'results.sqlite'}`; generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Study: **{meta.get('name', '?')}**{' (--quick)' if meta.get('quick') else ''} — "
+        f"{meta.get('title', '')}",
+        f"Spec: `{meta.get('source', '')}`; database `{Path(out_dir) / 'results.sqlite'}`; "
+        f"generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "Runs: "
         + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
         + f"; training time summed over runs {sum(wall) / 60:.1f} min.",
@@ -517,14 +532,12 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
     md += ["## 6. Every cell: mean ± std over seeds (n seeds)", "", _md_table(head, rows), ""]
     if study.failed:
         md += ["## Failed runs", ""]
-        md += [
-            f"- `{r['run_id']}` {r['config']}: {(r['error'] or '').strip().splitlines()[-1] if r['error'] else ''}"
-            for r in study.failed
-        ]
+        md += [f"- `{r['run_id']}` {r['config']}: {_last_line(r['error'])}" for r in study.failed]
     if study.incomplete and len(study.incomplete) > len(study.failed):
         md += [
             "",
-            f"{len(study.incomplete) - len(study.failed)} runs are not finished (pending or running); re-run the study to complete them.",
+            f"{len(study.incomplete) - len(study.failed)} runs are not finished (pending or "
+            "running); re-run the study to complete them.",
         ]
     md_text = "\n".join(md) + "\n"
     atomic_write_text(rep / "report.md", md_text)
@@ -542,7 +555,8 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
     for title, figs in sections:
         if figs:
             body += [f"<h2>{html.escape(title)}</h2>"] + [
-                f'<figure><img src="{f}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>'
+                f'<figure><img src="{f}" alt="{html.escape(t)}">'
+                f"<figcaption>{html.escape(t)}</figcaption></figure>"
                 for f, t in figs
             ]
     body += ["<h2>6. Every cell: mean ± std over seeds (n seeds)</h2>", _html_table(head, rows)]
@@ -552,8 +566,16 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
             + [html.escape(f"{r['run_id']} {r['config']}\n{r['error']}\n") for r in study.failed]
             + ["</pre>"]
         )
-    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(str(meta.get('name', 'study')))} report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
+    )
+    name = html.escape(str(meta.get("name", "study")))
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{name} report</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
     atomic_write_text(rep / "index.html", page)
     return {
         "index": str(rep / "index.html"),
