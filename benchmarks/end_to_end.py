@@ -91,9 +91,9 @@ def main() -> int:
     torch.manual_seed(0)
     data = lbdata.load("fashion-mnist")
     subsets = {"mlp": 6000 if args.quick else 20000, "cvnn2": 600 if args.quick else 2000}
-    images = 50 if args.quick else 200
+    images = 30 if args.quick else 200
     # cvnn2 costs ~0.47 G MAC an image: its agreement runs on the first images of the test set
-    tests = {"mlp": len(data.test_y), "cvnn2": 500 if args.quick else 2000}
+    tests = {"mlp": len(data.test_y), "cvnn2": 300 if args.quick else 2000}
     rows = []
     for arch in ("mlp", "cvnn2"):
         test_x, test_y = data.test_x[: tests[arch]], data.test_y[: tests[arch]]

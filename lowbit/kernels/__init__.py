@@ -240,8 +240,24 @@ def conv2d(
     activations: str = "fp32",
 ) -> torch.Tensor:
     """A groups=1 convolution: x (B, C_in, H, W) -> (B, N_out, H', W'), with ``weight`` prepared
-    from codes (N_out, C_in*kH*kW). For now ``linear`` over im2col patches
-    (``reference.im2col_conv2d``); a direct convolution kernel can take over here."""
+    from codes (N_out, C_in*kH*kW): ``linear`` over im2col patches. With the native backend
+    the patches are written token-major by the C ``im2col`` in one pass (torch's unfold +
+    transpose cost more than the int8 GEMM itself) and the result is returned as a
+    channels-last view; otherwise ``reference.im2col_conv2d``."""
+    if weight.backend != "reference" and x.device.type == "cpu" and x.dim() == 4:
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        if torch.compiler.is_compiling():  # torch's unfold traces; the C im2col does not
+            cols = torch.nn.functional.unfold(x, kernel_size, dilation, padding, stride)
+            ho = x.shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1
+            wo = x.shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1
+            ho, wo = ho // stride[0] + 1, wo // stride[1] + 1
+            cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        else:
+            cols, ho, wo = native.im2col(x, kernel_size, stride, padding, dilation)
+        y = linear(cols, weight, bias, activations)  # (B * Ho * Wo, C_out)
+        # (B, Ho, Wo, C_out) viewed as (B, C_out, Ho, Wo): channels-last strides, no copy
+        return y.reshape(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)
     return reference.im2col_conv2d(
         x,
         lambda cols: linear(cols, weight, bias, activations),

@@ -21,7 +21,7 @@ import os
 import torch
 
 ISAS = ("portable", "avx2", "avx512")
-ABI_VERSION = 2  # lb_version() of the C library this binding matches (layout, signatures)
+ABI_VERSION = 3  # lb_version() of the C library this binding matches (layout, signatures)
 MAX_LEVELS = 17
 
 _lib: ctypes.CDLL | None = None
@@ -45,6 +45,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lb_pack.restype = None
     lib.lb_quantize_i8.argtypes = [i32, p, i64, i64, i64, p, p, p]
     lib.lb_quantize_i8.restype = None
+    lib.lb_im2col.argtypes = [p, p, p, i32]
+    lib.lb_im2col.restype = None
     linear_args = [i32, p, i64, i64, p, i64, i64, i32, i32, p, i32, p, p, i32]
     for fn in (lib.lb_linear_i8, lib.lb_linear_f32):
         fn.argtypes = linear_args
@@ -249,3 +251,30 @@ def call(
     )
     if rc != 0:
         raise MemoryError(f"packed linear ({m}x{k} by {n}x{k}) could not allocate its buffers")
+
+
+def im2col(
+    x: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    threads: int | None = None,
+) -> tuple[torch.Tensor, int, int]:
+    """x (B, C, H, W) float32, any strides -> (patches (B * Ho * Wo, C * kh * kw), Ho, Wo), the
+    rows of ``F.unfold(x, ...).transpose(1, 2)`` in one pass."""
+    lib = load()
+    assert lib is not None
+    b, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = torch.empty((b * max(ho, 0) * max(wo, 0), c * kh * kw), dtype=torch.float32)
+    if out.numel():
+        dims = torch.tensor(
+            [b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *x.stride()], dtype=torch.int64
+        )
+        lib.lb_im2col(
+            x.data_ptr(), dims.data_ptr(), out.data_ptr(), threads or torch.get_num_threads()
+        )
+    return out, ho, wo

@@ -64,7 +64,7 @@
 enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { ROWS = 8 }; /* rows per thread work item */
 
-LB_EXPORT int lb_version(void) { return 2; }
+LB_EXPORT int lb_version(void) { return 3; }
 
 LB_EXPORT int lb_isa(void) {
     __builtin_cpu_init();
@@ -701,4 +701,58 @@ LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const
     parallel_for(f32_chunk, &j, (n + j.rows_per_chunk - 1) / j.rows_per_chunk, nthreads);
     free(xp);
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* im2col: x (B, C, H, W) with any strides -> patches (B * Ho * Wo, C * kh * kw), token-major */
+/* ---------------------------------------------------------------------------------------- */
+
+/* Row t = (b, ho, wo) of the output holds x[b, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw] at
+ * column (c * kh + i) * kw + j (F.unfold's order, the order of weight.reshape(C_out, -1)),
+ * zero outside the image. Written directly in the layout the linear kernels read, which saves
+ * torch's unfold + transpose copies. */
+typedef struct {
+    const float *x;
+    int64_t b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
+    int64_t xs[4];
+    int64_t per_chunk;
+    float *out;
+} im2col_job;
+
+static void im2col_chunk(const void *ctx, int64_t chunk) {
+    const im2col_job *j = ctx;
+    const int64_t ntok = j->b * j->ho * j->wo, K = j->c * j->kh * j->kw;
+    const int64_t t1 = (chunk + 1) * j->per_chunk < ntok ? (chunk + 1) * j->per_chunk : ntok;
+    for (int64_t t = chunk * j->per_chunk; t < t1; t++) {
+        const int64_t b = t / (j->ho * j->wo), rem = t % (j->ho * j->wo);
+        const int64_t oy = rem / j->wo, ox = rem % j->wo;
+        float *o = j->out + t * K;
+        for (int64_t c = 0; c < j->c; c++) {
+            const float *xc = j->x + b * j->xs[0] + c * j->xs[1];
+            for (int64_t i = 0; i < j->kh; i++) {
+                const int64_t y = oy * j->sh - j->ph + i * j->dh;
+                if (y < 0 || y >= j->h) {
+                    for (int64_t jj = 0; jj < j->kw; jj++) *o++ = 0.0f;
+                    continue;
+                }
+                const float *row = xc + y * j->xs[2];
+                for (int64_t jj = 0; jj < j->kw; jj++) {
+                    const int64_t xx = ox * j->sw - j->pw + jj * j->dw;
+                    *o++ = (xx >= 0 && xx < j->w) ? row[xx * j->xs[3]] : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+LB_EXPORT void lb_im2col(const float *x, const int64_t *dims, float *out, int nthreads) {
+    /* dims: b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, 4 strides of x (elements) */
+    im2col_job j = {x,       dims[0], dims[1], dims[2],  dims[3],  dims[4],  dims[5],  dims[6],
+                    dims[7], dims[8], dims[9], dims[10], dims[11], dims[12], dims[13],
+                    {dims[14], dims[15], dims[16], dims[17]}, 1, out};
+    const int64_t ntok = j.b * j.ho * j.wo;
+    if (ntok * j.c * j.kh * j.kw < 65536) nthreads = 1;
+    j.per_chunk = (ntok + 4 * nthreads - 1) / (4 * nthreads);
+    if (j.per_chunk < 1) j.per_chunk = 1;
+    parallel_for(im2col_chunk, &j, (ntok + j.per_chunk - 1) / j.per_chunk, nthreads);
 }
