@@ -225,3 +225,17 @@ def test_concurrent_callers_and_empty_inputs() -> None:
     assert not bad
     assert kernels.linear(torch.zeros(0, 500), w, bias, "int8").shape == (0, 300)
     assert kernels.linear(torch.zeros(2, 0, 500), w, None, "fp32").shape == (2, 0, 300)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "shape,k,stride,padding,dilation",
+    [((2, 3, 11, 9), 3, (2, 1), (1, 1), (1, 1)), ((1, 4, 9, 10), 3, (1, 2), (0, 1), (2, 1))],
+)
+def test_im2col_is_unfold(shape, k, stride, padding, dilation) -> None:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    want = torch.nn.functional.unfold(x, (k, k), dilation, padding, stride).transpose(1, 2)
+    want = want.reshape(-1, shape[1] * k * k)
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):  # any strides
+        cols, ho, wo = native.im2col(xin, (k, k), stride, padding, dilation)
+        assert torch.equal(cols, want) and ho * wo * shape[0] == want.shape[0]
