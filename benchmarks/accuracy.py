@@ -98,7 +98,14 @@ def report(runs: list[dict], args, envs: list[dict]) -> str:
         f"seeds {' '.join(map(str, args.seeds))}, Adam lr 1e-3 betas (0.9, 0.999), "
         "cross-entropy, normalised inputs, every layer quantized incl. first and head, ReLU).",
         "",
-        *[environment.markdown(env) for env in envs],
+        f"- machine: {envs[0]['machine']}; python {envs[0]['python']}; torch {envs[0]['torch']}",
+        *[
+            f"- invocation {i + 1}: {e['date (UTC)']} UTC, commit {e['lowbit commit']}, load "
+            f"average {e['load average at start']} at start"
+            + (f", {e['load average at end']} at end" if "load average at end" in e else "")
+            for i, e in enumerate(envs)
+        ],
+        "",
         "The machine is shared by several engineers running their own jobs; this affects wall "
         "time only, not the numbers below (training is deterministic per seed on CPU).",
         "",
@@ -149,6 +156,7 @@ def main() -> int:
     p.add_argument("--init", choices=("torch", "glorot"), default="torch")
     p.add_argument("--data-dir")
     p.add_argument("--out", default="docs/results/accuracy")
+    p.add_argument("--notes", help="a markdown file appended to the report (findings)")
     p.add_argument(
         "--from-json",
         nargs="+",
@@ -186,6 +194,8 @@ def main() -> int:
                 print(f"{kind:8s} seed {seed}: test acc {acc:.2f}%  ({wall:.0f} s)", flush=True)
         envs[0]["load average at end"] = environment.load()
     text = report(runs, args, envs)
+    if args.notes:
+        text += "\n" + Path(args.notes).read_text()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
