@@ -92,6 +92,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default="docs/results/qat-step.md")
+    p.add_argument("--notes", help="a markdown file appended to the report (findings)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     info = environment.describe()
@@ -140,6 +141,8 @@ def main() -> int:
             f"{statistics.median(rs):.3f} | {q1:.3f}–{q3:.3f} |"
         )
     text = "\n".join(lines) + "\n"
+    if args.notes:
+        text += "\n" + Path(args.notes).read_text()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
