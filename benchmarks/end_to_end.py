@@ -64,11 +64,14 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor
 
 @torch.inference_mode()
 def latency(named: dict[str, nn.Module], x: torch.Tensor, images: int) -> dict[str, float]:
-    """Median seconds per batch-1 forward, the models interleaved image by image."""
+    """Median seconds per batch-1 forward, the models interleaved image by image (rotating)."""
     times: dict[str, list[float]] = {k: [] for k in named}
+    order = list(named.items())
     for i in range(images + 3):
         xi = x[i : i + 1]
-        for name, m in named.items():
+        # rotate the order image by image: whatever runs right after torch (whose OpenMP
+        # workers keep spinning for a while after each op) shares the cores with them
+        for name, m in order[i % len(order) :] + order[: i % len(order)]:
             t = time.perf_counter()
             m(xi)
             if i >= 3:  # warm-up

@@ -4,15 +4,17 @@
     y = linear(x, w, bias, activations)     # every call
 
 ``codes`` (N_out, K) uint8 in 0..levels-1 and ``scale`` () or (N_out,) float32 describe
-``W = scale * (codes - (levels-1)/2)`` (see ``reference``). A convolution is a ``linear`` over
-im2col patches (PackedConv2d does the unfolding).
+``W = scale * (codes - (levels-1)/2)`` (see ``reference``). A convolution (``conv2d``) is a
+``linear`` over im2col patches.
 
 Backends (``backend()`` names the one ``prepare`` picks on this machine):
 
-* ``native-avx512``: the compiled library (``native``), AVX-512 VNNI ``vpdpbusd`` dot products of
-  the unsigned codes with int8 activations; ``native-avx2`` and ``native-portable`` are the same
-  algorithm compiled for AVX2 and for plain x86-64 (runtime dispatch by CPU features). Used for
-  levels 2..17 on CPU float tensors.
+* ``native-avx512``: the compiled library (``native``, layout and math in
+  ``csrc/lowbit_kernels.c``): weights in 1/2/4-bit lanes (5 bits for 17 levels), AVX-512 VNNI
+  ``vpdpbusd`` dot products of the unsigned codes with int8 activations, or a ``vpermps``
+  level table + FMA for fp32 activations; ``native-avx2`` and ``native-portable`` are the same
+  algorithm in C compiled for AVX2 and for plain x86-64 (runtime dispatch by CPU features).
+  Used for levels 2..17 on CPU float tensors.
 * ``reference``: ``reference.linear`` (pure torch). Used for levels > 17, non-CPU tensors, and
   wherever the library was not built (then one ``RuntimeWarning`` says so, once per process).
 

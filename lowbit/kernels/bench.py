@@ -184,8 +184,11 @@ def _time_round_robin(
     per_round = time.perf_counter() - t0
     rounds = int(max(min_rounds, min(max_rounds, budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in variants}  # seconds per call
-    for _ in range(rounds):
-        for name, (fn, _) in variants.items():
+    order = list(variants.items())
+    for i in range(rounds):
+        # rotate the order round by round: the call right after a torch op shares the cores
+        # with torch's OpenMP workers, which keep spinning for a while after each op
+        for name, (fn, _) in order[i % len(order) :] + order[: i % len(order)]:
             t = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t)
