@@ -251,3 +251,28 @@ def test_train_subset_is_the_same_for_every_seed(ds):
     assert a.shape[0] == 50
     key = lambda t: sorted(map(tuple, t.flatten(1)[:, :3].tolist()))  # noqa: E731
     assert key(a) == key(b)
+
+
+def test_ctrl_c_mid_epoch_leaves_the_last_checkpoint(tmp_path, ds):
+    class Interrupts(nn.Module):
+        """Raises KeyboardInterrupt on the 6th training batch (epoch 2 of 4-batch epochs)."""
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 4)
+            self.calls = 0
+
+        def forward(self, x):
+            if self.training:
+                self.calls += 1
+                if self.calls == 6:
+                    raise KeyboardInterrupt
+            return self.lin(x.flatten(1))
+
+    torch.manual_seed(0)
+    result = train.fit(Interrupts(), ds, train.TrainConfig(epochs=3), run_dir=tmp_path)
+    assert result.status == "interrupted" and result.epochs == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), framework="pt") as f:
+        assert f.metadata()["epoch"] == "1"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
