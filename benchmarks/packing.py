@@ -224,6 +224,8 @@ def main() -> None:
         "fp32 tensor). The file also holds its header (safetensors index + JSON metadata with "
         "the model spec and a SHA-256 per tensor, about 3-5 kB), included in the file size; "
         "'payload / bound' leaves it out.",
+        "- One short epoch leaves CVNN2 near chance on this data: the rows show storage and "
+        "packed == fake-quant, not accuracy (see docs/results for trained accuracies).",
         "",
         "| model | weights | fp32 parts (B) | bound (B) | file (B) | header (B) | "
         "file / bound | payload / bound | summary predicted (B) | test images | packed acc | "
