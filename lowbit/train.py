@@ -346,14 +346,22 @@ def _show_progress(progress: bool | None) -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
-def _check_resume(run_dir: Path, config: TrainConfig) -> None:
+def _check_resume(run_dir: Path, config: TrainConfig, data: dict[str, Any]) -> None:
+    """Refuse to resume a run dir made with another config or other data."""
     path = run_dir / "config.json"
     if not path.exists():
         return
     try:
-        stored = TrainConfig.from_dict(json.loads(path.read_text())["train"])
+        saved = json.loads(path.read_text())
+        stored = TrainConfig.from_dict(saved["train"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable run config ({exc}); use a new run dir") from exc
+    for key in ("name", "train_size", "test_size", "input_shape", "classes"):
+        if key in saved.get("data", {}) and saved["data"][key] != data[key]:
+            raise ConfigError(
+                f"{run_dir} holds a run on other data ({key}={saved['data'][key]!r}, not "
+                f"{data[key]!r}); use a new run dir"
+            )
     a, b = stored.to_dict(), config.to_dict()
     diff = [k for k in a if k != "epochs" and a[k] != b[k]]
     if diff:
@@ -396,7 +404,14 @@ def fit(
     rd = Path(run_dir) if run_dir is not None else None
     if rd is not None:
         rd.mkdir(parents=True, exist_ok=True)
-        _check_resume(rd, config)
+        data_info = {
+            "name": data.name,
+            "train_size": len(train_y),
+            "test_size": len(data.test_y),
+            "input_shape": list(data.input_shape),
+            "classes": data.classes,
+        }
+        _check_resume(rd, config, data_info)
         ckpt = rd / CHECKPOINT
         if ckpt.exists():
             history = _load_checkpoint(ckpt, model, optimizer, generator)
@@ -416,13 +431,7 @@ def fit(
             {
                 "train": config.to_dict(),
                 "model": getattr(model, "lowbit_spec", None),
-                "data": {
-                    "name": data.name,
-                    "train_size": len(train_y),
-                    "test_size": len(data.test_y),
-                    "input_shape": list(data.input_shape),
-                    "classes": data.classes,
-                },
+                "data": data_info,
                 "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
             },
         )

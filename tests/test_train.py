@@ -152,6 +152,10 @@ def test_resume_with_a_different_config_is_refused(tmp_path, ds):
     with pytest.raises(ConfigError, match="lr"):
         train.fit(_model(), ds, train.TrainConfig(epochs=1, lr=0.1), run_dir=tmp_path)
     train.fit(_model(), ds, train.TrainConfig(epochs=2), run_dir=tmp_path)  # epochs may grow
+    other = data.load("synthetic", n_train=256, n_test=128, seed=5)
+    other.name = "other"
+    with pytest.raises(ConfigError, match="other data"):
+        train.fit(_model(), other, train.TrainConfig(epochs=2), run_dir=tmp_path)
     with pytest.raises(ConfigError, match="more than epochs"):
         train.fit(_model(), ds, train.TrainConfig(epochs=1), run_dir=tmp_path)
 
