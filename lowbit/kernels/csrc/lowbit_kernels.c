@@ -387,7 +387,7 @@ DEF_DOTS_512(2)
 DEF_DOTS_512(4)
 
 /* ---------------------------------------------------------------------------------------- */
-/* int8 x packed dot products, generic C (compiled for AVX2 and for the baseline ISA)         */
+/* int8 x packed dot products, generic C (the portable path)                                  */
 /* ---------------------------------------------------------------------------------------- */
 
 /* Decode each row's group once, then take its dot with every token (vectorised by the
@@ -411,11 +411,78 @@ DEF_DOTS_512(4)
             }                                                                                    \
         }                                                                                        \
     }
-DEF_DOTS_GENERIC(dots_avx2, T256)
 DEF_DOTS_GENERIC(dots_portable, )
 
 typedef void (*dots_fn)(const uint8_t *, int64_t, const int8_t *, int64_t, int64_t, int, int,
                         int32_t *);
+
+/* ---------------------------------------------------------------------------------------- */
+/* int8 x packed dot products, AVX2 (no VNNI): vpmaddubsw u8 x s8 -> s16 pairs, vpmaddwd -> s32 */
+/* ---------------------------------------------------------------------------------------- */
+
+/* The AVX-512 kernel's algorithm on 32-byte halves of each 64-byte group. Pairwise int16 sums
+ * cannot saturate: 2 * 15 * 127 < 32767. */
+LB_INLINE T256 void dots_256(const uint8_t *w, int64_t rowbytes, const int8_t *q, int64_t kp,
+                             int64_t ngroups, const int bits, const int R, const int T,
+                             int32_t *out) {
+    __m256i acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+    const __m256i lanemask = _mm256_set1_epi8((char)((1 << bits) - 1));
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    const int sub = 8 / bits;
+    for (int64_t g = 0; g < ngroups; g++) {
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *wg = w + g * 64 + h * 32;
+            const int8_t *qg = q + g * 512 / bits + h * 32;
+            __m256i p[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) p[r] = _mm256_loadu_si256((const __m256i *)(wg + r * rowbytes));
+            for (int j = 0; j < sub; j++) {
+                __m256i xv[4];
+#pragma GCC unroll 4
+                for (int t = 0; t < T; t++)
+                    xv[t] = _mm256_loadu_si256((const __m256i *)(qg + t * kp + j * 64));
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    const __m256i u = _mm256_and_si256(p[r], lanemask);
+                    p[r] = _mm256_srli_epi16(p[r], bits);
+#pragma GCC unroll 4
+                    for (int t = 0; t < T; t++) {
+                        const __m256i pairs = _mm256_maddubs_epi16(u, xv[t]);
+                        acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(pairs, ones16));
+                    }
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            const __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc[r][t]),
+                                            _mm256_extracti128_si256(acc[r][t], 1));
+            const __m128i v2 = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e));
+            out[r * T + t] = _mm_cvtsi128_si32(_mm_add_epi32(v2, _mm_shuffle_epi32(v2, 0xb1)));
+        }
+}
+
+/* Rows in blocks of 4 (8-row requests run as two), any T handled as 4-token tiles + singles. */
+#define DEF_DOTS_256(B)                                                                          \
+    T256 static void dots_256_b##B(const uint8_t *w, int64_t rb, const int8_t *q, int64_t kp,    \
+                                   int64_t ng, int R, int T, int32_t *out) {                     \
+        if (R == 8 && T == 1) {                                                                  \
+            dots_256(w, rb, q, kp, ng, B, 4, 1, out);                                            \
+            dots_256(w + 4 * rb, rb, q, kp, ng, B, 4, 1, out + 4);                               \
+        } else if (R == 4 && T == 4) dots_256(w, rb, q, kp, ng, B, 4, 4, out);                   \
+        else if (R == 1 && T == 4) dots_256(w, rb, q, kp, ng, B, 1, 4, out);                     \
+        else dots_256(w, rb, q, kp, ng, B, 1, 1, out);                                           \
+    }
+DEF_DOTS_256(1)
+DEF_DOTS_256(2)
+DEF_DOTS_256(4)
 
 static void dots_lanes(int isa, const uint8_t *w, int64_t rb, const int8_t *q, int64_t kp,
                        int lanes, int R, int T, int32_t *out) {
@@ -427,10 +494,14 @@ static void dots_lanes(int isa, const uint8_t *w, int64_t rb, const int8_t *q, i
         default: dots_512_b4(w, rb, q, kp, ng, R, T, out); return;
         }
     }
-    if (isa == ISA_AVX2)
-        dots_avx2(w, rb, q, kp, ng, lanes, R, T, out);
-    else
-        dots_portable(w, rb, q, kp, ng, lanes, R, T, out);
+    if (isa == ISA_AVX2) {
+        switch (lanes) {
+        case 1: dots_256_b1(w, rb, q, kp, ng, R, T, out); return;
+        case 2: dots_256_b2(w, rb, q, kp, ng, R, T, out); return;
+        default: dots_256_b4(w, rb, q, kp, ng, R, T, out); return;
+        }
+    }
+    dots_portable(w, rb, q, kp, ng, lanes, R, T, out);
 }
 
 static void dots_dispatch(int isa, const uint8_t *w, int64_t rb, const int8_t *q, int64_t kp,
