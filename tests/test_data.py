@@ -153,16 +153,22 @@ def _corrupt_case(folder: Path, case: str) -> Path:
     if case == "label-range":
         labels.write_bytes(_idx_bytes(np.full(20, 10, dtype=np.uint8)))
         return labels
-    if case == "gzip":
+    if case in ("gzip", "gzip-garbled"):
         images.unlink()
         bad = images.with_name(images.name + ".gz")
-        bad.write_bytes(gzip.compress(raw)[:50])
+        packed = bytearray(gzip.compress(raw))
+        if case == "gzip":
+            packed = packed[:50]  # truncated stream
+        else:
+            packed[30:40] = b"\xff" * 10  # corrupt deflate data
+        bad.write_bytes(bytes(packed))
         return bad
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize(
-    "case", ["magic", "truncated", "trailing", "dims", "count", "label-range", "gzip"]
+    "case",
+    ["magic", "truncated", "trailing", "dims", "count", "label-range", "gzip", "gzip-garbled"],
 )
 def test_corrupt_idx_names_the_file(tmp_path, case):
     bad = _corrupt_case(tmp_path / "fashion-mnist", case)
