@@ -65,8 +65,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
         _print_json(found)
     else:
         for name, info in found.items():
-            where = info["path"] or "not found"
-            print(f"{name:14s} {where}")
+            if info["format"] == "generated":
+                print(f"{name:14s} generated on demand")
+            elif info["path"]:
+                print(f"{name:14s} {info['path']}  ({info['format']})")
+            else:
+                print(f"{name:14s} not found; searched {', '.join(info['searched'])}")
     return 0
 
 
