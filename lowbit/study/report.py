@@ -166,7 +166,9 @@ def fig_heatmaps(study: Study, out: Path) -> list[tuple[str, str]]:
 
 def _heat(fig, ax, data, depths, widths, title, cmap, lim) -> None:
     im = ax.imshow(data, cmap=cmap, vmin=lim[0], vmax=lim[1], aspect="auto", origin="lower")
-    ax.set_xticks(range(len(widths)), [str(w) for w in widths])
+    ax.set_xticks(
+        range(len(widths)), [str(w) for w in widths], rotation=45 if len(widths) > 3 else 0
+    )
     ax.set_yticks(range(len(depths)), [str(d) for d in depths])
     ax.set(xlabel="width", ylabel="depth", title=title)
     ax.grid(False)
@@ -193,7 +195,9 @@ def fig_bits(study: Study, out: Path) -> list[tuple[str, str]]:
     for ds in sorted({a.group_config["dataset"] for a in aggs}):
         sel = [a for a in aggs if a.group_config["dataset"] == ds]
         fams = sorted({_family(a) for a in sel if a.variant.startswith("nlevel")})
-        fig, axes = plt.subplots(1, len(fams), figsize=(3.4 * len(fams), 3.2), squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(fams), figsize=(max(5.5, 3.6 * len(fams)), 3.4), squeeze=False
+        )
         for ax, fam in zip(axes[0], fams, strict=True):
             for aug, color in ((False, "tab:blue"), (True, "tab:red")):
                 pts = sorted(
