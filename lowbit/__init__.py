@@ -3,7 +3,7 @@
     quantizers -> nn (layers) -> models -> train / study -> pack -> packed -> kernels
 """
 
-from lowbit import models, quantizers
+from lowbit import data, kernels, models, quantizers, train
 from lowbit.nn import (
     BitLinear8,
     MisbornLinear,
@@ -30,10 +30,13 @@ __all__ = [
     "SignLinear",
     "__version__",
     "convert_",
+    "data",
+    "kernels",
     "load",
     "models",
     "quantize_",
     "quantizers",
     "save",
+    "train",
     "summary",
 ]

@@ -16,8 +16,15 @@ from typing import Any
 from lowbit.errors import LowbitError
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; shows a flag's default where it says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help = action.help or ""
+        default = action.default
+        if "default" in help or default in (None, False, argparse.SUPPRESS):
+            return help
+        return f"{help} (default: %(default)s)"
 
 
 class _ArgParser(argparse.ArgumentParser):
