@@ -26,8 +26,11 @@ data:
 		echo "fashion-mnist: not installed and apt is not usable here; run 'sudo apt-get install dataset-fashion-mnist' or set LOWBIT_DATA"; \
 	fi
 
+# The sign-vs-linear study, quick variant (resumes where a previous `make demo` stopped), then
+# its report; `lowbit report` prints where the report is.
 demo: $(STAMP) data
-	$(BIN)/python -m lowbit.demo
+	$(BIN)/lowbit study sign-vs-linear --quick --out runs/demo
+	$(BIN)/lowbit report runs/demo
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest
