@@ -4,6 +4,7 @@
 """
 
 from lowbit import data, kernels, models, quantizers, train
+from lowbit.fileformat import load, save
 from lowbit.nn import (
     BitLinear8,
     MisbornLinear,
@@ -13,7 +14,6 @@ from lowbit.nn import (
     SignLinear,
     quantize_,
 )
-from lowbit.fileformat import load, save
 from lowbit.packed import PackedConv2d, PackedLinear, convert_
 from lowbit.summary import summary
 

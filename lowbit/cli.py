@@ -1,8 +1,8 @@
 """The ``lowbit`` command: data, train, study, report, pack, summary, verify, bench.
 
-Each subcommand is an ``_add_<name>(subparsers)`` that declares its flags and a ``_cmd_<name>(args)``
-that runs it and returns the exit code. Bad input (a ``LowbitError`` or ``ValueError``) is printed
-as one line, ``lowbit <cmd>: error: ...``, with exit code 2 and no traceback.
+Each subcommand is an ``_add_<name>(subparsers)`` that declares its flags and a
+``_cmd_<name>(args)`` that runs it and returns the exit code. Bad input (a ``LowbitError`` or
+``ValueError``) is printed as one line, ``lowbit <cmd>: error: ...``, exit code 2, no traceback.
 """
 
 from __future__ import annotations

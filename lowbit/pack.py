@@ -48,13 +48,11 @@ Two layouts choose (k, b):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -63,6 +61,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import FormatError
+from lowbit.files import atomic_open
 
 LAYOUTS = ("dense", "byte")
 MAX_BLOCK_BITS = 64
@@ -362,22 +361,12 @@ def write_container(path: str | os.PathLike, entries: list[Entry], metadata: dic
         if len(memoryview(e.data).cast("B")) != e.nbytes:
             raise ValueError(f"tensor {e.name}: {e.nbytes} bytes declared, data differs")
     header = _header([(e.name, e.dtype, e.shape, e.nbytes) for e in entries], metadata)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            for e in entries:
-                f.write(memoryview(e.data).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path.stat().st_size
+    with atomic_open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for e in entries:
+            f.write(memoryview(e.data).cast("B"))
+    return Path(path).stat().st_size
 
 
 def read_container(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Entry]]:

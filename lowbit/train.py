@@ -39,7 +39,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from torch import nn
 
 from lowbit.data import Augment, Dataset, batches
 from lowbit.errors import ConfigError, FormatError
+from lowbit.files import atomic_write
 
 OPTIMIZERS = ("adam", "sgd")
 STATUSES = ("finished", "diverged", "interrupted")
@@ -205,28 +205,13 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _json_number(v) for k, v in d.items()}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Not tempfile.mkstemp: its files are 0600; this one gets the usual 0666 & ~umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     lines = "".join(json.dumps(_jsonable(m), sort_keys=True) + "\n" for m in history)
-    _atomic_write(run_dir / "metrics.jsonl", lines.encode())
+    atomic_write(run_dir / "metrics.jsonl", lines.encode())
 
 
 def _history_from_json(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -263,7 +248,7 @@ def _save_checkpoint(
         "optim_extra": json.dumps(extra),
         "model_spec": json.dumps(getattr(model, "lowbit_spec", None), default=str),
     }
-    _atomic_write(path, st_save(tensors, metadata=metadata))
+    atomic_write(path, st_save(tensors, metadata=metadata))
 
 
 def _load_checkpoint(

@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
+
+from lowbit.files import atomic_write
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -105,9 +108,7 @@ class Diagnostics:
         if p is None or not codes:
             return
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        save_file(codes, str(tmp))
-        os.replace(tmp, p)
+        atomic_write(p, safetensors_bytes(codes))
         old = self._path(epoch - 2)
         if old is not None and old.exists():
             old.unlink()

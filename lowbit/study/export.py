@@ -17,8 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lowbit.files import atomic_write
 from lowbit.study.spec import GRID_KEYS
-from lowbit.study.store import EPOCH_FIELDS, Store, atomic_write_text, default_path
+from lowbit.study.store import EPOCH_FIELDS, Store, default_path
 
 _RUN_FIELDS = (
     "status",
@@ -42,7 +43,7 @@ def _write(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     w = csv.writer(buf)
     w.writerow(header)
     w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 

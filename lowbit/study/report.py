@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.files import atomic_open, atomic_write
 from lowbit.study.aggregate import Agg, Study, group_label, load_study
 from lowbit.study.claims import evaluate
-from lowbit.study.store import atomic_write_text
 
 DPI = 80
 
@@ -71,9 +71,8 @@ def _colors(variants: list[str]) -> dict[str, Any]:
 
 def _save(fig: Any, path: Path) -> str:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=DPI)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=DPI)
     _plt().close(fig)
     return path.name
 
@@ -544,7 +543,7 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
             "running); re-run the study to complete them.",
         ]
     md_text = "\n".join(md) + "\n"
-    atomic_write_text(rep / "report.md", md_text)
+    atomic_write(rep / "report.md", md_text)
 
     body = [f"<h1>Study report: {html.escape(str(meta.get('name', '')))}</h1><ul>"]
     body += [f"<li>{html.escape(x).replace('**', '')}</li>" for x in info] + ["</ul>"]
@@ -580,7 +579,7 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{name} report</title>"
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
     )
-    atomic_write_text(rep / "index.html", page)
+    atomic_write(rep / "index.html", page)
     return {
         "index": str(rep / "index.html"),
         "markdown": str(rep / "report.md"),

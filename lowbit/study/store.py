@@ -24,7 +24,6 @@ transaction across a process crash (SIGKILL); only a power loss can drop the las
 from __future__ import annotations
 
 import json
-import os
 import random
 import sqlite3
 import time
@@ -256,11 +255,3 @@ def _num(v: Any) -> float | None:
 
 def default_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / "results.sqlite"
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
