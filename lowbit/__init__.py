@@ -1,6 +1,6 @@
 """lowbit: train, compare, pack, verify and run neural networks with few-valued weights.
 
-    quantizers -> nn (layers) -> models -> train / study -> pack -> packed -> kernels
+quantizers -> nn (layers) -> models -> train / study -> pack -> packed -> kernels
 """
 
 from lowbit import data, kernels, models, quantizers, train
