@@ -41,9 +41,6 @@ from lowbit.packed import (
     ACTIVATIONS,
     PackedConv2d,
     PackedLinear,
-    _conv_padding,
-    _default_activations,
-    _granularity,
     _Packed,
     _weight_quantizer,
 )
@@ -321,32 +318,9 @@ def _build_input(node: Any, cls: type, args: dict[str, Any]) -> nn.Module | None
 
 def _skeleton_of(layer: nn.Module, activations: str | None = None) -> _Packed:
     """A packed layer with ``layer``'s structure and input transform but no codes (meta device)."""
-    q = _weight_quantizer(layer)
-    gran = _granularity(q, layer.weight)
+    packed_cls = PackedLinear if isinstance(layer, QuantLinear) else PackedConv2d
     with torch.device("meta"):
-        if isinstance(layer, QuantLinear):
-            return PackedLinear(
-                layer.in_features,
-                layer.out_features,
-                q.levels,
-                layer.bias is not None,
-                granularity=gran,
-                activations=activations or _default_activations(layer, conv=False),
-                source=layer,
-            )
-        return PackedConv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            _conv_padding(layer),
-            layer.dilation,
-            q.levels,
-            layer.bias is not None,
-            granularity=gran,
-            activations=activations or _default_activations(layer, conv=True),
-            source=layer,
-        )
+        return packed_cls.empty_like(layer, activations)
 
 
 # --- save / load ---------------------------------------------------------------------------------

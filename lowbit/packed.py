@@ -181,10 +181,10 @@ class PackedLinear(_Packed):
         )
 
     @classmethod
-    def from_quant(cls, layer: QuantLinear, activations: str | None = None) -> PackedLinear:
-        """Pack a trained QuantLinear (or subclass): its codes, scale, bias and input transform."""
+    def empty_like(cls, layer: QuantLinear, activations: str | None = None) -> PackedLinear:
+        """``layer``'s structure and input transform, no codes yet (on the current device)."""
         q = _weight_quantizer(layer)
-        new = cls(
+        return cls(
             layer.in_features,
             layer.out_features,
             q.levels,
@@ -192,9 +192,14 @@ class PackedLinear(_Packed):
             granularity=_granularity(q, layer.weight),
             activations=activations or _default_activations(layer, conv=False),
             source=layer,
-            device=layer.weight.device,
         )
-        return _fill_from(new, layer, q)
+
+    @classmethod
+    def from_quant(cls, layer: QuantLinear, activations: str | None = None) -> PackedLinear:
+        """Pack a trained QuantLinear (or subclass): its codes, scale, bias and input transform."""
+        with torch.device(layer.weight.device):
+            new = cls.empty_like(layer, activations)
+        return _fill_from(new, layer, _weight_quantizer(layer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(self._transform(x), self.weight_prepared, self.bias, self.activations)
@@ -236,9 +241,10 @@ class PackedConv2d(_Packed):
         self._init_packed(out_channels, k, levels, bias, granularity, activations, source, device)
 
     @classmethod
-    def from_quant(cls, layer: QuantConv2d, activations: str | None = None) -> PackedConv2d:
+    def empty_like(cls, layer: QuantConv2d, activations: str | None = None) -> PackedConv2d:
+        """``layer``'s structure and input transform, no codes yet (on the current device)."""
         q = _weight_quantizer(layer)
-        new = cls(
+        return cls(
             layer.in_channels,
             layer.out_channels,
             layer.kernel_size,
@@ -250,9 +256,14 @@ class PackedConv2d(_Packed):
             granularity=_granularity(q, layer.weight),
             activations=activations or _default_activations(layer, conv=True),
             source=layer,
-            device=layer.weight.device,
         )
-        return _fill_from(new, layer, q)
+
+    @classmethod
+    def from_quant(cls, layer: QuantConv2d, activations: str | None = None) -> PackedConv2d:
+        """Pack a trained QuantConv2d: its codes, scale, bias and input transform."""
+        with torch.device(layer.weight.device):
+            new = cls.empty_like(layer, activations)
+        return _fill_from(new, layer, _weight_quantizer(layer))
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
