@@ -7,12 +7,18 @@ Hardware: the shared 2-core CPU machine (one torch thread per run, ``nice``); ti
 point here. Writes ``docs/results/accuracy.md`` (table + per-epoch means) and ``accuracy.json``
 (every run's history).
 
-    nice -n 10 .venv/bin/python benchmarks/accuracy.py [--batch-size 64] [--seeds 0 1 2]
+    nice -n 10 .venv/bin/python benchmarks/accuracy.py [--kinds fp32 ternary ...] [--seeds 0 1 2]
+        [--batch-size 32] [--init torch|glorot|he] [--inputs standard|unit|symmetric]
+
+``--init`` and ``--inputs`` exist to test the fp32 protocol's free choices (the initialisation;
+the input scaling, mapped from the library's standardisation back to exact pixels and rescaled);
+the defaults are the library's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -27,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import environment  # noqa: E402
 
 from lowbit import data, models, train  # noqa: E402
+from lowbit.files import atomic_write  # noqa: E402
 
 # name -> (layer, levels, options, bits, target: max points below fp32, None for fp32 itself)
 KINDS = {
@@ -54,8 +61,35 @@ def kind_spec(kind: str) -> tuple:
     return ("nlevel", n, {"spread": lam}, f"{math.log2(n):.2f}", _TARGETS.get(n))
 
 
-DEFAULT_KINDS = ["fp32", "ternary", "nlevel5", "sign", "ternary-ch"]
+DEFAULT_KINDS = ["fp32", "ternary", "nlevel5", "sign", "ternary-ch", "nlevel5-ch"]
 FP32_TARGET = 0.880
+
+# Input scalings to compare with the library's standardisation (``lowbit.data``):
+# standard: (p/255 - mean_c) / std_c (the library); unit: p/255 in [0, 1]; symmetric: 2 p/255 - 1.
+INPUTS = ("standard", "unit", "symmetric")
+
+
+def rescale_inputs(dataset: data.Dataset, inputs: str) -> data.Dataset:
+    """``dataset`` with its images mapped from the library's standardisation to ``inputs``.
+
+    The uint8 pixels p are recovered exactly, p = round(255 (x std_c + mean_c)) (the float32 error
+    is ~1e-5 of a pixel step), then rescaled, so ``unit`` is bit for bit p / 255."""
+    if inputs == "standard":
+        return dataset
+    mean = torch.tensor(dataset.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(dataset.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def remap(x: torch.Tensor) -> torch.Tensor:
+        unit = torch.round((x * std + mean) * 255.0).clamp_(0, 255) / 255.0
+        return unit if inputs == "unit" else unit * 2.0 - 1.0
+
+    return dataclasses.replace(
+        dataset,
+        train_x=remap(dataset.train_x),
+        test_x=remap(dataset.test_x),
+        mean=(),
+        std=(),
+    )
 
 
 def run_one(dataset, kind: str, seed: int, args) -> dict:
@@ -69,9 +103,17 @@ def run_one(dataset, kind: str, seed: int, args) -> dict:
         levels=levels,
         input_shape=dataset.input_shape,
         classes=dataset.classes,
-        init=args.init,
+        init="torch" if args.init == "he" else args.init,
         **options,
     )
+    if args.init == "he":
+        # He (Kaiming) normal init for ReLU, std = sqrt(2 / fan_in), zero biases: not a library
+        # option, measured here against PyTorch's default (uniform, std = 1 / sqrt(3 fan_in)).
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
     cfg = train.TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, seed=seed, threads=args.threads
     )
@@ -94,9 +136,9 @@ def report(runs: list[dict], args, envs: list[dict]) -> str:
         "# Accuracy: MLP depth 3 width 256 on Fashion-MNIST, 5 epochs, Adam",
         "",
         f"Script: `benchmarks/accuracy.py` (batch {args.batch_size}, {args.epochs} epochs, "
-        f"{args.init} init, "
+        f"{args.init} init, {args.inputs} inputs, "
         f"seeds {' '.join(map(str, args.seeds))}, Adam lr 1e-3 betas (0.9, 0.999), "
-        "cross-entropy, normalised inputs, every layer quantized incl. first and head, ReLU).",
+        "cross-entropy, every layer quantized incl. first and head, ReLU).",
         "",
         f"- machine: {envs[0]['machine']}; python {envs[0]['python']}; torch {envs[0]['torch']}",
         *[
@@ -151,9 +193,15 @@ def main() -> int:
     p.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, help=", ".join(KINDS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--init", choices=("torch", "glorot"), default="torch")
+    p.add_argument("--init", choices=("torch", "glorot", "he"), default="torch")
+    p.add_argument(
+        "--inputs",
+        choices=INPUTS,
+        default="standard",
+        help="input scaling: standard (the library's), unit [0, 1], symmetric [-1, 1]",
+    )
     p.add_argument("--data-dir")
     p.add_argument("--out", default="docs/results/accuracy")
     p.add_argument("--notes", help="a markdown file appended to the report (findings)")
@@ -175,8 +223,9 @@ def main() -> int:
                     raise SystemExit(
                         f"{path}: {key}={saved['config'][key]}, not {getattr(args, key)}"
                     )
-            if saved["config"].get("init", "torch") != args.init:
-                raise SystemExit(f"{path}: init differs")
+            for key, default in (("init", "torch"), ("inputs", "standard")):
+                if saved["config"].get(key, default) != getattr(args, key):
+                    raise SystemExit(f"{path}: {key} differs")
             runs += [r for r in saved["runs"] if r["seed"] in args.seeds]
             envs += saved.get("environments") or [saved["environment"]]
         present = {r["kind"] for r in runs}
@@ -184,7 +233,7 @@ def main() -> int:
     else:
         torch.set_num_threads(args.threads)
         envs = [environment.describe()]
-        dataset = data.load("fashion-mnist", args.data_dir)
+        dataset = rescale_inputs(data.load("fashion-mnist", args.data_dir), args.inputs)
         runs = []
         for seed in args.seeds:  # seed-major: a partial run still covers every kind
             for kind in args.kinds:
@@ -198,9 +247,10 @@ def main() -> int:
         text += "\n" + Path(args.notes).read_text()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(
-        json.dumps({"config": vars(args), "environments": envs, "runs": runs}, indent=1) + "\n"
+    atomic_write(out.with_suffix(".md"), text)
+    atomic_write(
+        out.with_suffix(".json"),
+        json.dumps({"config": vars(args), "environments": envs, "runs": runs}, indent=1) + "\n",
     )
     print(text)
     return 0
