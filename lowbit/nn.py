@@ -158,6 +158,13 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         )
         self._set_quantizers(weight_quantizer, input_quantizer)
 
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """absmax8 per image, over (C, H, W): a convolution's token is its whole input, so the
+        packed kernels' im2col patches hold integers of one scale (exact integer arithmetic)."""
+        if isinstance(self.input_quantizer, AbsMax8):
+            return self.input_quantizer(x, dim=(-3, -2, -1))
+        return super().quantize_input(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 

@@ -8,16 +8,17 @@ subclasses, e.g. the seed-study layers) by a ``PackedLinear``/``PackedConv2d`` t
     scale   () or (out,) float32, the step between levels
     bias    (out,) float32 or None
 
-and computes ``y = kernels.linear(t(x), W, b)``, with ``W = scale * (codes - (N-1)/2)`` and ``t``
-the source layer's own ``quantize_input`` (called, not re-implemented: BitLinear8's norm +
-absmax8, SignLinear's norm, the absmax8 of ``input_quantizer="absmax8"``). Activation modes:
+and computes ``y = kernels.linear(t(x), W, b)`` (``kernels.conv2d`` for convolutions), with
+``W = scale * (codes - (N-1)/2)`` and ``t`` the source layer's own ``quantize_input`` (called, not
+re-implemented: BitLinear8's norm + absmax8, SignLinear's norm). Activation modes:
 
-* ``"int8"`` for linear layers trained with an absmax8 input quantizer: ``t(x)`` is already
-  quantized per token, the kernel recovers the same integers (``round(x_hat * 127 / max|x_hat|)``
-  gives them back exactly) and takes the dot products in exact integer arithmetic.
-* ``"fp32"`` otherwise (weight-only quantization), and for convolutions: a conv's absmax8 runs
-  over the image's last axis (as the fake-quant layer trained it), not over an im2col patch, so
-  the patches are not per-token int8 vectors; they hold the already quantized values in fp32.
+* ``"int8"`` for layers trained with an absmax8 input quantizer (per token for linear layers,
+  per image for convolutions, as ``QuantLinear``/``QuantConv2d`` train it): the kernel computes
+  the same integers as the training layer (for a plain absmax8 input it quantizes x itself; after
+  a transform such as BitLinear8's norm it gets the already quantized ``t(x)`` and
+  ``round(x_hat * 127 / max|x_hat|)`` gives the integers back) and takes the dot products in
+  exact integer arithmetic.
+* ``"fp32"`` otherwise (weight-only quantization).
 
 The output equals the fake-quant model's up to float summation order (tests bound it).
 
@@ -54,10 +55,18 @@ def _input_shell(source: nn.Module) -> nn.Module:
     return shell
 
 
-def _default_activations(source: nn.Module | None, conv: bool) -> str:
-    if conv or source is None:
-        return "fp32"
+def _default_activations(source: nn.Module | None) -> str:
     return "int8" if isinstance(getattr(source, "input_quantizer", None), AbsMax8) else "fp32"
+
+
+def _kernel_quantizes(source: nn.Module | None, activations: str) -> bool:
+    """True where the source's input transform is exactly the int8 kernel's own quantization
+    (a plain absmax8 input), so the packed layer can skip it: x goes to the kernel as it is."""
+    return (
+        activations == "int8"
+        and type(source) in (QuantLinear, QuantConv2d)
+        and isinstance(source.input_quantizer, AbsMax8)  # type: ignore[union-attr]
+    )
 
 
 class _Packed(nn.Module):
@@ -94,6 +103,7 @@ class _Packed(nn.Module):
         object.__setattr__(
             self, "input_source", _input_shell(source) if source is not None else None
         )
+        self._kernel_quantizes = _kernel_quantizes(source, activations)
         object.__setattr__(self, "weight_prepared", None)
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> None:
@@ -105,7 +115,12 @@ class _Packed(nn.Module):
             raise ValueError(f"codes must lie in 0..{self.levels - 1}")
         if scale is not None:
             self.scale = scale.detach().to(torch.float32).reshape(self.scale.shape).clone()
-        object.__setattr__(self, "weight_prepared", kernels.prepare(codes, self.scale, self.levels))
+        prepared = kernels.prepare(codes, self.scale, self.levels, **self._layout())
+        object.__setattr__(self, "weight_prepared", prepared)
+
+    def _layout(self) -> dict[str, Any]:
+        """Extra ``kernels.prepare`` arguments of this layer kind."""
+        return {}
 
     @property
     def codes(self) -> torch.Tensor:
@@ -119,7 +134,9 @@ class _Packed(nn.Module):
         return reference.dequantize(self.codes, self.scale, self.levels)
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.input_source is None else self.input_source.quantize_input(x)
+        if self.input_source is None or self._kernel_quantizes:
+            return x
+        return self.input_source.quantize_input(x)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -190,7 +207,7 @@ class PackedLinear(_Packed):
             q.levels,
             layer.bias is not None,
             granularity=_granularity(q, layer.weight),
-            activations=activations or _default_activations(layer, conv=False),
+            activations=activations or _default_activations(layer),
             source=layer,
         )
 
@@ -254,7 +271,7 @@ class PackedConv2d(_Packed):
             q.levels,
             layer.bias is not None,
             granularity=_granularity(q, layer.weight),
-            activations=activations or _default_activations(layer, conv=True),
+            activations=activations or _default_activations(layer),
             source=layer,
         )
 
@@ -264,6 +281,9 @@ class PackedConv2d(_Packed):
         with torch.device(layer.weight.device):
             new = cls.empty_like(layer, activations)
         return _fill_from(new, layer, _weight_quantizer(layer))
+
+    def _layout(self) -> dict[str, Any]:
+        return {"conv": (self.in_channels, self.kernel_size)}
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:

@@ -215,10 +215,12 @@ class Quantizer:
 
 @dataclass(frozen=True)
 class AbsMax8:
-    """Per-token 8-bit absmax activation quantizer (BitNet): levels -127..127 over the last dim.
+    """Per-token 8-bit absmax activation quantizer (BitNet): levels -127..127 over the token.
 
-    ``s = 127 / clamp(max|x|, 1e-5)`` (shape (..., 1)), ``x_hat = clip(round(x s), -128, 127) / s``
-    with an identity straight-through gradient.
+    ``s = 127 / clamp(max|x|, 1e-5)`` over ``dim`` (the last by default; kept as size 1),
+    ``x_hat = clip(round(x s), -128, 127) / s`` with an identity straight-through gradient.
+    ``QuantConv2d`` passes ``dim=(-3, -2, -1)``: a convolution's token is its whole input image,
+    so that the im2col patches hold integers of one scale (exact integer kernels).
     """
 
     levels: int = 255
@@ -228,19 +230,21 @@ class AbsMax8:
     def bits(self) -> float:
         return math.log2(self.levels)
 
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
+    def scale(self, x: torch.Tensor, dim: int | tuple[int, ...] = -1) -> torch.Tensor:
         with torch.no_grad():
-            return 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+            return 127.0 / x.abs().amax(dim=dim, keepdim=True).clamp(min=1e-5)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, dim: int | tuple[int, ...] = -1) -> torch.Tensor:
         with torch.no_grad():
-            s = self.scale(x)
+            s = self.scale(x, dim)
             x_hat = (x * s).round().clamp(-128, 127) / s
         return straight_through(x, x_hat) if x.requires_grad else x_hat
 
-    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def codes(
+        self, x: torch.Tensor, dim: int | tuple[int, ...] = -1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            s = self.scale(x)
+            s = self.scale(x, dim)
             return ((x * s).round().clamp(-127, 127) + 127).to(torch.uint8), s
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

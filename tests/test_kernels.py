@@ -118,20 +118,82 @@ def test_zero_input_and_hand_computed_values() -> None:
     assert yi[1].abs().sum().item() == 0.0
 
 
+# (C_in, C_out, H, W, kernel, stride, padding, dilation): C_in a multiple of 64 takes the
+# direct (in-place patches) path, others the gathered-rows path; odd sizes everywhere
+CONVS = (
+    (64, 9, 7, 6, 3, (1, 1), (1, 1), (1, 1)),
+    (128, 20, 5, 9, 3, (2, 1), (1, 0), (1, 1)),
+    (64, 8, 9, 9, (3, 1), (1, 2), (0, 1), (2, 1)),
+    (3, 17, 11, 9, 3, (2, 1), (1, 1), (1, 1)),
+    (5, 7, 6, 8, (2, 3), (1, 1), (0, 2), (1, 2)),
+    (70, 4, 4, 4, 1, (1, 1), (0, 0), (1, 1)),
+)
+
+
 @needs_native
-def test_conv2d_matches_reference() -> None:
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 3, (10, 3 * 3 * 3), generator=g, dtype=torch.uint8)
-    scale, bias = torch.rand(10, generator=g) + 0.1, torch.randn(10, generator=g)
-    x = torch.randn(2, 3, 11, 9, generator=g)
-    w = kernels.prepare(codes, scale, 3)
-    kw = dict(kernel_size=(3, 3), stride=(2, 1), padding=(1, 1))
-    for act in ("int8", "fp32"):
-        got = kernels.conv2d(x, w, bias, activations=act, **kw)
-        want = reference.conv2d(x, codes, scale, 3, bias, activations=act, **kw)
-        torch.testing.assert_close(
-            got, want, rtol=0 if act == "int8" else 1e-5, atol=0 if act == "int8" else 1e-5
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("levels", (2, 3, 5, 16, 17))
+def test_conv2d_matches_reference(isa: str, levels: int) -> None:
+    for i, (cin, cout, h, wd, k, stride, padding, dilation) in enumerate(CONVS):
+        g = torch.Generator().manual_seed(10 * levels + i)
+        ks = (k, k) if isinstance(k, int) else k
+        codes = torch.randint(
+            0, levels, (cout, cin * ks[0] * ks[1]), generator=g, dtype=torch.uint8
         )
+        scale = torch.rand(cout if i % 2 else (), generator=g) + 0.1
+        bias = torch.randn(cout, generator=g) if i % 3 else None
+        x = torch.randn(2, cin, h, wd, generator=g) * 2
+        w = kernels.prepare(codes, scale, levels, isa=isa, conv=(cin, ks))
+        assert torch.equal(w.codes, codes)  # the tap-major compute layout unpacks to storage order
+        kw = dict(kernel_size=ks, stride=stride, padding=padding, dilation=dilation)
+        want8 = reference.conv2d(x, codes, scale, levels, bias, activations="int8", **kw)
+        want32 = reference.conv2d(x, codes, scale, levels, bias, activations="fp32", **kw)
+        # float32 sums of K terms in another order: error ~ K * eps * sum |x w|
+        w_abs = reference.dequantize(codes, scale, levels).abs().reshape(cout, cin, *ks)
+        bound = (
+            1e-6
+            * codes.shape[1]
+            * torch.nn.functional.conv2d(x.abs(), w_abs, None, stride, padding, dilation)
+            + 1e-6
+        )
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            for threads in (1, 2):
+                got = kernels.conv2d(xin, w, bias, activations="int8", threads=threads, **kw)
+                assert got.shape == want8.shape and torch.equal(got, want8), (isa, levels, i)
+            got = kernels.conv2d(xin, w, bias, activations="fp32", **kw)
+            assert (got - want32).abs().le(bound).all(), (isa, levels, i)
+
+
+def test_int8_conv_quantizes_per_image() -> None:
+    """The int8 convolution is the fake-quant QuantConv2d with absmax8 inputs (per image)."""
+    from lowbit.nn import QuantConv2d
+
+    layer = QuantConv2d(4, 6, 3, padding=1, weight_quantizer="ternary", input_quantizer="absmax8")
+    x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    x[1] *= 100  # a per-token (or per-batch) scale would change the other images' integers
+    codes, scale = layer.weight_quantizer.codes(layer.weight.detach())
+    got = reference.conv2d(
+        x,
+        codes.reshape(6, -1),
+        scale,
+        3,
+        layer.bias.detach(),
+        kernel_size=(3, 3),
+        padding=(1, 1),
+        activations="int8",
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_conv_weight_must_be_prepared_for_the_conv() -> None:
+    codes = torch.zeros(4, 27, dtype=torch.uint8)
+    w = kernels.prepare(codes, torch.tensor(1.0), 3)  # a linear weight
+    with pytest.raises(ValueError, match="prepare"):
+        kernels.conv2d(torch.zeros(1, 3, 4, 4), w, kernel_size=(3, 3))
+    with pytest.raises(ValueError, match="conv geometry"):
+        kernels.prepare(codes, torch.tensor(1.0), 3, conv=(4, (3, 3)))
 
 
 @needs_native
@@ -145,6 +207,26 @@ def test_torch_library_op() -> None:
     # torch.compile sees one op (fullgraph: no graph break on the ctypes call)
     fn = torch.compile(
         lambda t: kernels.linear(t, w, bias, "int8"), backend="eager", fullgraph=True
+    )
+    assert torch.equal(fn(x), want)
+
+
+@needs_native
+def test_torch_library_conv_op() -> None:
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 3, (8, 64 * 9), generator=g, dtype=torch.uint8)
+    scale, bias = torch.tensor(0.3), torch.randn(8, generator=g)
+    x = torch.randn(2, 64, 5, 6, generator=g)
+    w = kernels.prepare(codes, scale, 3, conv=(64, (3, 3)))
+    geometry = [3, 3, 1, 1, 1, 1, 1, 1]
+    args = (x, w.data, w.scale, bias, 64 * 9, w.kp, 3, w.bits, geometry, "int8", w.isa, 1)
+    torch.library.opcheck(torch.ops.lowbit.packed_conv2d.default, args)
+    kw = dict(kernel_size=(3, 3), padding=(1, 1))
+    want = reference.conv2d(x, codes, scale, 3, bias, activations="int8", **kw)
+    fn = torch.compile(
+        lambda t: kernels.conv2d(t, w, bias, activations="int8", **kw),
+        backend="eager",
+        fullgraph=True,
     )
     assert torch.equal(fn(x), want)
 
@@ -225,17 +307,3 @@ def test_concurrent_callers_and_empty_inputs() -> None:
     assert not bad
     assert kernels.linear(torch.zeros(0, 500), w, bias, "int8").shape == (0, 300)
     assert kernels.linear(torch.zeros(2, 0, 500), w, None, "fp32").shape == (2, 0, 300)
-
-
-@needs_native
-@pytest.mark.parametrize(
-    "shape,k,stride,padding,dilation",
-    [((2, 3, 11, 9), 3, (2, 1), (1, 1), (1, 1)), ((1, 4, 9, 10), 3, (1, 2), (0, 1), (2, 1))],
-)
-def test_im2col_is_unfold(shape, k, stride, padding, dilation) -> None:
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
-    want = torch.nn.functional.unfold(x, (k, k), dilation, padding, stride).transpose(1, 2)
-    want = want.reshape(-1, shape[1] * k * k)
-    for xin in (x, x.contiguous(memory_format=torch.channels_last)):  # any strides
-        cols, ho, wo = native.im2col(xin, (k, k), stride, padding, dilation)
-        assert torch.equal(cols, want) and ho * wo * shape[0] == want.shape[0]

@@ -65,6 +65,7 @@ class PreparedWeight:
         shape: tuple[int, int] | None = None,
         bits: int = 8,
         kp: int = 0,
+        conv: tuple[int, tuple[int, int]] | None = None,
     ) -> None:
         self._codes = codes
         self.scale = scale
@@ -73,6 +74,7 @@ class PreparedWeight:
         self.data = data
         self.bits = bits
         self.kp = kp
+        self.conv = conv  # (C_in, (kh, kw)): columns packed tap-major for the conv kernel
         self._shape = tuple(codes.shape) if shape is None else tuple(shape)
         # the C call's weight arguments, resolved once (the tensors live as long as self)
         self.call_args: tuple = ()
@@ -94,7 +96,8 @@ class PreparedWeight:
         """(N_out, K) uint8 storage codes (unpacked from the compute layout when not kept)."""
         if self._codes is not None:
             return self._codes
-        return native.unpack(self.data, self.bits, self._shape[1])
+        codes = native.unpack(self.data, self.bits, self._shape[1])
+        return codes if self.conv is None else native.channel_major(codes, *self.conv)
 
     def __repr__(self) -> str:
         n, k = self._shape
@@ -146,9 +149,17 @@ def backend() -> str:
 
 
 def prepare(
-    codes: torch.Tensor, scale: torch.Tensor, levels: int, *, isa: str | None = None
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    levels: int,
+    *,
+    isa: str | None = None,
+    conv: tuple[int, tuple[int, int]] | None = None,
 ) -> PreparedWeight:
-    """Convert storage codes (N_out, K) uint8 + scale () or (N_out,) to the compute layout."""
+    """Convert storage codes (N_out, K) uint8 + scale () or (N_out,) to the compute layout.
+
+    ``conv=(C_in, (kh, kw))`` prepares a convolution's weight (K = C_in*kh*kw in ``F.unfold``'s
+    column order) for ``conv2d``; such a weight is not a ``linear`` weight."""
     if codes.dim() != 2 or codes.dtype != torch.uint8:
         raise ValueError(
             f"codes must be a 2-D uint8 tensor, got {tuple(codes.shape)} {codes.dtype}"
@@ -168,9 +179,19 @@ def prepare(
         return PreparedWeight(codes.contiguous(), scale, levels)
     if codes.numel() and int(codes.max()) >= levels:
         raise ValueError(f"codes must be < levels={levels}, got a code {int(codes.max())}")
-    packed, kp = native.pack(codes, bits)
+    if conv is not None and conv[0] * conv[1][0] * conv[1][1] != codes.shape[1]:
+        raise ValueError(f"conv geometry {conv} does not match {codes.shape[1]} code columns")
+    packed, kp = native.pack(codes if conv is None else native.tap_major(codes, *conv), bits)
     return PreparedWeight(
-        None, scale, levels, f"native-{chosen}", packed, shape=tuple(codes.shape), bits=bits, kp=kp
+        None,
+        scale,
+        levels,
+        f"native-{chosen}",
+        packed,
+        shape=tuple(codes.shape),
+        bits=bits,
+        kp=kp,
+        conv=conv,
     )
 
 
@@ -230,6 +251,39 @@ def linear(
     return y.reshape(*x.shape[:-1], n)
 
 
+@torch.library.custom_op("lowbit::packed_conv2d", mutates_args=())
+def _packed_conv2d_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    kp: int,
+    levels: int,
+    bits: int,
+    geometry: list[int],
+    activations: str,
+    isa: str,
+    threads: int,
+) -> torch.Tensor:
+    """x (B, C_in, H, W) float32 -> (B, N_out, Ho, Wo) float32 (channels-last strides) with the
+    compiled kernels; geometry = kh, kw, sh, sw, ph, pw, dh, dw."""
+    wargs = native.weight_args(isa, packed, (packed.shape[0], k), kp, bits, levels, scale)
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    x = x.contiguous(memory_format=torch.channels_last)
+    return native.conv2d(
+        wargs, x, bias, (kh, kw), (sh, sw), (ph, pw), (dh, dw), activations, threads
+    )
+
+
+@_packed_conv2d_op.register_fake
+def _(x, packed, scale, bias, k, kp, levels, bits, geometry, activations, isa, threads):
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return x.new_empty((x.shape[0], ho, wo, packed.shape[0])).permute(0, 3, 1, 2)
+
+
 def conv2d(
     x: torch.Tensor,
     weight: PreparedWeight,
@@ -240,32 +294,59 @@ def conv2d(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
     activations: str = "fp32",
+    threads: int | None = None,
 ) -> torch.Tensor:
-    """A groups=1 convolution: x (B, C_in, H, W) -> (B, N_out, H', W'), with ``weight`` prepared
-    from codes (N_out, C_in*kH*kW): ``linear`` over im2col patches. With the native backend
-    the patches are written token-major by the C ``im2col`` in one pass (torch's unfold +
-    transpose cost more than the int8 GEMM itself) and the result is returned as a
-    channels-last view; otherwise ``reference.im2col_conv2d``."""
-    if weight.backend != "reference" and x.device.type == "cpu" and x.dim() == 4:
-        if x.dtype != torch.float32:
-            x = x.to(torch.float32)
-        if torch.compiler.is_compiling():  # torch's unfold traces; the C im2col does not
-            cols = torch.nn.functional.unfold(x, kernel_size, dilation, padding, stride)
-            ho = x.shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1
-            wo = x.shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1
-            ho, wo = ho // stride[0] + 1, wo // stride[1] + 1
-            cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        else:
-            cols, ho, wo = native.im2col(x, kernel_size, stride, padding, dilation)
-        y = linear(cols, weight, bias, activations)  # (B * Ho * Wo, C_out)
-        # (B, Ho, Wo, C_out) viewed as (B, C_out, Ho, Wo): channels-last strides, no copy
-        return y.reshape(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)
-    return reference.im2col_conv2d(
+    """A groups=1 convolution: x (B, C_in, H, W) -> (B, N_out, H', W'), ``weight`` prepared with
+    ``conv=(C_in, kernel_size)`` (or any reference-backend weight).
+
+    Native backend: the C kernel reads the image channels-last (a channels-last input, such as
+    the previous packed conv's output after ReLU/pooling, is read in place), so patches are
+    never copied out where C_in is a multiple of 64 (see the C file), and the result is a
+    channels-last (B, N_out, H', W') tensor. ``activations="int8"`` quantizes each image with
+    one absmax multiplier (``reference.conv2d``), exact integer dot products."""
+    if activations not in ACTIVATION_MODES:
+        modes = ", ".join(ACTIVATION_MODES)
+        raise ValueError(f"activations must be one of {modes}, got {activations!r}")
+    if weight.backend == "reference" or x.device.type != "cpu" or x.dim() != 4:
+        return reference.conv2d(
+            x,
+            weight.codes,
+            weight.scale,
+            weight.levels,
+            bias,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            activations=activations,
+        )
+    if weight.conv is None or weight.conv != (x.shape[1], tuple(kernel_size)):
+        raise ValueError(
+            f"weight was not prepared for this convolution (conv={weight.conv}, input channels "
+            f"{x.shape[1]}, kernel {tuple(kernel_size)}): prepare(..., conv=(C_in, kernel_size))"
+        )
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().to(torch.float32).contiguous()
+    if not torch.compiler.is_compiling():
+        # eager fast path: the same C call as the op, without the dispatcher's overhead
+        x = x.contiguous(memory_format=torch.channels_last)
+        return native.conv2d(
+            weight.call_args, x, bias, kernel_size, stride, padding, dilation, activations, threads
+        )
+    geometry = [*kernel_size, *stride, *padding, *dilation]
+    return torch.ops.lowbit.packed_conv2d(
         x,
-        lambda cols: linear(cols, weight, bias, activations),
-        weight.shape[0],
-        kernel_size,
-        stride,
-        padding,
-        dilation,
+        weight.data,
+        weight.scale,
+        bias,
+        weight.shape[1],
+        weight.kp,
+        weight.levels,
+        weight.bits,
+        geometry,
+        activations,
+        weight.isa,
+        threads or 0,
     )

@@ -159,8 +159,9 @@ def _variants(shape: Shape, batch: int, stream: bool, levels: tuple[int, ...], m
     for lv in levels:
         pb = _packed_bytes(n, k, lv)
         codes = torch.randint(0, lv, (n, k), generator=g, dtype=torch.uint8)
+        layout = {"conv": (shape.c_in, (shape.kernel,) * 2)} if conv else {}
         prepared = [
-            kernels.prepare(codes, torch.rand(n, generator=g) + 0.1, lv)
+            kernels.prepare(codes, torch.rand(n, generator=g) + 0.1, lv, **layout)
             for _ in range(_copies(pb, stream))
         ]
         for act in modes:

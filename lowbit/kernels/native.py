@@ -21,7 +21,7 @@ import os
 import torch
 
 ISAS = ("portable", "avx2", "avx512")
-ABI_VERSION = 3  # lb_version() of the C library this binding matches (layout, signatures)
+ABI_VERSION = 4  # lb_version() of the C library this binding matches (layout, signatures)
 MAX_LEVELS = 17
 
 _lib: ctypes.CDLL | None = None
@@ -45,8 +45,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lb_pack.restype = None
     lib.lb_quantize_i8.argtypes = [i32, p, i64, i64, i64, p, p, p]
     lib.lb_quantize_i8.restype = None
-    lib.lb_im2col.argtypes = [p, p, p, i32]
-    lib.lb_im2col.restype = None
+    lib.lb_conv2d.argtypes = [i32, i32, p, p, p, i64, i64, i32, i32, p, i32, p, p, i32]
+    lib.lb_conv2d.restype = i32
     linear_args = [i32, p, i64, i64, p, i64, i64, i32, i32, p, i32, p, p, i32]
     for fn in (lib.lb_linear_i8, lib.lb_linear_f32):
         fn.argtypes = linear_args
@@ -253,28 +253,58 @@ def call(
         raise MemoryError(f"packed linear ({m}x{k} by {n}x{k}) could not allocate its buffers")
 
 
-def im2col(
+def tap_major(codes: torch.Tensor, in_channels: int, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """Conv codes (N_out, C*kh*kw) in ``F.unfold``'s column order (channel, row, column) ->
+    (N_out, kh*kw*C) in the order the conv kernel reads an NHWC image (row, column, channel)."""
+    n = codes.shape[0]
+    return codes.reshape(n, in_channels, *kernel_size).permute(0, 2, 3, 1).reshape(n, -1)
+
+
+def channel_major(
+    codes: torch.Tensor, in_channels: int, kernel_size: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of ``tap_major``."""
+    n = codes.shape[0]
+    return codes.reshape(n, *kernel_size, in_channels).permute(0, 3, 1, 2).reshape(n, -1)
+
+
+def conv2d(
+    wargs: tuple,
     x: torch.Tensor,
+    bias: torch.Tensor | None,
     kernel_size: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
-    threads: int | None = None,
-) -> tuple[torch.Tensor, int, int]:
-    """x (B, C, H, W) float32, any strides -> (patches (B * Ho * Wo, C * kh * kw), Ho, Wo), the
-    rows of ``F.unfold(x, ...).transpose(1, 2)`` in one pass."""
-    lib = load()
-    assert lib is not None
+    activations: str,
+    threads: int | None,
+) -> torch.Tensor:
+    """x (B, C, H, W) float32 channels-last contiguous -> (B, N_out, Ho, Wo), a channels-last
+    view of the kernel's (B * Ho * Wo, N_out) output; weight packed from ``tap_major`` codes."""
+    isa, _, wptr, n, kp, bits, levels, sptr, per_channel = wargs[:9]
     b, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    out = torch.empty((b * max(ho, 0) * max(wo, 0), c * kh * kw), dtype=torch.float32)
-    if out.numel():
-        dims = torch.tensor(
-            [b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *x.stride()], dtype=torch.int64
+    y = torch.empty((b, max(ho, 0), max(wo, 0), n), dtype=torch.float32)
+    if y.numel():
+        dims = (ctypes.c_int64 * 14)(b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+        rc = _lib.lb_conv2d(  # type: ignore[union-attr]
+            isa,
+            int(activations == "int8"),
+            x.data_ptr(),
+            ctypes.addressof(dims),
+            wptr,
+            n,
+            kp,
+            bits,
+            levels,
+            sptr,
+            per_channel,
+            bias.data_ptr() if bias is not None else None,
+            y.data_ptr(),
+            threads or torch.get_num_threads(),
         )
-        lib.lb_im2col(
-            x.data_ptr(), dims.data_ptr(), out.data_ptr(), threads or torch.get_num_threads()
-        )
-    return out, ho, wo
+        if rc != 0:
+            raise MemoryError(f"packed conv2d on {tuple(x.shape)} could not allocate its buffers")
+    return y.permute(0, 3, 1, 2)

@@ -20,6 +20,10 @@ Two activation modes:
 
   This equals a layer trained with ``input_quantizer="absmax8"`` up to float rounding; on a
   weight-only-quantized layer it is an approximation (8-bit activations).
+
+  A convolution's token is the whole input image (``conv2d``): one multiplier ``a[b]`` per image
+  over (C, H, W), as ``QuantConv2d`` trains with absmax8, so every im2col patch of image ``b``
+  holds integers of the same scale and the dot products stay exact.
 """
 
 from __future__ import annotations
@@ -37,11 +41,29 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.T
     return (codes.to(torch.float32) - (levels - 1) / 2) * s
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax int8: x (..., K) -> (x_int (..., K) float32 integral in -127..127,
-    a (..., 1) the multiplier 127 / max|x|)."""
-    a = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+def quantize_activations(
+    x: torch.Tensor, dim: int | tuple[int, ...] = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax int8 over ``dim`` (the token): x -> (x_int float32 integral in -127..127, a the
+    multiplier 127 / max|x| with ``dim`` kept as size 1). Per token: x (..., K), a (..., 1)."""
+    a = 127.0 / x.abs().amax(dim=dim, keepdim=True).clamp(min=1e-5)
     return (x * a).round().clamp(-127, 127), a
+
+
+def _int8_linear(
+    x_int: torch.Tensor,
+    a: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    levels: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """acc = x_int (..., K) @ (2 c - (levels-1))^T exactly, y = acc * s / (2 a) + b."""
+    doubled = codes.to(torch.float64) * 2 - (levels - 1)  # (N_out, K), integral
+    acc = x_int.to(torch.float64) @ doubled.T  # exact: |acc| < 127 * 255 * K << 2**53
+    s = scale.to(torch.float64)
+    y = (acc * s / (2 * a.to(torch.float64))).to(torch.float32)
+    return y if bias is None else y + bias
 
 
 def linear(
@@ -57,12 +79,7 @@ def linear(
         return torch.nn.functional.linear(x, dequantize(codes, scale, levels), bias)
     if activations != "int8":
         raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}")
-    x_int, a = quantize_activations(x)
-    doubled = codes.to(torch.float64) * 2 - (levels - 1)  # (N_out, K), integral
-    acc = x_int.to(torch.float64) @ doubled.T  # exact: |acc| < 127 * 255 * K << 2**53
-    s = scale.to(torch.float64)
-    y = (acc * s / (2 * a.to(torch.float64))).to(torch.float32)
-    return y if bias is None else y + bias
+    return _int8_linear(*quantize_activations(x), codes, scale, levels, bias)
 
 
 def im2col_conv2d(
@@ -100,10 +117,24 @@ def conv2d(
     dilation: tuple[int, int] = (1, 1),
     activations: str = "fp32",
 ) -> torch.Tensor:
-    """The reference convolution: ``linear`` over im2col patches; codes (C_out, C_in*kH*kW)."""
+    """The reference convolution: ``linear`` over im2col patches; codes (C_out, C_in*kH*kW).
+
+    ``"int8"``: x (B, C, H, W) is quantized per image (``a`` (B, 1, 1, 1)), then the patches of
+    the integers go through the exact integer product with that image's multiplier."""
+    if activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}")
+    a = None
+    if activations == "int8":
+        x, a = quantize_activations(x, dim=(-3, -2, -1))  # a (B, 1, 1, 1)
+
+    def on_patches(cols: torch.Tensor) -> torch.Tensor:  # (B, L, K) -> (B, L, C_out)
+        if a is None:
+            return linear(cols, codes, scale, levels, bias)
+        return _int8_linear(cols, a.reshape(-1, 1, 1), codes, scale, levels, bias)
+
     return im2col_conv2d(
         x,
-        lambda cols: linear(cols, codes, scale, levels, bias, activations),
+        on_patches,
         codes.shape[0],
         kernel_size,
         stride,

@@ -62,9 +62,9 @@
 #define T256 __attribute__((target("avx2,fma")))
 
 enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
-enum { ROWS = 8 }; /* rows per thread work item */
+enum { ROWS = 8, MAX_CHUNK_TOKENS = 32 }; /* rows per block, tokens per work item */
 
-LB_EXPORT int lb_version(void) { return 3; }
+LB_EXPORT int lb_version(void) { return 4; }
 
 LB_EXPORT int lb_isa(void) {
     __builtin_cpu_init();
@@ -237,44 +237,38 @@ LB_INLINE void decode_group(const uint8_t *grp, int bits, uint8_t *dst /* 512/bi
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* Per-token int8 quantization of the activations                                            */
+/* int8 quantization of the activations                                                       */
 /* ---------------------------------------------------------------------------------------- */
 
-/* x (m, k) float32 -> q (m, kp) int8 zero-padded, a (m) the multipliers, sq (m) sum_k q. */
-LB_INLINE void quantize_row_generic(const float *x, int64_t k, int64_t kp, int8_t *q, float *a,
-                                    int32_t *sq) {
-    float mx = 0.0f;
-    for (int64_t i = 0; i < k; i++) {
-        const float v = fabsf(x[i]);
-        mx = v > mx ? v : mx;
-    }
-    /* torch evaluates the reference's 127 / m as reciprocal(m) * 127: same rounding here */
-    const float ai = (1.0f / (mx > 1e-5f ? mx : 1e-5f)) * 127.0f;
-    int32_t s = 0;
-    for (int64_t i = 0; i < k; i++) {
-        float v = rintf(x[i] * ai);
-        v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
-        q[i] = (int8_t)v;
-        s += (int32_t)v;
-    }
-    memset(q + k, 0, (size_t)(kp - k));
-    *a = ai;
-    *sq = s;
-}
+/* The absmax multiplier of n floats: a = (1 / max(max|x|, 1e-5)) * 127 (float32; torch evaluates
+ * the reference's 127 / m as reciprocal(m) * 127, so the same rounding here). */
+LB_INLINE float multiplier_of(float mx) { return (1.0f / (mx > 1e-5f ? mx : 1e-5f)) * 127.0f; }
 
-T512 static void quantize_row_512(const float *x, int64_t k, int64_t kp, int8_t *q, float *a,
-                                  int32_t *sq) {
+T512 static float absmax_512(const float *x, int64_t n) {
     __m512 vm = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= k; i += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    for (; i + 16 <= n; i += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
     float mx = _mm512_reduce_max_ps(vm);
-    for (; i < k; i++) mx = fmaxf(mx, fabsf(x[i]));
-    /* torch evaluates the reference's 127 / m as reciprocal(m) * 127: same rounding here */
-    const float ai = (1.0f / (mx > 1e-5f ? mx : 1e-5f)) * 127.0f;
-    const __m512 va = _mm512_set1_ps(ai), lo = _mm512_set1_ps(-127.0f),
-                 hi = _mm512_set1_ps(127.0f);
+    for (; i < n; i++) mx = fmaxf(mx, fabsf(x[i]));
+    return mx;
+}
+
+static float absmax_generic(const float *x, int64_t n) {
+    float mx = 0.0f;
+    for (int64_t i = 0; i < n; i++) mx = fmaxf(mx, fabsf(x[i]));
+    return mx;
+}
+
+static float absmax(int isa, const float *x, int64_t n) {
+    return isa == ISA_AVX512 ? absmax_512(x, n) : absmax_generic(x, n);
+}
+
+/* q[i] = clip(rint(x[i] * a), -127, 127) (round half to even) for n floats; returns sum q. */
+T512 static int32_t quantize_span_512(const float *x, int64_t n, float a, int8_t *q) {
+    const __m512 va = _mm512_set1_ps(a), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
     __m512i vs = _mm512_setzero_si512();
-    for (i = 0; i + 16 <= k; i += 16) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
         __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), va);
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
@@ -283,17 +277,32 @@ T512 static void quantize_row_512(const float *x, int64_t k, int64_t kp, int8_t 
         _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(vi));
     }
     int32_t s = _mm512_reduce_add_epi32(vs);
-    for (; i < k; i++) {
-        float v = rintf(x[i] * ai);
+    for (; i < n; i++) {
+        float v = rintf(x[i] * a);
         v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
         q[i] = (int8_t)v;
         s += (int32_t)v;
     }
-    memset(q + k, 0, (size_t)(kp - k));
-    *a = ai;
-    *sq = s;
+    return s;
 }
 
+static int32_t quantize_span_generic(const float *x, int64_t n, float a, int8_t *q) {
+    int32_t s = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float v = rintf(x[i] * a);
+        v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+        q[i] = (int8_t)v;
+        s += (int32_t)v;
+    }
+    return s;
+}
+
+static int32_t quantize_span(int isa, const float *x, int64_t n, float a, int8_t *q) {
+    return isa == ISA_AVX512 ? quantize_span_512(x, n, a, q) : quantize_span_generic(x, n, a, q);
+}
+
+/* Per-token: x (m, k) float32 -> q (m, kp) int8 zero-padded, a (m) the multipliers, sq (m)
+ * sum_k q. */
 typedef struct {
     int isa;
     const float *x;
@@ -307,11 +316,11 @@ static void quantize_chunk(const void *ctx, int64_t chunk) {
     const quant_job *j = ctx;
     const int64_t t1 = (chunk + 1) * j->per_chunk < j->m ? (chunk + 1) * j->per_chunk : j->m;
     for (int64_t t = chunk * j->per_chunk; t < t1; t++) {
-        if (j->isa == ISA_AVX512)
-            quantize_row_512(j->x + t * j->k, j->k, j->kp, j->q + t * j->kp, j->a + t, j->sq + t);
-        else
-            quantize_row_generic(j->x + t * j->k, j->k, j->kp, j->q + t * j->kp, j->a + t,
-                                 j->sq + t);
+        const float *xt = j->x + t * j->k;
+        int8_t *qt = j->q + t * j->kp;
+        j->a[t] = multiplier_of(absmax(j->isa, xt, j->k));
+        j->sq[t] = quantize_span(j->isa, xt, j->k, j->a[t], qt);
+        memset(qt + j->k, 0, (size_t)(j->kp - j->k));
     }
 }
 
@@ -334,13 +343,46 @@ LB_INLINE float rescale_i8(int32_t dot, int32_t sq, int levels, float a, float s
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* Activation addressing                                                                      */
+/* ---------------------------------------------------------------------------------------- */
+
+/* The tiles below never see a token as one row: the 64 activations that meet chunk c of the
+ * weight (codes k = 64c .. 64c+63) are read at xt[t] + coff[c], xt[t] the token's base pointer.
+ * A linear layer's tokens are rows (xt[t] = x + t * kp, coff[c] = 64 c); a convolution's are
+ * output pixels of a zero-padded NHWC image, its chunks (tap, 64 channels), so the patches are
+ * read in place (implicit GEMM) instead of being copied out by an im2col. Only the first `nch`
+ * chunks are read: the zero codes that pad K to whole groups are skipped. */
+
+/* ---------------------------------------------------------------------------------------- */
 /* int8 x packed dot products, AVX-512 VNNI                                                   */
 /* ---------------------------------------------------------------------------------------- */
 
-/* out[r*T + t] = sum_k c[row r, k] * q[token t, k] for R rows and T tokens. */
-LB_INLINE T512 void dots_512(const uint8_t *w, int64_t rowbytes, const int8_t *q, int64_t kp,
-                             int64_t ngroups, const int bits, const int R, const int T,
-                             int32_t *out) {
+/* The 16 horizontal sums of v[0..15], in one vector (lane i = sum of v[i]): pairs are merged
+ * inside 128-bit lanes (unpack + add), then across lanes (shuffle_i32x4 + add); 45 operations
+ * where 16 separate reductions take about 130. */
+LB_INLINE T512 __m512i reduce16_512(const __m512i *v) {
+    __m512i a[8], b[4];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                                _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) /* lane L of b[i]: the lane-L sums of v[4i .. 4i+3] */
+        b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]),
+                                _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
+    const int even = _MM_SHUFFLE(2, 0, 2, 0), odd = _MM_SHUFFLE(3, 1, 3, 1);
+    const __m512i c0 = _mm512_add_epi32(_mm512_shuffle_i32x4(b[0], b[1], even),
+                                        _mm512_shuffle_i32x4(b[0], b[1], odd));
+    const __m512i c1 = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2], b[3], even),
+                                        _mm512_shuffle_i32x4(b[2], b[3], odd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(c0, c1, even), _mm512_shuffle_i32x4(c0, c1, odd));
+}
+
+/* out[t*ROWS + r] = sum_k c[row r, k] * q[token t, k] for R rows and T tokens (every int8 tile
+ * writes token-major rows of ROWS outputs, the layout the rescale reads). */
+LB_INLINE T512 void dots_512(const uint8_t *w, int64_t rowbytes, const int8_t *const *xt,
+                             const int64_t *coff, int64_t nch, const int bits, const int R,
+                             const int T, int32_t *out) {
     __m512i acc[8][4];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
@@ -348,17 +390,18 @@ LB_INLINE T512 void dots_512(const uint8_t *w, int64_t rowbytes, const int8_t *q
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
     const __m512i lanemask = _mm512_set1_epi8((char)((1 << bits) - 1));
     const int sub = 8 / bits;
-    for (int64_t g = 0; g < ngroups; g++) {
+    for (int64_t g = 0, c0 = 0; c0 < nch; g++, c0 += sub) {
         const uint8_t *wg = w + g * 64;
-        const int8_t *qg = q + g * 512 / bits;
         __m512i p[8];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) p[r] = _mm512_loadu_si512(wg + r * rowbytes);
 #pragma GCC unroll 8
         for (int j = 0; j < sub; j++) {
+            if (c0 + j >= nch) break;
+            const int64_t o = coff[c0 + j];
             __m512i xv[4];
 #pragma GCC unroll 4
-            for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_si512(qg + t * kp + j * 64);
+            for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_si512(xt[t] + o);
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
                 const __m512i u = _mm512_and_si512(p[r], lanemask);
@@ -368,19 +411,31 @@ LB_INLINE T512 void dots_512(const uint8_t *w, int64_t rowbytes, const int8_t *q
             }
         }
     }
+    if (R * T == 16) {
+        __m512i v[16];
+        int32_t sums[16];
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++)
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) v[t * 4 + r] = acc[r][t];
+        _mm512_storeu_si512(sums, reduce16_512(v));
+        for (int t = 0; t < 4; t++) memcpy(out + t * ROWS, sums + t * 4, 4 * sizeof(int32_t));
+        return;
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-        for (int t = 0; t < T; t++) out[r * T + t] = _mm512_reduce_add_epi32(acc[r][t]);
+        for (int t = 0; t < T; t++) out[t * ROWS + r] = _mm512_reduce_add_epi32(acc[r][t]);
 }
 
 #define DEF_DOTS_512(B)                                                                          \
-    T512 static void dots_512_b##B(const uint8_t *w, int64_t rb, const int8_t *q, int64_t kp,    \
-                                   int64_t ng, int R, int T, int32_t *out) {                     \
-        if (R == 8 && T == 1) dots_512(w, rb, q, kp, ng, B, 8, 1, out);                          \
-        else if (R == 4 && T == 4) dots_512(w, rb, q, kp, ng, B, 4, 4, out);                     \
-        else if (R == 1 && T == 4) dots_512(w, rb, q, kp, ng, B, 1, 4, out);                     \
-        else dots_512(w, rb, q, kp, ng, B, 1, 1, out);                                           \
+    T512 static void dots_512_b##B(const uint8_t *w, int64_t rb, const int8_t *const *xt,        \
+                                   const int64_t *coff, int64_t nch, int R, int T,               \
+                                   int32_t *out) {                                               \
+        if (R == 8 && T == 1) dots_512(w, rb, xt, coff, nch, B, 8, 1, out);                      \
+        else if (R == 4 && T == 4) dots_512(w, rb, xt, coff, nch, B, 4, 4, out);                 \
+        else if (R == 1 && T == 4) dots_512(w, rb, xt, coff, nch, B, 1, 4, out);                 \
+        else dots_512(w, rb, xt, coff, nch, B, 1, 1, out);                                       \
     }
 DEF_DOTS_512(1)
 DEF_DOTS_512(2)
@@ -392,29 +447,33 @@ DEF_DOTS_512(4)
 
 /* Decode each row's group once, then take its dot with every token (vectorised by the
  * compiler from the omp simd reduction). */
-#define DEF_DOTS_GENERIC(NAME, ATTR)                                                             \
-    ATTR static void NAME(const uint8_t *w, int64_t rowbytes, const int8_t *q, int64_t kp,       \
-                          int64_t ngroups, int bits, int R, int T, int32_t *out) {               \
-        uint8_t dec[512];                                                                        \
-        const int gc = 512 / bits;                                                               \
-        for (int i = 0; i < R * T; i++) out[i] = 0;                                              \
-        for (int64_t g = 0; g < ngroups; g++) {                                                  \
-            for (int r = 0; r < R; r++) {                                                        \
-                decode_group(w + r * rowbytes + g * 64, bits, dec);                              \
-                for (int t = 0; t < T; t++) {                                                    \
-                    const int8_t *qg = q + t * kp + g * gc;                                      \
-                    int32_t s = 0;                                                               \
-                    _Pragma("omp simd reduction(+ : s)") for (int i = 0; i < gc; i++) s +=       \
-                        (int32_t)dec[i] * (int32_t)qg[i];                                        \
-                    out[r * T + t] += s;                                                         \
-                }                                                                                \
-            }                                                                                    \
-        }                                                                                        \
+static void dots_portable(const uint8_t *w, int64_t rowbytes, const int8_t *const *xt,
+                          const int64_t *coff, int64_t nch, int bits, int R, int T,
+                          int32_t *out) {
+    uint8_t dec[512];
+    const int sub = 8 / bits;
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[t * ROWS + r] = 0;
+    for (int64_t g = 0, c0 = 0; c0 < nch; g++, c0 += sub) {
+        const int nsub = nch - c0 < sub ? (int)(nch - c0) : sub;
+        for (int r = 0; r < R; r++) {
+            decode_group(w + r * rowbytes + g * 64, bits, dec);
+            for (int t = 0; t < T; t++) {
+                int32_t s = 0;
+                for (int j = 0; j < nsub; j++) {
+                    const int8_t *xc = xt[t] + coff[c0 + j];
+                    const uint8_t *dc = dec + j * 64;
+#pragma omp simd reduction(+ : s)
+                    for (int i = 0; i < 64; i++) s += (int32_t)dc[i] * (int32_t)xc[i];
+                }
+                out[t * ROWS + r] += s;
+            }
+        }
     }
-DEF_DOTS_GENERIC(dots_portable, )
+}
 
-typedef void (*dots_fn)(const uint8_t *, int64_t, const int8_t *, int64_t, int64_t, int, int,
-                        int32_t *);
+typedef void (*dots_fn)(const uint8_t *, int64_t, const int8_t *const *, const int64_t *,
+                        int64_t, int, int, int32_t *);
 
 /* ---------------------------------------------------------------------------------------- */
 /* int8 x packed dot products, AVX2 (no VNNI): vpmaddubsw u8 x s8 -> s16 pairs, vpmaddwd -> s32 */
@@ -422,9 +481,9 @@ typedef void (*dots_fn)(const uint8_t *, int64_t, const int8_t *, int64_t, int64
 
 /* The AVX-512 kernel's algorithm on 32-byte halves of each 64-byte group. Pairwise int16 sums
  * cannot saturate: 2 * 15 * 127 < 32767. */
-LB_INLINE T256 void dots_256(const uint8_t *w, int64_t rowbytes, const int8_t *q, int64_t kp,
-                             int64_t ngroups, const int bits, const int R, const int T,
-                             int32_t *out) {
+LB_INLINE T256 void dots_256(const uint8_t *w, int64_t rowbytes, const int8_t *const *xt,
+                             const int64_t *coff, int64_t nch, const int bits, const int R,
+                             const int T, int32_t *out) {
     __m256i acc[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
@@ -433,18 +492,19 @@ LB_INLINE T256 void dots_256(const uint8_t *w, int64_t rowbytes, const int8_t *q
     const __m256i lanemask = _mm256_set1_epi8((char)((1 << bits) - 1));
     const __m256i ones16 = _mm256_set1_epi16(1);
     const int sub = 8 / bits;
-    for (int64_t g = 0; g < ngroups; g++) {
+    for (int64_t g = 0, c0 = 0; c0 < nch; g++, c0 += sub) {
         for (int h = 0; h < 2; h++) {
             const uint8_t *wg = w + g * 64 + h * 32;
-            const int8_t *qg = q + g * 512 / bits + h * 32;
             __m256i p[4];
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++) p[r] = _mm256_loadu_si256((const __m256i *)(wg + r * rowbytes));
+            for (int r = 0; r < R; r++)
+                p[r] = _mm256_loadu_si256((const __m256i *)(wg + r * rowbytes));
             for (int j = 0; j < sub; j++) {
+                if (c0 + j >= nch) break;
+                const int64_t o = coff[c0 + j] + h * 32;
                 __m256i xv[4];
 #pragma GCC unroll 4
-                for (int t = 0; t < T; t++)
-                    xv[t] = _mm256_loadu_si256((const __m256i *)(qg + t * kp + j * 64));
+                for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_si256((const __m256i *)(xt[t] + o));
 #pragma GCC unroll 4
                 for (int r = 0; r < R; r++) {
                     const __m256i u = _mm256_and_si256(p[r], lanemask);
@@ -465,55 +525,52 @@ LB_INLINE T256 void dots_256(const uint8_t *w, int64_t rowbytes, const int8_t *q
             const __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc[r][t]),
                                             _mm256_extracti128_si256(acc[r][t], 1));
             const __m128i v2 = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e));
-            out[r * T + t] = _mm_cvtsi128_si32(_mm_add_epi32(v2, _mm_shuffle_epi32(v2, 0xb1)));
+            out[t * ROWS + r] = _mm_cvtsi128_si32(_mm_add_epi32(v2, _mm_shuffle_epi32(v2, 0xb1)));
         }
 }
 
-/* Rows in blocks of 4 (8-row requests run as two), any T handled as 4-token tiles + singles. */
+/* Rows in blocks of 4 (8-row requests run as two). */
 #define DEF_DOTS_256(B)                                                                          \
-    T256 static void dots_256_b##B(const uint8_t *w, int64_t rb, const int8_t *q, int64_t kp,    \
-                                   int64_t ng, int R, int T, int32_t *out) {                     \
+    T256 static void dots_256_b##B(const uint8_t *w, int64_t rb, const int8_t *const *xt,        \
+                                   const int64_t *coff, int64_t nch, int R, int T,               \
+                                   int32_t *out) {                                               \
         if (R == 8 && T == 1) {                                                                  \
-            dots_256(w, rb, q, kp, ng, B, 4, 1, out);                                            \
-            dots_256(w + 4 * rb, rb, q, kp, ng, B, 4, 1, out + 4);                               \
-        } else if (R == 4 && T == 4) dots_256(w, rb, q, kp, ng, B, 4, 4, out);                   \
-        else if (R == 1 && T == 4) dots_256(w, rb, q, kp, ng, B, 1, 4, out);                     \
-        else dots_256(w, rb, q, kp, ng, B, 1, 1, out);                                           \
+            dots_256(w, rb, xt, coff, nch, B, 4, 1, out);                                        \
+            dots_256(w + 4 * rb, rb, xt, coff, nch, B, 4, 1, out + 4);                           \
+        } else if (R == 4 && T == 4) dots_256(w, rb, xt, coff, nch, B, 4, 4, out);               \
+        else if (R == 1 && T == 4) dots_256(w, rb, xt, coff, nch, B, 1, 4, out);                 \
+        else dots_256(w, rb, xt, coff, nch, B, 1, 1, out);                                       \
     }
 DEF_DOTS_256(1)
 DEF_DOTS_256(2)
 DEF_DOTS_256(4)
 
-static void dots_lanes(int isa, const uint8_t *w, int64_t rb, const int8_t *q, int64_t kp,
-                       int lanes, int R, int T, int32_t *out) {
-    const int64_t ng = kp * lanes / 512;
-    if (isa == ISA_AVX512) {
-        switch (lanes) {
-        case 1: dots_512_b1(w, rb, q, kp, ng, R, T, out); return;
-        case 2: dots_512_b2(w, rb, q, kp, ng, R, T, out); return;
-        default: dots_512_b4(w, rb, q, kp, ng, R, T, out); return;
-        }
-    }
-    if (isa == ISA_AVX2) {
-        switch (lanes) {
-        case 1: dots_256_b1(w, rb, q, kp, ng, R, T, out); return;
-        case 2: dots_256_b2(w, rb, q, kp, ng, R, T, out); return;
-        default: dots_256_b4(w, rb, q, kp, ng, R, T, out); return;
-        }
-    }
-    dots_portable(w, rb, q, kp, ng, lanes, R, T, out);
+static void dots_lanes(int isa, const uint8_t *w, int64_t rb, const int8_t *const *xt,
+                       const int64_t *coff, int64_t nch, int lanes, int R, int T, int32_t *out) {
+    static const dots_fn table[2][3] = {
+        {dots_256_b1, dots_256_b2, dots_256_b4},
+        {dots_512_b1, dots_512_b2, dots_512_b4},
+    };
+    const int li = lanes == 1 ? 0 : (lanes == 2 ? 1 : 2);
+    if (isa == ISA_AVX512 || isa == ISA_AVX2)
+        table[isa == ISA_AVX512][li](w, rb, xt, coff, nch, R, T, out);
+    else
+        dots_portable(w, rb, xt, coff, nch, lanes, R, T, out);
 }
 
-static void dots_dispatch(int isa, const uint8_t *w, int64_t rb, const int8_t *q, int64_t kp,
-                          int bits, int R, int T, int32_t *out) {
+/* bits = 5 (N = 17): c = lo + 16 hi, the low nibbles' row then the high bits' row. */
+static void dots_dispatch(int isa, const uint8_t *w, int64_t rb, int64_t kp,
+                          const int8_t *const *xt, const int64_t *coff, int64_t nch, int bits,
+                          int R, int T, int32_t *out) {
     if (bits != 5) {
-        dots_lanes(isa, w, rb, q, kp, bits, R, T, out);
+        dots_lanes(isa, w, rb, xt, coff, nch, bits, R, T, out);
         return;
     }
-    int32_t hi[32];
-    dots_lanes(isa, w, rb, q, kp, 4, R, T, out);
-    dots_lanes(isa, w + kp / 2, rb, q, kp, 1, R, T, hi);
-    for (int i = 0; i < R * T; i++) out[i] += 16 * hi[i];
+    int32_t hi[4 * ROWS];
+    dots_lanes(isa, w, rb, xt, coff, nch, 4, R, T, out);
+    dots_lanes(isa, w + kp / 2, rb, xt, coff, nch, 1, R, T, hi);
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < R; r++) out[t * ROWS + r] += 16 * hi[t * ROWS + r];
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -524,9 +581,9 @@ static void dots_dispatch(int isa, const uint8_t *w, int64_t rb, const int8_t *q
  * zero-extended to dwords (vpmovzxbd), shifted so their lane is in the low bits, and looked up
  * in `table` (table[i] = value of code i mod 2^B, so the bits of the neighbouring lanes above are
  * ignored by vpermps, which reads only 4 index bits). */
-LB_INLINE T512 void f32tile_512(const uint8_t *w, int64_t rowbytes, const float *x, int64_t kp,
-                                int64_t ngroups, const int bits, const float *table, const int R,
-                                const int T, float *out) {
+LB_INLINE T512 void f32tile_512(const uint8_t *w, int64_t rowbytes, const float *const *xt,
+                                const int64_t *coff, int64_t nch, const int bits,
+                                const float *table, const int R, const int T, float *out) {
     __m512 acc[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
@@ -534,16 +591,17 @@ LB_INLINE T512 void f32tile_512(const uint8_t *w, int64_t rowbytes, const float 
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
     const __m512 lut = _mm512_loadu_ps(table);
     const int sub = 8 / bits;
-    for (int64_t g = 0; g < ngroups; g++) {
+    for (int64_t g = 0, c0 = 0; c0 < nch; g++, c0 += sub) {
         const uint8_t *wg = w + g * 64;
         for (int j = 0; j < sub; j++) {
+            if (c0 + j >= nch) break;
             const __m512i shift = _mm512_set1_epi32(j * bits);
+            const int64_t o = coff[c0 + j];
 #pragma GCC unroll 4
             for (int qq = 0; qq < 4; qq++) {
-                const int64_t koff = g * (512 / bits) + j * 64 + qq * 16;
                 __m512 xv[4];
 #pragma GCC unroll 4
-                for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(x + t * kp + koff);
+                for (int t = 0; t < T; t++) xv[t] = _mm512_loadu_ps(xt[t] + o + qq * 16);
 #pragma GCC unroll 4
                 for (int r = 0; r < R; r++) {
                     __m512i idx = _mm512_cvtepu8_epi32(
@@ -563,12 +621,13 @@ LB_INLINE T512 void f32tile_512(const uint8_t *w, int64_t rowbytes, const float 
 }
 
 #define DEF_F32_512(B)                                                                           \
-    T512 static void f32_512_b##B(const uint8_t *w, int64_t rb, const float *x, int64_t kp,      \
-                                  int64_t ng, const float *lut, int R, int T, float *out) {       \
-        if (R == 4 && T == 4) f32tile_512(w, rb, x, kp, ng, B, lut, 4, 4, out);                  \
-        else if (R == 4 && T == 1) f32tile_512(w, rb, x, kp, ng, B, lut, 4, 1, out);             \
-        else if (R == 1 && T == 4) f32tile_512(w, rb, x, kp, ng, B, lut, 1, 4, out);             \
-        else f32tile_512(w, rb, x, kp, ng, B, lut, 1, 1, out);                                   \
+    T512 static void f32_512_b##B(const uint8_t *w, int64_t rb, const float *const *xt,          \
+                                  const int64_t *coff, int64_t nch, const float *lut, int R,     \
+                                  int T, float *out) {                                           \
+        if (R == 4 && T == 4) f32tile_512(w, rb, xt, coff, nch, B, lut, 4, 4, out);              \
+        else if (R == 4 && T == 1) f32tile_512(w, rb, xt, coff, nch, B, lut, 4, 1, out);         \
+        else if (R == 1 && T == 4) f32tile_512(w, rb, xt, coff, nch, B, lut, 1, 4, out);         \
+        else f32tile_512(w, rb, xt, coff, nch, B, lut, 1, 1, out);                               \
     }
 DEF_F32_512(1)
 DEF_F32_512(2)
@@ -577,22 +636,26 @@ DEF_F32_512(4)
 /* fp32 generic C: each row's group is decoded to float levels (c - (N-1)/2, exact), then dotted
  * with every token in float32 (the compiler vectorises the omp simd reduction). */
 #define DEF_F32(NAME, ATTR)                                                                      \
-    ATTR static void NAME(const uint8_t *w, int64_t rowbytes, const float *x, int64_t kp,        \
-                          int64_t ngroups, int bits, float mul, float half, int R, int T,        \
-                          float *out) {                                                          \
+    ATTR static void NAME(const uint8_t *w, int64_t rowbytes, const float *const *xt,            \
+                          const int64_t *coff, int64_t nch, int bits, float mul, float half,     \
+                          int R, int T, float *out) {                                            \
         uint8_t dec[512];                                                                        \
         float lev[512];                                                                          \
-        const int gc = 512 / bits;                                                               \
+        const int sub = 8 / bits;                                                                \
         for (int i = 0; i < R * T; i++) out[i] = 0.0f;                                           \
-        for (int64_t g = 0; g < ngroups; g++) {                                                  \
+        for (int64_t g = 0, c0 = 0; c0 < nch; g++, c0 += sub) {                                  \
+            const int nsub = nch - c0 < sub ? (int)(nch - c0) : sub;                             \
             for (int r = 0; r < R; r++) {                                                        \
                 decode_group(w + r * rowbytes + g * 64, bits, dec);                              \
-                for (int i = 0; i < gc; i++) lev[i] = (float)dec[i] * mul - half;                \
+                for (int i = 0; i < 64 * nsub; i++) lev[i] = (float)dec[i] * mul - half;         \
                 for (int t = 0; t < T; t++) {                                                    \
-                    const float *xg = x + t * kp + g * gc;                                       \
                     float s = 0.0f;                                                              \
-                    _Pragma("omp simd reduction(+ : s)") for (int i = 0; i < gc; i++) s +=       \
-                        lev[i] * xg[i];                                                          \
+                    for (int j = 0; j < nsub; j++) {                                             \
+                        const float *xc = xt[t] + coff[c0 + j];                                  \
+                        const float *lc = lev + j * 64;                                          \
+                        _Pragma("omp simd reduction(+ : s)") for (int i = 0; i < 64; i++) s +=   \
+                            lc[i] * xc[i];                                                       \
+                    }                                                                            \
                     out[r * T + t] += s;                                                         \
                 }                                                                                \
             }                                                                                    \
@@ -602,22 +665,24 @@ DEF_F32(f32_avx2, T256)
 DEF_F32(f32_portable, )
 
 /* ---------------------------------------------------------------------------------------- */
-/* The linear drivers: chunks of output rows, 8-row blocks, 4-token tiles                     */
+/* The GEMM driver: (token block, row block) chunks, 8-row blocks, 4-token tiles              */
 /* ---------------------------------------------------------------------------------------- */
 
 typedef struct {
     int isa, bits, levels, per_channel;
-    int64_t m, n, k, kp, rowbytes, rows_per_chunk;
+    int64_t m, n, kp, nch, rowbytes;
+    int64_t tokens_per_chunk, token_chunks, rows_per_chunk;
     const uint8_t *w;
     const float *scale, *bias;
     float *y;
-    const int8_t *q; /* int8: quantized tokens (m, kp), multipliers, token sums */
+    const int64_t *toff, *coff; /* token t, chunk c at act + toff[t] + coff[c] (elements) */
+    const int8_t *q;            /* int8: quantized activations, multiplier and sum per token */
     const float *a;
     const int32_t *sq;
-    const float *xp; /* fp32: zero-padded tokens (m, kp), level table */
+    const float *x; /* fp32: activations, level tables */
     const float *lut, *lut_hi;
     float half;
-} lin_job;
+} gemm_job;
 
 static void *xalloc(size_t bytes) {
     void *p = NULL;
@@ -625,205 +690,390 @@ static void *xalloc(size_t bytes) {
     return p;
 }
 
+static void chunk_bounds(const gemm_job *j, int64_t chunk, int64_t *t0, int64_t *t1, int64_t *r0,
+                         int64_t *r1) {
+    const int64_t tc = chunk % j->token_chunks, rc = chunk / j->token_chunks;
+    *t0 = tc * j->tokens_per_chunk;
+    *t1 = *t0 + j->tokens_per_chunk < j->m ? *t0 + j->tokens_per_chunk : j->m;
+    *r0 = rc * j->rows_per_chunk;
+    *r1 = *r0 + j->rows_per_chunk < j->n ? *r0 + j->rows_per_chunk : j->n;
+}
+
+/* y[0..nr) = float((2 dot - (N-1) sq) * s / (2 a)) + b for one token and up to 8 rows: the
+ * reference's float64 operations, 8 rows a vector (each step is exact or rounds as the scalar
+ * one does: the integers stay below 2^53). */
+T512 static void rescale_512(const int32_t *dot, int nr, int32_t sq, int levels, float a,
+                             const float *s, float s0, const float *bias, float *y) {
+    const __mmask8 m = (__mmask8)((1u << nr) - 1u);
+    __m512d d = _mm512_cvtepi32_pd(_mm256_maskz_loadu_epi32(m, dot));
+    d = _mm512_sub_pd(_mm512_add_pd(d, d), _mm512_set1_pd((double)(levels - 1) * (double)sq));
+    const __m512d sv = s ? _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, s)) : _mm512_set1_pd(s0);
+    d = _mm512_div_pd(_mm512_mul_pd(d, sv), _mm512_set1_pd(2.0 * (double)a));
+    __m256 v = _mm512_cvtpd_ps(d);
+    if (bias) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(m, bias));
+    _mm256_mask_storeu_ps(y, m, v);
+}
+
+static void rescale_generic(const int32_t *dot, int nr, int32_t sq, int levels, float a,
+                            const float *s, float s0, const float *bias, float *y) {
+    for (int r = 0; r < nr; r++) {
+        const float v = rescale_i8(dot[r], sq, levels, a, s ? s[r] : s0);
+        y[r] = bias ? v + bias[r] : v;
+    }
+}
+
 static void i8_chunk(const void *ctx, int64_t chunk) {
-    const lin_job *j = ctx;
-    const int64_t rb = j->rowbytes, kp = j->kp, n = j->n, m = j->m;
-    const int64_t rend = (chunk + 1) * j->rows_per_chunk < n ? (chunk + 1) * j->rows_per_chunk : n;
-    for (int64_t r0 = chunk * j->rows_per_chunk; r0 < rend; r0 += ROWS) {
-        const int64_t nr = rend - r0 < ROWS ? rend - r0 : ROWS;
-        const uint8_t *w = j->w + r0 * rb;
-        int32_t dots[ROWS * 4];
+    const gemm_job *j = ctx;
+    const int64_t rb = j->rowbytes, n = j->n;
+    int64_t t0, t1, r0, r1;
+    chunk_bounds(j, chunk, &t0, &t1, &r0, &r1);
+    int32_t dots[MAX_CHUNK_TOKENS * ROWS]; /* token-major: dots[(t - t0) * ROWS + r] */
+    for (int64_t rr = r0; rr < r1; rr += ROWS) {
+        const int nr = r1 - rr < ROWS ? (int)(r1 - rr) : ROWS;
+        const uint8_t *w = j->w + rr * rb;
         int nt = 1;
-        for (int64_t t0 = 0; t0 < m; t0 += nt) {
-            nt = m - t0 >= 4 ? 4 : 1; /* 4-token tiles, then single tokens */
-            const int8_t *qt = j->q + t0 * kp;
+        for (int64_t t = t0; t < t1; t += nt) {
+            nt = t1 - t >= 4 ? 4 : 1; /* 4-token tiles, then single tokens */
+            const int8_t *xt[4];
+            for (int i = 0; i < nt; i++) xt[i] = j->q + j->toff[t + i];
+            int32_t *out = dots + (t - t0) * ROWS;
+#define DOTS(W, R, T, OUT) dots_dispatch(j->isa, W, rb, j->kp, xt, j->coff, j->nch, j->bits, R, T, OUT)
             if (nr == ROWS && nt == 1) {
-                dots_dispatch(j->isa, w, rb, qt, kp, j->bits, 8, 1, dots);
+                DOTS(w, 8, 1, out);
             } else if (nr == ROWS) {
-                dots_dispatch(j->isa, w, rb, qt, kp, j->bits, 4, 4, dots);
-                dots_dispatch(j->isa, w + 4 * rb, rb, qt, kp, j->bits, 4, 4, dots + 16);
+                DOTS(w, 4, 4, out);
+                DOTS(w + 4 * rb, 4, 4, out + 4);
             } else {
-                for (int r = 0; r < nr; r++)
-                    dots_dispatch(j->isa, w + r * rb, rb, qt, kp, j->bits, 1, nt, dots + r * nt);
+                for (int r = 0; r < nr; r++) DOTS(w + r * rb, 1, nt, out + r);
             }
-            for (int r = 0; r < nr; r++) {
-                const int64_t row = r0 + r;
-                const float s = j->per_channel ? j->scale[row] : j->scale[0];
-                for (int t = 0; t < nt; t++) {
-                    float v = rescale_i8(dots[r * nt + t], j->sq[t0 + t], j->levels, j->a[t0 + t], s);
-                    if (j->bias) v += j->bias[row];
-                    j->y[(t0 + t) * n + row] = v;
-                }
-            }
+#undef DOTS
+        }
+        const float *s = j->per_channel ? j->scale + rr : NULL;
+        const float *bias = j->bias ? j->bias + rr : NULL;
+        for (int64_t t = t0; t < t1; t++) {
+            const int32_t *d = dots + (t - t0) * ROWS;
+            float *y = j->y + t * n + rr;
+            if (j->isa == ISA_AVX512)
+                rescale_512(d, nr, j->sq[t], j->levels, j->a[t], s, j->scale[0], bias, y);
+            else
+                rescale_generic(d, nr, j->sq[t], j->levels, j->a[t], s, j->scale[0], bias, y);
         }
     }
 }
 
 /* One tile over a lane layout: table (AVX-512) or value = code * mul - half (generic). */
-static void f32_lanes(const lin_job *j, const uint8_t *w, const float *xt, int lanes,
+static void f32_lanes(const gemm_job *j, const uint8_t *w, const float *const *xt, int lanes,
                       const float *table, float mul, float half, int R, int T, float *acc) {
-    const int64_t rb = j->rowbytes, kp = j->kp, ng = kp * lanes / 512;
+    const int64_t rb = j->rowbytes;
     if (j->isa == ISA_AVX512) {
         switch (lanes) {
-        case 1: f32_512_b1(w, rb, xt, kp, ng, table, R, T, acc); return;
-        case 2: f32_512_b2(w, rb, xt, kp, ng, table, R, T, acc); return;
-        default: f32_512_b4(w, rb, xt, kp, ng, table, R, T, acc); return;
+        case 1: f32_512_b1(w, rb, xt, j->coff, j->nch, table, R, T, acc); return;
+        case 2: f32_512_b2(w, rb, xt, j->coff, j->nch, table, R, T, acc); return;
+        default: f32_512_b4(w, rb, xt, j->coff, j->nch, table, R, T, acc); return;
         }
     }
     if (j->isa == ISA_AVX2)
-        f32_avx2(w, rb, xt, kp, ng, lanes, mul, half, R, T, acc);
+        f32_avx2(w, rb, xt, j->coff, j->nch, lanes, mul, half, R, T, acc);
     else
-        f32_portable(w, rb, xt, kp, ng, lanes, mul, half, R, T, acc);
+        f32_portable(w, rb, xt, j->coff, j->nch, lanes, mul, half, R, T, acc);
 }
 
-static void f32_tile(const lin_job *j, const uint8_t *w, const float *xt, int R, int T, float *acc) {
+static void f32_tile(const gemm_job *j, const uint8_t *w, const float *const *xt, int R, int T,
+                     float *acc) {
     if (j->bits != 5) {
         f32_lanes(j, w, xt, j->bits, j->lut, 1.0f, j->half, R, T, acc);
         return;
     }
     float hi[16];
-    f32_lanes(j, w, xt, 4, j->lut, 1.0f, j->half, R, T, acc);         /* lo - (N-1)/2 */
+    f32_lanes(j, w, xt, 4, j->lut, 1.0f, j->half, R, T, acc);             /* lo - (N-1)/2 */
     f32_lanes(j, w + j->kp / 2, xt, 1, j->lut_hi, 16.0f, 0.0f, R, T, hi); /* 16 hi */
     for (int i = 0; i < R * T; i++) acc[i] += hi[i];
 }
 
 static void f32_chunk(const void *ctx, int64_t chunk) {
-    const lin_job *j = ctx;
-    const int64_t rb = j->rowbytes, n = j->n, m = j->m;
-    const int64_t rend = (chunk + 1) * j->rows_per_chunk < n ? (chunk + 1) * j->rows_per_chunk : n;
-    for (int64_t r0 = chunk * j->rows_per_chunk; r0 < rend; r0 += 4) {
-        const int nr = rend - r0 < 4 ? (int)(rend - r0) : 4;
+    const gemm_job *j = ctx;
+    const int64_t rb = j->rowbytes, n = j->n;
+    int64_t t0, t1, r0, r1;
+    chunk_bounds(j, chunk, &t0, &t1, &r0, &r1);
+    for (int64_t rr = r0; rr < r1; rr += 4) {
+        const int nr = r1 - rr < 4 ? (int)(r1 - rr) : 4;
         float acc[16];
         int nt = 1;
-        for (int64_t t0 = 0; t0 < m; t0 += nt) {
-            nt = m - t0 >= 4 ? 4 : 1;
-            const float *xt = j->xp + t0 * j->kp;
+        for (int64_t t = t0; t < t1; t += nt) {
+            nt = t1 - t >= 4 ? 4 : 1;
+            const float *xt[4];
+            for (int i = 0; i < nt; i++) xt[i] = j->x + j->toff[t + i];
             if (nr == 4) {
-                f32_tile(j, j->w + r0 * rb, xt, 4, nt, acc);
+                f32_tile(j, j->w + rr * rb, xt, 4, nt, acc);
             } else {
-                for (int r = 0; r < nr; r++) f32_tile(j, j->w + (r0 + r) * rb, xt, 1, nt, acc + r * nt);
+                for (int r = 0; r < nr; r++) f32_tile(j, j->w + (rr + r) * rb, xt, 1, nt, acc + r * nt);
             }
             for (int r = 0; r < nr; r++) {
-                const int64_t row = r0 + r;
+                const int64_t row = rr + r;
                 const float s = j->per_channel ? j->scale[row] : j->scale[0];
-                for (int t = 0; t < nt; t++) {
-                    float v = acc[r * nt + t] * s;
+                for (int i = 0; i < nt; i++) {
+                    float v = acc[r * nt + i] * s;
                     if (j->bias) v += j->bias[row];
-                    j->y[(t0 + t) * n + row] = v;
+                    j->y[(t + i) * n + row] = v;
                 }
             }
         }
     }
 }
 
-static lin_job make_job(int isa, int64_t m, int64_t k, const uint8_t *w, int64_t n, int64_t kp,
-                        int bits, int levels, const float *scale, int per_channel,
-                        const float *bias, float *y, int *nthreads) {
-    lin_job j;
+static gemm_job make_job(int isa, int64_t m, int64_t k, const uint8_t *w, int64_t n, int64_t kp,
+                         int bits, int levels, const float *scale, int per_channel,
+                         const float *bias, float *y, int *nthreads) {
+    gemm_job j;
     memset(&j, 0, sizeof j);
     j.isa = isa, j.bits = bits, j.levels = levels, j.per_channel = per_channel;
-    j.m = m, j.n = n, j.k = k, j.kp = kp, j.w = w, j.scale = scale, j.bias = bias, j.y = y;
+    j.m = m, j.n = n, j.kp = kp, j.w = w, j.scale = scale, j.bias = bias, j.y = y;
+    j.nch = (k + 63) / 64;
     j.rowbytes = kp * bits / 8;
-    if ((double)m * (double)n * (double)k < 2.0e5 || n < 2 * ROWS) *nthreads = 1;
-    /* about 4 chunks a thread, whole 8-row blocks */
+    if ((double)m * (double)n * (double)k < 2.0e5) *nthreads = 1;
+    /* Tokens in blocks of 32 (a block's activations stay in L1/L2 while every row block passes
+     * over them), rows split further until there are about 4 chunks a thread; whole 8-row
+     * blocks. */
+    j.tokens_per_chunk = m < MAX_CHUNK_TOKENS ? (m > 0 ? m : 1) : MAX_CHUNK_TOKENS;
+    j.token_chunks = (m + j.tokens_per_chunk - 1) / j.tokens_per_chunk;
+    if (j.token_chunks < 1) j.token_chunks = 1;
     const int64_t nblocks = (n + ROWS - 1) / ROWS;
-    int64_t per = nblocks / (4 * (int64_t)*nthreads);
-    j.rows_per_chunk = ROWS * (per > 0 ? per : 1);
+    int64_t row_chunks = (4 * (int64_t)*nthreads + j.token_chunks - 1) / j.token_chunks;
+    row_chunks = row_chunks < 1 ? 1 : (row_chunks > nblocks ? nblocks : row_chunks);
+    j.rows_per_chunk = ROWS * ((nblocks + row_chunks - 1) / row_chunks);
     return j;
+}
+
+static int64_t job_chunks(const gemm_job *j) {
+    return j->token_chunks * ((j->n + j->rows_per_chunk - 1) / j->rows_per_chunk);
+}
+
+static void set_f32_tables(gemm_job *j, float *lut, float *lut_hi) {
+    j->half = (float)(j->levels - 1) / 2.0f;
+    const int lanemask = j->bits == 5 ? 15 : (1 << j->bits) - 1;
+    for (int i = 0; i < 16; i++) {
+        lut[i] = (float)(i & lanemask) - j->half; /* exact */
+        lut_hi[i] = (float)(16 * (i & 1));
+    }
+    j->lut = lut, j->lut_hi = lut_hi;
+}
+
+/* Offsets of tokens laid out as rows of `stride` elements, and of consecutive chunks. */
+static int64_t *row_offsets(int64_t count, int64_t stride) {
+    int64_t *off = xalloc((size_t)(count > 0 ? count : 1) * sizeof(int64_t));
+    if (off)
+        for (int64_t i = 0; i < count; i++) off[i] = i * stride;
+    return off;
 }
 
 /* Returns 0 on success, -1 when out of memory. */
 LB_EXPORT int lb_linear_i8(int isa, const float *x, int64_t m, int64_t k, const uint8_t *w,
                            int64_t n, int64_t kp, int bits, int levels, const float *scale,
                            int per_channel, const float *bias, float *y, int nthreads) {
-    lin_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
+    gemm_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
     int8_t *q = xalloc((size_t)(m * kp + 64));
     float *a = xalloc((size_t)m * sizeof(float));
     int32_t *sq = xalloc((size_t)m * sizeof(int32_t));
-    if (!q || !a || !sq) {
-        free(q), free(a), free(sq);
-        return -1;
+    int64_t *toff = row_offsets(m, kp), *coff = row_offsets(j.nch, 64);
+    int rc = -1;
+    if (q && a && sq && toff && coff) {
+        quantize_rows(isa, x, m, k, kp, q, a, sq, nthreads);
+        j.q = q, j.a = a, j.sq = sq, j.toff = toff, j.coff = coff;
+        parallel_for(i8_chunk, &j, job_chunks(&j), nthreads);
+        rc = 0;
     }
-    quantize_rows(isa, x, m, k, kp, q, a, sq, nthreads);
-    j.q = q, j.a = a, j.sq = sq;
-    parallel_for(i8_chunk, &j, (n + j.rows_per_chunk - 1) / j.rows_per_chunk, nthreads);
-    free(q), free(a), free(sq);
-    return 0;
+    free(q), free(a), free(sq), free(toff), free(coff);
+    return rc;
 }
 
 LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const uint8_t *w,
                             int64_t n, int64_t kp, int bits, int levels, const float *scale,
                             int per_channel, const float *bias, float *y, int nthreads) {
-    lin_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
-    float *xp = xalloc((size_t)(m * kp) * sizeof(float));
+    gemm_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
+    /* rows padded to a whole chunk: the tiles read 64 floats per chunk */
+    const int64_t kc = j.nch * 64;
+    float *xp = xalloc((size_t)(m * kc) * sizeof(float));
+    int64_t *toff = row_offsets(m, kc), *coff = row_offsets(j.nch, 64);
     float lut[16], lut_hi[16];
-    if (!xp) return -1;
-    for (int64_t t = 0; t < m; t++) {
-        memcpy(xp + t * kp, x + t * k, (size_t)k * sizeof(float));
-        memset(xp + t * kp + k, 0, (size_t)(kp - k) * sizeof(float));
+    int rc = -1;
+    if (xp && toff && coff) {
+        for (int64_t t = 0; t < m; t++) {
+            memcpy(xp + t * kc, x + t * k, (size_t)k * sizeof(float));
+            memset(xp + t * kc + k, 0, (size_t)(kc - k) * sizeof(float));
+        }
+        set_f32_tables(&j, lut, lut_hi);
+        j.x = xp, j.toff = toff, j.coff = coff;
+        parallel_for(f32_chunk, &j, job_chunks(&j), nthreads);
+        rc = 0;
     }
-    j.half = (float)(levels - 1) / 2.0f;
-    const int lanemask = bits == 5 ? 15 : (1 << bits) - 1;
-    for (int i = 0; i < 16; i++) {
-        lut[i] = (float)(i & lanemask) - j.half; /* exact */
-        lut_hi[i] = (float)(16 * (i & 1));
-    }
-    j.xp = xp, j.lut = lut, j.lut_hi = lut_hi;
-    parallel_for(f32_chunk, &j, (n + j.rows_per_chunk - 1) / j.rows_per_chunk, nthreads);
-    free(xp);
-    return 0;
+    free(xp), free(toff), free(coff);
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* im2col: x (B, C, H, W) with any strides -> patches (B * Ho * Wo, C * kh * kw), token-major */
+/* Convolution: NHWC input, weight columns in (kernel row, kernel column, channel) order      */
 /* ---------------------------------------------------------------------------------------- */
 
-/* Row t = (b, ho, wo) of the output holds x[b, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw] at
- * column (c * kh + i) * kw + j (F.unfold's order, the order of weight.reshape(C_out, -1)),
- * zero outside the image. Written directly in the layout the linear kernels read, which saves
- * torch's unfold + transpose copies. */
+/* x is a dense NHWC float32 tensor (B, H, W, C) (a channels-last NCHW tensor); the weight was
+ * packed from codes (N_out, kh * kw * C) with column (i * kw + j) * C + c for tap (i, j) and
+ * channel c. Output token t = (b, oy, ox) of y (B * Ho * Wo, N_out) = NHWC.
+ *
+ * C a multiple of 64 ("direct"): the input is copied once into a zero-padded NHWC image
+ * (B, Hp, Wp, C), Hp = H + 2 ph, Wp = W + 2 pw, int8 or float32, and every chunk of 64 columns
+ * (tap (i, j), channels 64 cb .. 64 cb + 63) of token t is read in place at
+ *   toff[t] = ((b * Hp + oy * sh) * Wp + ox * sw) * C,   coff = (i * dh * Wp + j * dw) * C + 64 cb.
+ * Otherwise (few channels, e.g. an RGB input) the patches are gathered once into rows of kp
+ * (im2col in the same column order).
+ *
+ * int8: one multiplier per image (the per-sample absmax of QuantConv2d's absmax8 input,
+ *   a[b] = 127 / max_{c,y,x} |x[b]|), so every patch of image b holds integers of one scale and
+ *   the dot products stay exact; a token's sum of q (the offset term) comes from per-chunk sums
+ *   taken while quantizing. */
 typedef struct {
-    const float *x;
-    int64_t b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
-    int64_t xs[4];
-    int64_t per_chunk;
-    float *out;
-} im2col_job;
+    int64_t b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, hp, wp;
+} conv_geom;
 
-static void im2col_chunk(const void *ctx, int64_t chunk) {
-    const im2col_job *j = ctx;
-    const int64_t ntok = j->b * j->ho * j->wo, K = j->c * j->kh * j->kw;
-    const int64_t t1 = (chunk + 1) * j->per_chunk < ntok ? (chunk + 1) * j->per_chunk : ntok;
-    for (int64_t t = chunk * j->per_chunk; t < t1; t++) {
-        const int64_t b = t / (j->ho * j->wo), rem = t % (j->ho * j->wo);
-        const int64_t oy = rem / j->wo, ox = rem % j->wo;
-        float *o = j->out + t * K;
-        for (int64_t c = 0; c < j->c; c++) {
-            const float *xc = j->x + b * j->xs[0] + c * j->xs[1];
-            for (int64_t i = 0; i < j->kh; i++) {
-                const int64_t y = oy * j->sh - j->ph + i * j->dh;
-                if (y < 0 || y >= j->h) {
-                    for (int64_t jj = 0; jj < j->kw; jj++) *o++ = 0.0f;
-                    continue;
-                }
-                const float *row = xc + y * j->xs[2];
-                for (int64_t jj = 0; jj < j->kw; jj++) {
-                    const int64_t xx = ox * j->sw - j->pw + jj * j->dw;
-                    *o++ = (xx >= 0 && xx < j->w) ? row[xx * j->xs[3]] : 0.0f;
-                }
+static conv_geom geom_from(const int64_t *d) {
+    conv_geom g = {d[0], d[1], d[2],  d[3],  d[4],  d[5],  d[6], d[7],
+                   d[8], d[9], d[10], d[11], d[12], d[13], 0,    0};
+    g.hp = g.h + 2 * g.ph, g.wp = g.w + 2 * g.pw;
+    return g;
+}
+
+
+typedef struct {
+    int isa, int8;
+    conv_geom g;
+    const float *x;
+    const float *a;   /* int8: per-image multiplier */
+    const int8_t *qimg; /* int8 im2col: the quantized NHWC image */
+    void *buf;          /* direct: padded image; im2col: rows of kc */
+    int32_t *sums;    /* int8 direct: per-chunk sums; im2col: per-token sums */
+    int64_t kc, per_chunk, count;
+} conv_fill_job;
+
+/* Direct: input row (b, y) of the padded image, quantized (with its 64-channel sums) or copied. */
+static void fill_padded_chunk(const void *ctx, int64_t chunk) {
+    const conv_fill_job *f = ctx;
+    const conv_geom *g = &f->g;
+    const int64_t r1 = (chunk + 1) * f->per_chunk < f->count ? (chunk + 1) * f->per_chunk : f->count;
+    for (int64_t r = chunk * f->per_chunk; r < r1; r++) {
+        const int64_t b = r / g->h, y = r % g->h;
+        const float *src = f->x + r * g->w * g->c;
+        const int64_t dst0 = ((b * g->hp + y + g->ph) * g->wp + g->pw) * g->c;
+        if (!f->int8) {
+            memcpy((float *)f->buf + dst0, src, (size_t)(g->w * g->c) * sizeof(float));
+            continue;
+        }
+        int8_t *dst = (int8_t *)f->buf + dst0;
+        for (int64_t i = 0; i < g->w * g->c; i += 64)
+            f->sums[(dst0 + i) / 64] = quantize_span(f->isa, src + i, 64, f->a[b], dst + i);
+    }
+}
+
+/* im2col: token rows of kc elements, column (i * kw + j) * C + c, zero outside the image,
+ * gathered from `src` (the NHWC input, or for int8 the image already quantized to NHWC int8);
+ * for int8 also the token's sum of q. */
+static void fill_rows_chunk(const void *ctx, int64_t chunk) {
+    const conv_fill_job *f = ctx;
+    const conv_geom *g = &f->g;
+    const int64_t t1 = (chunk + 1) * f->per_chunk < f->count ? (chunk + 1) * f->per_chunk : f->count;
+    const size_t esize = f->int8 ? 1 : sizeof(float);
+    const char *src = f->int8 ? (const char *)f->qimg : (const char *)f->x;
+    for (int64_t t = chunk * f->per_chunk; t < t1; t++) {
+        const int64_t b = t / (g->ho * g->wo), rem = t % (g->ho * g->wo);
+        const int64_t oy = rem / g->wo, ox = rem % g->wo;
+        char *row = (char *)f->buf + (size_t)(t * f->kc) * esize;
+        memset(row, 0, (size_t)f->kc * esize);
+        for (int64_t i = 0; i < g->kh; i++) {
+            const int64_t y = oy * g->sh - g->ph + i * g->dh;
+            if (y < 0 || y >= g->h) continue;
+            for (int64_t jj = 0; jj < g->kw; jj++) {
+                const int64_t xx = ox * g->sw - g->pw + jj * g->dw;
+                if (xx < 0 || xx >= g->w) continue;
+                memcpy(row + (size_t)((i * g->kw + jj) * g->c) * esize,
+                       src + (size_t)(((b * g->h + y) * g->w + xx) * g->c) * esize,
+                       (size_t)g->c * esize);
             }
+        }
+        if (f->int8) {
+            int32_t s = 0;
+            for (int64_t i = 0; i < f->kc; i++) s += ((const int8_t *)row)[i];
+            f->sums[t] = s;
         }
     }
 }
 
-LB_EXPORT void lb_im2col(const float *x, const int64_t *dims, float *out, int nthreads) {
-    /* dims: b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, 4 strides of x (elements) */
-    im2col_job j = {x,       dims[0], dims[1], dims[2],  dims[3],  dims[4],  dims[5],  dims[6],
-                    dims[7], dims[8], dims[9], dims[10], dims[11], dims[12], dims[13],
-                    {dims[14], dims[15], dims[16], dims[17]}, 1, out};
-    const int64_t ntok = j.b * j.ho * j.wo;
-    if (ntok * j.c * j.kh * j.kw < 65536) nthreads = 1;
-    j.per_chunk = (ntok + 4 * nthreads - 1) / (4 * nthreads);
-    if (j.per_chunk < 1) j.per_chunk = 1;
-    parallel_for(im2col_chunk, &j, (ntok + j.per_chunk - 1) / j.per_chunk, nthreads);
+static void run_fill(chunk_fn fn, conv_fill_job *f, int64_t count, int nthreads) {
+    f->count = count;
+    f->per_chunk = (count + 4 * nthreads - 1) / (4 * nthreads);
+    if (f->per_chunk < 1) f->per_chunk = 1;
+    parallel_for(fn, f, (count + f->per_chunk - 1) / f->per_chunk, nthreads);
+}
+
+/* y (B * Ho * Wo, N_out) = conv(x, W) + b; dims: b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho,
+ * wo. Returns 0 on success, -1 when out of memory. */
+LB_EXPORT int lb_conv2d(int isa, int int8, const float *x, const int64_t *dims, const uint8_t *w,
+                        int64_t n, int64_t kp, int bits, int levels, const float *scale,
+                        int per_channel, const float *bias, float *y, int nthreads) {
+    const conv_geom g = geom_from(dims);
+    const int64_t m = g.b * g.ho * g.wo, k = g.kh * g.kw * g.c, img = g.h * g.w * g.c;
+    gemm_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
+    const int direct = g.c % 64 == 0;
+    const size_t esize = int8 ? 1 : sizeof(float);
+    const int64_t kc = j.nch * 64;
+    const int64_t elements = direct ? g.b * g.hp * g.wp * g.c : m * kc;
+    void *buf = xalloc((size_t)elements * esize + 64);
+    float *a_img = xalloc((size_t)g.b * sizeof(float));
+    float *a = xalloc((size_t)m * sizeof(float));
+    int32_t *sq = xalloc((size_t)m * sizeof(int32_t));
+    int32_t *csum = direct && int8 ? xalloc((size_t)(elements / 64) * sizeof(int32_t)) : NULL;
+    int64_t *toff = xalloc((size_t)m * sizeof(int64_t)), *coff = row_offsets(j.nch, 64);
+    int8_t *qimg = NULL;
+    float lut[16], lut_hi[16];
+    int rc = -1;
+    if (!buf || !a_img || !a || !sq || !toff || !coff || (direct && int8 && !csum)) goto done;
+
+    if (int8)
+        for (int64_t b = 0; b < g.b; b++) a_img[b] = multiplier_of(absmax(isa, x + b * img, img));
+    conv_fill_job f = {isa, int8, g, x, a_img, NULL, buf, direct ? csum : sq, kc, 0, 0};
+    if (direct) {
+        memset(buf, 0, (size_t)elements * esize);
+        if (csum) memset(csum, 0, (size_t)(elements / 64) * sizeof(int32_t));
+        run_fill(fill_padded_chunk, &f, g.b * g.h, nthreads);
+        for (int64_t c = 0; c < j.nch; c++) {
+            const int64_t tap = c / (g.c / 64), cb = c % (g.c / 64);
+            coff[c] = ((tap / g.kw) * g.dh * g.wp + (tap % g.kw) * g.dw) * g.c + 64 * cb;
+        }
+        for (int64_t t = 0; t < m; t++) {
+            const int64_t b = t / (g.ho * g.wo), rem = t % (g.ho * g.wo);
+            toff[t] = ((b * g.hp + (rem / g.wo) * g.sh) * g.wp + (rem % g.wo) * g.sw) * g.c;
+            if (!csum) continue;
+            int32_t s = 0;
+            for (int64_t c = 0; c < j.nch; c++) s += csum[(toff[t] + coff[c]) / 64];
+            sq[t] = s;
+        }
+    } else {
+        if (int8) {
+            if (!(qimg = xalloc((size_t)(g.b * img)))) goto done;
+            for (int64_t b = 0; b < g.b; b++)
+                quantize_span(isa, x + b * img, img, a_img[b], qimg + b * img);
+            f.qimg = qimg;
+        }
+        run_fill(fill_rows_chunk, &f, m, nthreads);
+        for (int64_t t = 0; t < m; t++) toff[t] = t * kc;
+    }
+    if (int8) {
+        for (int64_t t = 0; t < m; t++) a[t] = a_img[t / (g.ho * g.wo)];
+        j.q = buf, j.a = a, j.sq = sq;
+    } else {
+        set_f32_tables(&j, lut, lut_hi);
+        j.x = buf;
+    }
+    j.toff = toff, j.coff = coff;
+    parallel_for(int8 ? i8_chunk : f32_chunk, &j, job_chunks(&j), nthreads);
+    rc = 0;
+done:
+    free(buf), free(a_img), free(a), free(sq), free(csum), free(toff), free(coff), free(qimg);
+    return rc;
 }
