@@ -12,9 +12,12 @@ neighbour slows them alike; the figure is the median over rounds. Two weight reg
 * ``cache``: the same weight every call (packed 4096x4096 ternary, 4 MiB, stays in L3);
 * ``stream``: calls cycle through distinct copies totalling >= 256 MiB per variant, so every
   call reads its weight from memory (run at batch 1 for the large shapes);
-* ``hot`` (batch 1, large shapes): each timed call follows an untimed call of the same variant.
-  In ``cache`` the interleaved torch baselines (64 + 32 MiB for 4096x4096) evict the 32 MiB L3
-  before each packed call, so there the packed weights arrive cold; ``hot`` measures them warm.
+* ``hot`` (batch 1, large shapes): each timed call follows ``HOT_WARM_CALLS`` untimed calls of
+  the same variant. In ``cache`` the interleaved torch baselines (64 + 32 MiB for 4096x4096)
+  evict the 32 MiB L3 before each packed call, so there the packed weights arrive cold; and one
+  warm-up call is not enough on this Zen 4: after 64 MiB of other traffic the L3 (a victim cache
+  of the L2s) takes about ten passes over a 4 MiB weight to hold it again (measured: 45 G MAC/s
+  after three passes, 105-130 after ten). ``hot`` measures the weights cache-resident.
 
 Columns: median time (us), packed weight GB/s (packed bytes / time), G MAC/s, and the speed-ups
 over fp32 and bf16 of the same round-robin.
@@ -176,17 +179,21 @@ def _variants(shape: Shape, batch: int, stream: bool, levels: tuple[int, ...], m
     return out, tokens
 
 
+HOT_WARM_CALLS = 10
+
+
 def _time_round_robin(
-    variants: dict, budget_s: float, min_rounds: int, max_rounds: int, hot: bool = False
+    variants: dict, budget_s: float, min_rounds: int, max_rounds: int, warm_calls: int = 0
 ) -> tuple[dict[str, tuple[float, float]], int]:
     """(median, min) seconds per variant over interleaved rounds, and the number of rounds.
-    ``hot``: each timed call follows an untimed call of the same variant (warm caches)."""
+    ``warm_calls``: untimed calls of the same variant before each timed one (warm caches)."""
     for fn, _ in variants.values():  # warm-up, and a first estimate of the round time
         fn()
     t0 = time.perf_counter()
     for fn, _ in variants.values():
         fn()
     per_round = time.perf_counter() - t0
+    per_round *= 1 + warm_calls
     rounds = int(max(min_rounds, min(max_rounds, budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in variants}  # seconds per call
     order = list(variants.items())
@@ -194,7 +201,7 @@ def _time_round_robin(
         # rotate the order round by round: the call right after a torch op shares the cores
         # with torch's OpenMP workers, which keep spinning for a while after each op
         for name, (fn, _) in order[i % len(order) :] + order[: i % len(order)]:
-            if hot:
+            for _ in range(warm_calls):
                 fn()
             t = time.perf_counter()
             fn()
@@ -231,12 +238,12 @@ def run(
                 if progress:
                     progress(f"{shape.name} batch {batch} {regime}")
                 modes = ("int8", "fp32") if regime == "cache" else ("int8",)
-                hot = regime == "hot"
+                warm_calls = HOT_WARM_CALLS if regime == "hot" else 0
                 torch.set_num_threads(threads)
                 try:
                     variants, tokens = _variants(shape, batch, regime == "stream", levels, modes)
                     med, len_rounds = _time_round_robin(
-                        variants, budget, min_rounds, max_rounds, hot
+                        variants, budget, min_rounds, max_rounds, warm_calls
                     )
                 finally:
                     torch.set_num_threads(default_threads)
