@@ -85,7 +85,7 @@ def test_large_batch_threads_and_shapes(levels: int) -> None:
 def test_layout_round_trip(levels: int) -> None:
     codes, scale, _, _ = _case(levels, 1, 13, 1031, seed=levels)
     w = kernels.prepare(codes, scale, levels)
-    assert w.data.dtype == torch.uint8 and w.data.shape == (13, w.kp * w.bits // 8)
+    assert w.data.dtype == torch.uint8 and w.data.shape == (2, 8 * w.kp * w.bits // 8)
     assert w.kp % (512 if w.bits == 5 else 512 // w.bits) == 0 and w.kp >= 1031
     assert torch.equal(w.codes, codes)
     assert w.bits == {2: 1, 3: 2, 4: 2, 5: 4, 8: 4, 9: 4, 16: 4, 17: 5}[levels]
@@ -200,7 +200,7 @@ def test_conv_weight_must_be_prepared_for_the_conv() -> None:
 def test_torch_library_op() -> None:
     codes, scale, bias, x = _case(3, 4, 24, 100, seed=1)
     w = kernels.prepare(codes, scale, 3)
-    args = (x, w.data, w.scale, bias, 100, w.kp, 3, w.bits, "int8", w.isa, 1)
+    args = (x, w.data, w.scale, bias, 24, 100, w.kp, 3, w.bits, "int8", w.isa, 1)
     torch.library.opcheck(torch.ops.lowbit.packed_linear.default, args)
     want = reference.linear(x, codes, scale, 3, bias, "int8")
     assert torch.equal(torch.ops.lowbit.packed_linear(*args), want)
@@ -219,7 +219,7 @@ def test_torch_library_conv_op() -> None:
     x = torch.randn(2, 64, 5, 6, generator=g)
     w = kernels.prepare(codes, scale, 3, conv=(64, (3, 3)))
     geometry = [3, 3, 1, 1, 1, 1, 1, 1]
-    args = (x, w.data, w.scale, bias, 64 * 9, w.kp, 3, w.bits, geometry, "int8", w.isa, 1)
+    args = (x, w.data, w.scale, bias, 8, 64 * 9, w.kp, 3, w.bits, geometry, "int8", w.isa, 1)
     torch.library.opcheck(torch.ops.lowbit.packed_conv2d.default, args)
     kw = dict(kernel_size=(3, 3), padding=(1, 1))
     want = reference.conv2d(x, codes, scale, 3, bias, activations="int8", **kw)

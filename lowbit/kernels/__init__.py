@@ -96,7 +96,7 @@ class PreparedWeight:
         """(N_out, K) uint8 storage codes (unpacked from the compute layout when not kept)."""
         if self._codes is not None:
             return self._codes
-        codes = native.unpack(self.data, self.bits, self._shape[1])
+        codes = native.unpack(self.data, self.bits, *self._shape)
         return codes if self.conv is None else native.channel_major(codes, *self.conv)
 
     def __repr__(self) -> str:
@@ -201,6 +201,7 @@ def _packed_linear_op(
     packed: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
+    n: int,
     k: int,
     kp: int,
     levels: int,
@@ -211,13 +212,13 @@ def _packed_linear_op(
 ) -> torch.Tensor:
     """x (M, K) float32 -> (M, N_out) float32 with the compiled kernels."""
     return native.linear(
-        x.contiguous(), packed, scale, bias, k, kp, levels, bits, activations, isa, threads
+        x.contiguous(), packed, scale, bias, n, k, kp, levels, bits, activations, isa, threads
     )
 
 
 @_packed_linear_op.register_fake
-def _(x, packed, scale, bias, k, kp, levels, bits, activations, isa, threads):
-    return x.new_empty((x.shape[0], packed.shape[0]))
+def _(x, packed, scale, bias, n, k, kp, levels, bits, activations, isa, threads):
+    return x.new_empty((x.shape[0], n))
 
 
 def linear(
@@ -246,7 +247,7 @@ def linear(
         y = x.new_empty((*x.shape[:-1], n))
         native.call(weight.call_args, x, x.numel() // k if k else 0, bias, y, activations, threads)
         return y
-    args = (x.reshape(-1, k), weight.data, weight.scale, bias, k, weight.kp, weight.levels)
+    args = (x.reshape(-1, k), weight.data, weight.scale, bias, n, k, weight.kp, weight.levels)
     y = torch.ops.lowbit.packed_linear(*args, weight.bits, activations, weight.isa, threads or 0)
     return y.reshape(*x.shape[:-1], n)
 
@@ -257,6 +258,7 @@ def _packed_conv2d_op(
     packed: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
+    n: int,
     k: int,
     kp: int,
     levels: int,
@@ -268,7 +270,7 @@ def _packed_conv2d_op(
 ) -> torch.Tensor:
     """x (B, C_in, H, W) float32 -> (B, N_out, Ho, Wo) float32 (channels-last strides) with the
     compiled kernels; geometry = kh, kw, sh, sw, ph, pw, dh, dw."""
-    wargs = native.weight_args(isa, packed, (packed.shape[0], k), kp, bits, levels, scale)
+    wargs = native.weight_args(isa, packed, (n, k), kp, bits, levels, scale)
     kh, kw, sh, sw, ph, pw, dh, dw = geometry
     x = x.contiguous(memory_format=torch.channels_last)
     return native.conv2d(
@@ -277,11 +279,11 @@ def _packed_conv2d_op(
 
 
 @_packed_conv2d_op.register_fake
-def _(x, packed, scale, bias, k, kp, levels, bits, geometry, activations, isa, threads):
+def _(x, packed, scale, bias, n, k, kp, levels, bits, geometry, activations, isa, threads):
     kh, kw, sh, sw, ph, pw, dh, dw = geometry
     ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return x.new_empty((x.shape[0], ho, wo, packed.shape[0])).permute(0, 3, 1, 2)
+    return x.new_empty((x.shape[0], ho, wo, n)).permute(0, 3, 1, 2)
 
 
 def conv2d(
@@ -341,7 +343,7 @@ def conv2d(
         weight.data,
         weight.scale,
         bias,
-        weight.shape[1],
+        *weight.shape,
         weight.kp,
         weight.levels,
         weight.bits,

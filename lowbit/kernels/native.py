@@ -7,9 +7,12 @@ where it was not built or cannot be loaded; ``lowbit.kernels`` then falls back t
 
 Compute layout (see the C file's header for the drawing): each code sits in a lane of ``bits``
 bits (1 for N = 2, 2 for N <= 4, 4 for N <= 16), K is zero-padded to ``kp``, a multiple of the
-64-byte group (512 / bits codes), and the weight is a (N_out, kp * bits / 8) uint8 tensor.
-N = 17 has ``bits = 5``: per row, the B = 4 row of the low nibbles (kp / 2 bytes), then the
-B = 1 row of the high bits (kp / 8 bytes), kp a multiple of 512.
+64-byte group (512 / bits codes). Rows come in blocks of ``ROWS`` = 8 (the last one padded with
+zero rows) and a block stores its rows group by group, interleaved: (blocks, groups, 8 rows, 64
+bytes), so a kernel walking a block reads one sequential stream. The weight is a (blocks,
+8 * kp * bits / 8) uint8 tensor. N = 17 has ``bits = 5``: per block, the B = 4 layout of the low
+nibbles (8 * kp / 2 bytes), then the B = 1 layout of the high bits (8 * kp / 8 bytes), kp a
+multiple of 512.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import os
 import torch
 
 ISAS = ("portable", "avx2", "avx512")
-ABI_VERSION = 4  # lb_version() of the C library this binding matches (layout, signatures)
+ABI_VERSION = 5  # lb_version() of the C library this binding matches (layout, signatures)
 MAX_LEVELS = 17
+ROWS = 8  # rows per block of the compute layout
 
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
@@ -114,25 +118,26 @@ def padded_k(k: int, bits: int) -> int:
 
 
 def pack(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
-    """codes (N_out, K) uint8 -> (packed (N_out, kp * bits / 8) uint8, kp)."""
+    """codes (N_out, K) uint8 -> (packed (ceil(N_out / 8), 8 * kp * bits / 8) uint8, kp)."""
     lib = load()
     assert lib is not None
     codes = codes.contiguous()
     n, k = codes.shape
     kp = padded_k(k, bits)
-    out = torch.empty((n, kp * bits // 8), dtype=torch.uint8)
+    out = torch.empty((-(-n // ROWS), ROWS * kp * bits // 8), dtype=torch.uint8)
     lib.lb_pack(codes.data_ptr(), n, k, bits, kp, out.data_ptr())
     return out, kp
 
 
-def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Inverse of ``pack``: (N_out, kp * bits / 8) uint8 -> codes (N_out, K) uint8."""
-    n, rowbytes = packed.shape
+def unpack(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """Inverse of ``pack``: (blocks, 8 * kp * bits / 8) uint8 -> codes (N_out, K) uint8."""
     if bits == 5:
-        kp = rowbytes * 8 // 5
-        lo = unpack(packed[:, : kp // 2], 4, k)
-        return lo | (unpack(packed[:, kp // 2 :], 1, k) << 4)
-    groups = packed.reshape(n, rowbytes // 64, 1, 64)  # (n, g, 1, i)
+        half = packed.shape[1] * 4 // 5  # the low nibbles: 8 * kp / 2 of 8 * kp * 5 / 8 bytes
+        lo = unpack(packed[:, :half], 4, n, k)
+        return lo | (unpack(packed[:, half:], 1, n, k) << 4)
+    blocks = packed.shape[0]
+    groups = packed.reshape(blocks, -1, ROWS, 64).transpose(1, 2)  # (block, row, group, byte)
+    groups = groups.reshape(blocks * ROWS, -1, 1, 64)[:n]  # (n, g, 1, i)
     shifts = (torch.arange(8 // bits, dtype=torch.uint8) * bits).reshape(1, 1, -1, 1)
     codes = (groups >> shifts) & ((1 << bits) - 1)  # (n, g, j, i): k = g*G + j*64 + i
     return codes.reshape(n, -1)[:, :k].contiguous()
@@ -160,6 +165,7 @@ def linear(
     packed: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
+    n: int,
     k: int,
     kp: int,
     levels: int,
@@ -169,29 +175,9 @@ def linear(
     threads: int,
 ) -> torch.Tensor:
     """y = x W^T + b: x (M, K) float32 contiguous -> (M, N_out) float32; threads 0: torch's."""
-    lib = load()
-    assert lib is not None
-    m, n = x.shape[0], packed.shape[0]
-    y = torch.empty((m, n), dtype=torch.float32)
-    fn = lib.lb_linear_i8 if activations == "int8" else lib.lb_linear_f32
-    rc = fn(
-        ISAS.index(isa),
-        x.data_ptr(),
-        m,
-        k,
-        packed.data_ptr(),
-        n,
-        kp,
-        bits,
-        levels,
-        scale.data_ptr(),
-        int(scale.numel() > 1),
-        bias.data_ptr() if bias is not None else None,
-        y.data_ptr(),
-        threads or torch.get_num_threads(),
-    )
-    if rc != 0:
-        raise MemoryError(f"packed linear ({m}x{k} by {n}x{k}) could not allocate its buffers")
+    y = torch.empty((x.shape[0], n), dtype=torch.float32)
+    wargs = weight_args(isa, packed, (n, k), kp, bits, levels, scale)
+    call(wargs, x, x.shape[0], bias, y, activations, threads)
     return y
 
 
