@@ -639,36 +639,94 @@ DEF_F32_512(1)
 DEF_F32_512(2)
 DEF_F32_512(4)
 
+/* fp32 activations, AVX2: the same table lookup with vpermps on 8 entries, 8 codes at a time
+ * (for B = 4 two tables, the upper one selected by bit 3 of the code). */
+LB_INLINE T256 void f32tile_256(const uint8_t *w, const float *const *xt, const int64_t *coff,
+                                int64_t nch, const int bits, const float *table, const int R,
+                                const int T, float *out) {
+    __m256 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    const __m256 lut0 = _mm256_loadu_ps(table), lut1 = _mm256_loadu_ps(table + 8);
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const int sub = 8 / bits;
+    for (int64_t g = 0, c0 = 0; c0 < nch; g++, c0 += sub) {
+        const uint8_t *wg = w + g * BLOCK_GROUP;
+        for (int j = 0; j < sub; j++) {
+            if (c0 + j >= nch) break;
+            const __m128i shift = _mm_cvtsi32_si128(j * bits);
+            const int64_t o = coff[c0 + j];
+            for (int qq = 0; qq < 8; qq++) {
+                __m256 xv[4];
+#pragma GCC unroll 4
+                for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(xt[t] + o + qq * 8);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    __m256i idx = _mm256_cvtepu8_epi32(
+                        _mm_loadl_epi64((const __m128i *)(wg + r * 64 + qq * 8)));
+                    idx = _mm256_and_si256(_mm256_srl_epi32(idx, shift), mask);
+                    __m256 lev = _mm256_permutevar8x32_ps(lut0, idx);
+                    if (bits == 4)
+                        lev = _mm256_blendv_ps(lev, _mm256_permutevar8x32_ps(lut1, idx),
+                                               _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+#pragma GCC unroll 4
+                    for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(lev, xv[t], acc[r][t]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            const __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]),
+                                        _mm256_extractf128_ps(acc[r][t], 1));
+            const __m128 v2 = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            out[r * T + t] = _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1)));
+        }
+}
+
+#define DEF_F32_256(B)                                                                           \
+    T256 static void f32_256_b##B(const uint8_t *w, const float *const *xt, const int64_t *coff, \
+                                  int64_t nch, const float *lut, int R, int T, float *out) {     \
+        if (R == 4 && T == 4) f32tile_256(w, xt, coff, nch, B, lut, 4, 4, out);                  \
+        else if (R == 4 && T == 1) f32tile_256(w, xt, coff, nch, B, lut, 4, 1, out);             \
+        else if (R == 1 && T == 4) f32tile_256(w, xt, coff, nch, B, lut, 1, 4, out);             \
+        else f32tile_256(w, xt, coff, nch, B, lut, 1, 1, out);                                   \
+    }
+DEF_F32_256(1)
+DEF_F32_256(2)
+DEF_F32_256(4)
+
 /* fp32 generic C: each row's group is decoded to float levels (c - (N-1)/2, exact), then dotted
  * with every token in float32 (the compiler vectorises the omp simd reduction). */
-#define DEF_F32(NAME, ATTR)                                                                      \
-    ATTR static void NAME(const uint8_t *w, const float *const *xt,                              \
-                          const int64_t *coff, int64_t nch, int bits, float mul, float half,     \
-                          int R, int T, float *out) {                                            \
-        uint8_t dec[512];                                                                        \
-        float lev[512];                                                                          \
-        const int sub = 8 / bits;                                                                \
-        for (int i = 0; i < R * T; i++) out[i] = 0.0f;                                           \
-        for (int64_t g = 0, c0 = 0; c0 < nch; g++, c0 += sub) {                                  \
-            const int nsub = nch - c0 < sub ? (int)(nch - c0) : sub;                             \
-            for (int r = 0; r < R; r++) {                                                        \
-                decode_group(w + g * BLOCK_GROUP + r * 64, bits, dec);                           \
-                for (int i = 0; i < 64 * nsub; i++) lev[i] = (float)dec[i] * mul - half;         \
-                for (int t = 0; t < T; t++) {                                                    \
-                    float s = 0.0f;                                                              \
-                    for (int j = 0; j < nsub; j++) {                                             \
-                        const float *xc = xt[t] + coff[c0 + j];                                  \
-                        const float *lc = lev + j * 64;                                          \
-                        _Pragma("omp simd reduction(+ : s)") for (int i = 0; i < 64; i++) s +=   \
-                            lc[i] * xc[i];                                                       \
-                    }                                                                            \
-                    out[r * T + t] += s;                                                         \
-                }                                                                                \
-            }                                                                                    \
-        }                                                                                        \
+static void f32_portable(const uint8_t *w, const float *const *xt, const int64_t *coff,
+                         int64_t nch, int bits, float mul, float half, int R, int T, float *out) {
+    uint8_t dec[512];
+    float lev[512];
+    const int sub = 8 / bits;
+    for (int i = 0; i < R * T; i++) out[i] = 0.0f;
+    for (int64_t g = 0, c0 = 0; c0 < nch; g++, c0 += sub) {
+        const int nsub = nch - c0 < sub ? (int)(nch - c0) : sub;
+        for (int r = 0; r < R; r++) {
+            decode_group(w + g * BLOCK_GROUP + r * 64, bits, dec);
+            for (int i = 0; i < 64 * nsub; i++) lev[i] = (float)dec[i] * mul - half;
+            for (int t = 0; t < T; t++) {
+                float s = 0.0f;
+                for (int j = 0; j < nsub; j++) {
+                    const float *xc = xt[t] + coff[c0 + j];
+                    const float *lc = lev + j * 64;
+#pragma omp simd reduction(+ : s)
+                    for (int i = 0; i < 64; i++) s += lc[i] * xc[i];
+                }
+                out[r * T + t] += s;
+            }
+        }
     }
-DEF_F32(f32_avx2, T256)
-DEF_F32(f32_portable, )
+}
+
 
 /* ---------------------------------------------------------------------------------------- */
 /* The GEMM driver: (token block, row block) chunks, 8-row blocks, 4-token tiles              */
@@ -775,15 +833,15 @@ static void i8_chunk(const void *ctx, int64_t chunk) {
 /* One tile over a lane layout: table (AVX-512) or value = code * mul - half (generic). */
 static void f32_lanes(const gemm_job *j, const uint8_t *w, const float *const *xt, int lanes,
                       const float *table, float mul, float half, int R, int T, float *acc) {
-    if (j->isa == ISA_AVX512) {
-        switch (lanes) {
-        case 1: f32_512_b1(w, xt, j->coff, j->nch, table, R, T, acc); return;
-        case 2: f32_512_b2(w, xt, j->coff, j->nch, table, R, T, acc); return;
-        default: f32_512_b4(w, xt, j->coff, j->nch, table, R, T, acc); return;
-        }
-    }
-    if (j->isa == ISA_AVX2)
-        f32_avx2(w, xt, j->coff, j->nch, lanes, mul, half, R, T, acc);
+    typedef void (*f32_fn)(const uint8_t *, const float *const *, const int64_t *, int64_t,
+                           const float *, int, int, float *);
+    static const f32_fn tiles[2][3] = {
+        {f32_256_b1, f32_256_b2, f32_256_b4},
+        {f32_512_b1, f32_512_b2, f32_512_b4},
+    };
+    if (j->isa == ISA_AVX512 || j->isa == ISA_AVX2)
+        tiles[j->isa == ISA_AVX512][lanes == 1 ? 0 : (lanes == 2 ? 1 : 2)](
+            w, xt, j->coff, j->nch, table, R, T, acc);
     else
         f32_portable(w, xt, j->coff, j->nch, lanes, mul, half, R, T, acc);
 }
