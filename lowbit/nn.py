@@ -234,7 +234,8 @@ class QATConfig:
         ste: ``"identity"`` or ``"clipped"``.
         center: subtract the weight mean before quantizing; None keeps the quantizer's default
             (True for sign, as BitNet does; False otherwise).
-        activations: None (fp32 inputs) or ``"absmax8"`` (per-token int8 inputs).
+        activations: None (fp32 inputs) or ``"absmax8"`` (int8 inputs: per token in linear
+            layers, per image in convolutions, see ``QuantConv2d.quantize_input``).
     """
 
     levels: int = 3

@@ -4,8 +4,9 @@
     y = linear(x, w, bias, activations)     # every call
 
 ``codes`` (N_out, K) uint8 in 0..levels-1 and ``scale`` () or (N_out,) float32 describe
-``W = scale * (codes - (levels-1)/2)`` (see ``reference``). A convolution (``conv2d``) is a
-``linear`` over im2col patches.
+``W = scale * (codes - (levels-1)/2)`` (see ``reference``). A convolution (``conv2d``, weight
+prepared with ``conv=(C_in, kernel_size)``) is a ``linear`` over im2col patches; the compiled
+kernel reads the patches in place from a channels-last image instead of copying them out.
 
 Backends (``backend()`` names the one ``prepare`` picks on this machine):
 
@@ -25,9 +26,10 @@ The environment variable ``LOWBIT_KERNELS`` forces a backend: ``reference``, ``p
 ``avx2`` or ``avx512`` (default ``auto``, the best the CPU supports); ``prepare(..., isa=...)``
 does the same for one weight. Threads: ``torch.get_num_threads()`` unless ``threads`` is given.
 
-The compiled call is registered as the single op ``torch.ops.lowbit.packed_linear`` (with a fake
-kernel) so ``torch.compile`` traces through it; eager calls skip the dispatcher and call the
-same implementation directly, which saves its Python overhead on small layers.
+The compiled calls are registered as the single ops ``torch.ops.lowbit.packed_linear`` and
+``torch.ops.lowbit.packed_conv2d`` (with fake kernels) so ``torch.compile`` traces through them;
+eager calls skip the dispatcher and call the same implementation directly, which saves its
+Python overhead on small layers.
 """
 
 from __future__ import annotations
