@@ -213,9 +213,10 @@ def _packed_linear_op(
     threads: int,
 ) -> torch.Tensor:
     """x (M, K) float32 -> (M, N_out) float32 with the compiled kernels."""
-    return native.linear(
-        x.contiguous(), packed, scale, bias, n, k, kp, levels, bits, activations, isa, threads
-    )
+    y = x.new_empty((x.shape[0], n))
+    wargs = native.weight_args(isa, packed, (n, k), kp, bits, levels, scale)
+    native.call(wargs, x.contiguous(), x.shape[0], bias, y, activations, threads)
+    return y
 
 
 @_packed_linear_op.register_fake

@@ -160,27 +160,6 @@ def quantize_i8(
     return q, a, sq
 
 
-def linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    n: int,
-    k: int,
-    kp: int,
-    levels: int,
-    bits: int,
-    activations: str,
-    isa: str,
-    threads: int,
-) -> torch.Tensor:
-    """y = x W^T + b: x (M, K) float32 contiguous -> (M, N_out) float32; threads 0: torch's."""
-    y = torch.empty((x.shape[0], n), dtype=torch.float32)
-    wargs = weight_args(isa, packed, (n, k), kp, bits, levels, scale)
-    call(wargs, x, x.shape[0], bias, y, activations, threads)
-    return y
-
-
 def weight_args(
     isa: str,
     packed: torch.Tensor,
@@ -207,6 +186,24 @@ def weight_args(
     )
 
 
+def _weight_tail(wargs: tuple, bias: torch.Tensor | None, y: torch.Tensor, threads: int | None):
+    """The arguments every compiled layer call ends with: weight, bias, output, threads."""
+    _, _, wptr, n, kp, bits, levels, sptr, per_channel = wargs[:9]
+    bptr = bias.data_ptr() if bias is not None else None
+    return (
+        wptr,
+        n,
+        kp,
+        bits,
+        levels,
+        sptr,
+        per_channel,
+        bptr,
+        y.data_ptr(),
+        threads or torch.get_num_threads(),
+    )
+
+
 def call(
     wargs: tuple,
     x: torch.Tensor,
@@ -217,25 +214,10 @@ def call(
     threads: int | None,
 ) -> None:
     """y (M, N_out) = x (M, K) W^T + b, all float32 contiguous, with ``weight_args``'s weight."""
-    isa, k, wptr, n, kp, bits, levels, sptr, per_channel = wargs[:9]
+    isa, k = wargs[:2]
     fn = _lib.lb_linear_i8 if activations == "int8" else _lib.lb_linear_f32  # type: ignore[union-attr]
-    rc = fn(
-        isa,
-        x.data_ptr(),
-        m,
-        k,
-        wptr,
-        n,
-        kp,
-        bits,
-        levels,
-        sptr,
-        per_channel,
-        bias.data_ptr() if bias is not None else None,
-        y.data_ptr(),
-        threads or torch.get_num_threads(),
-    )
-    if rc != 0:
+    if fn(isa, x.data_ptr(), m, k, *_weight_tail(wargs, bias, y, threads)) != 0:
+        n = wargs[3]
         raise MemoryError(f"packed linear ({m}x{k} by {n}x{k}) could not allocate its buffers")
 
 
@@ -267,7 +249,7 @@ def conv2d(
 ) -> torch.Tensor:
     """x (B, C, H, W) float32 channels-last contiguous -> (B, N_out, Ho, Wo), a channels-last
     view of the kernel's (B * Ho * Wo, N_out) output; weight packed from ``tap_major`` codes."""
-    isa, _, wptr, n, kp, bits, levels, sptr, per_channel = wargs[:9]
+    isa, n = wargs[0], wargs[3]
     b, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -275,22 +257,8 @@ def conv2d(
     y = torch.empty((b, max(ho, 0), max(wo, 0), n), dtype=torch.float32)
     if y.numel():
         dims = (ctypes.c_int64 * 14)(b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
-        rc = _lib.lb_conv2d(  # type: ignore[union-attr]
-            isa,
-            int(activations == "int8"),
-            x.data_ptr(),
-            ctypes.addressof(dims),
-            wptr,
-            n,
-            kp,
-            bits,
-            levels,
-            sptr,
-            per_channel,
-            bias.data_ptr() if bias is not None else None,
-            y.data_ptr(),
-            threads or torch.get_num_threads(),
-        )
-        if rc != 0:
+        int8 = int(activations == "int8")
+        tail = _weight_tail(wargs, bias, y, threads)
+        if _lib.lb_conv2d(isa, int8, x.data_ptr(), ctypes.addressof(dims), *tail) != 0:  # type: ignore[union-attr]
             raise MemoryError(f"packed conv2d on {tuple(x.shape)} could not allocate its buffers")
     return y.permute(0, 3, 1, 2)

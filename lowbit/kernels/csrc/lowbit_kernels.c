@@ -627,17 +627,19 @@ LB_INLINE T512 void f32tile_512(const uint8_t *w, const float *const *xt,
         for (int t = 0; t < T; t++) out[r * T + t] = _mm512_reduce_add_ps(acc[r][t]);
 }
 
-#define DEF_F32_512(B)                                                                           \
-    T512 static void f32_512_b##B(const uint8_t *w, const float *const *xt, const int64_t *coff, \
-                                  int64_t nch, const float *lut, int R, int T, float *out) {     \
-        if (R == 4 && T == 4) f32tile_512(w, xt, coff, nch, B, lut, 4, 4, out);                  \
-        else if (R == 4 && T == 1) f32tile_512(w, xt, coff, nch, B, lut, 4, 1, out);             \
-        else if (R == 1 && T == 4) f32tile_512(w, xt, coff, nch, B, lut, 1, 4, out);             \
-        else f32tile_512(w, xt, coff, nch, B, lut, 1, 1, out);                                   \
+/* f32_<isa>_b<B>: the tile shapes the drivers ask for, each compiled with constant R, T, B. */
+#define DEF_F32_TILES(ISA, ATTR, B)                                                              \
+    ATTR static void f32_##ISA##_b##B(const uint8_t *w, const float *const *xt,                  \
+                                      const int64_t *coff, int64_t nch, const float *lut, int R, \
+                                      int T, float *out) {                                       \
+        if (R == 4 && T == 4) f32tile_##ISA(w, xt, coff, nch, B, lut, 4, 4, out);                \
+        else if (R == 4 && T == 1) f32tile_##ISA(w, xt, coff, nch, B, lut, 4, 1, out);           \
+        else if (R == 1 && T == 4) f32tile_##ISA(w, xt, coff, nch, B, lut, 1, 4, out);           \
+        else f32tile_##ISA(w, xt, coff, nch, B, lut, 1, 1, out);                                 \
     }
-DEF_F32_512(1)
-DEF_F32_512(2)
-DEF_F32_512(4)
+DEF_F32_TILES(512, T512, 1)
+DEF_F32_TILES(512, T512, 2)
+DEF_F32_TILES(512, T512, 4)
 
 /* fp32 activations, AVX2: the same table lookup with vpermps on 8 entries, 8 codes at a time
  * (for B = 4 two tables, the upper one selected by bit 3 of the code). */
@@ -688,17 +690,9 @@ LB_INLINE T256 void f32tile_256(const uint8_t *w, const float *const *xt, const 
         }
 }
 
-#define DEF_F32_256(B)                                                                           \
-    T256 static void f32_256_b##B(const uint8_t *w, const float *const *xt, const int64_t *coff, \
-                                  int64_t nch, const float *lut, int R, int T, float *out) {     \
-        if (R == 4 && T == 4) f32tile_256(w, xt, coff, nch, B, lut, 4, 4, out);                  \
-        else if (R == 4 && T == 1) f32tile_256(w, xt, coff, nch, B, lut, 4, 1, out);             \
-        else if (R == 1 && T == 4) f32tile_256(w, xt, coff, nch, B, lut, 1, 4, out);             \
-        else f32tile_256(w, xt, coff, nch, B, lut, 1, 1, out);                                   \
-    }
-DEF_F32_256(1)
-DEF_F32_256(2)
-DEF_F32_256(4)
+DEF_F32_TILES(256, T256, 1)
+DEF_F32_TILES(256, T256, 2)
+DEF_F32_TILES(256, T256, 4)
 
 /* fp32 generic C: each row's group is decoded to float levels (c - (N-1)/2, exact), then dotted
  * with every token in float32 (the compiler vectorises the omp simd reduction). */
