@@ -372,7 +372,8 @@ def markdown(info: dict, rows: list[dict]) -> str:
         "- Weights are repacked once at load into B-bit lanes (B = 1 for 2 levels, 2 for 3-4, "
         "4 for 5-16, 4 + 1 for 17): 64-byte groups whose byte i holds the codes k = j*64 + i "
         "in bits j*B..j*B+B-1, so one load + a 16-bit shift + a byte mask yields 64 "
-        "consecutive codes.",
+        "consecutive codes. Rows come in blocks of 8 stored group by group, so the kernel "
+        "reads each block as one sequential stream (what the hardware prefetcher follows).",
         "- int8 activations (BitNet's per-token absmax, the reference's `activations=\"int8\"`): "
         "AVX-512 VNNI `vpdpbusd` multiplies the unsigned codes (u8 operand) by the signed int8 "
         "activations (s8 operand); the level offset (N-1)/2 is applied once per output through "
@@ -381,6 +382,12 @@ def markdown(info: dict, rows: list[dict]) -> str:
         "- fp32 activations: codes -> float levels through a 16-entry `vpermps` table, FMA in "
         "float32 (equal to the reference up to summation order). Much slower than int8 (FMA "
         "does 16 MACs an instruction, `vpdpbusd` 64).",
+        "- Convolutions: the weight columns are stored tap-major (kernel row, column, channel) "
+        "and the kernel reads the patches in place from a zero-padded channels-last copy of the "
+        "image (quantized to int8 in the same pass), no im2col matrix, where C_in is a multiple "
+        "of 64; layers with fewer channels (an RGB input) gather their patches into rows first. "
+        "int8 convolutions quantize each image with one absmax multiplier, as `QuantConv2d` "
+        "trains with `absmax8` inputs, so they are exact too.",
         "- Runtime dispatch: AVX-512 (F/BW/VL/DQ/VNNI) -> AVX2 -> portable C, per-function "
         "target attributes in one library; 2 threads by default (torch.get_num_threads()), a "
         "pthread pool splitting the output rows, the caller never waiting for a helper that "
