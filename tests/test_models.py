@@ -249,3 +249,37 @@ def test_glorot_init_zero_biases():
 def test_errors_are_clear(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    ("kind", "levels", "qat"),
+    [
+        ("ternary", None, {"levels": 3, "quantizer": "ternary"}),
+        ("nlevel", 5, {"levels": 5}),
+        ("sign", None, {"levels": 2, "quantizer": "sign"}),
+    ],
+)
+def test_layer_kinds_default_to_one_scale_per_tensor(kind, levels, qat):
+    """``layer="ternary"`` is BitNet b1.58's per-tensor absmean layer and ``"nlevel"`` the
+    Low-Resolution study's mean|W| scaling: the same quantizer as ``quantizers.get(kind)`` and
+    ``QATConfig``, one scale per weight matrix. Per-output-channel scales stay an option
+    (``granularity="channel"``): a model spec saved without ``granularity`` must rebuild the
+    quantizer it was trained with (docs/results/accuracy.md says why the default stays)."""
+    from lowbit import QATConfig, quantizers
+
+    model = models.get("mlp", depth=1, width=8, layer=kind, levels=levels)
+    expected = quantizers.get(kind, **({"levels": levels} if levels else {}))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 2
+    assert all(m.weight_quantizer == expected for m in layers)
+    assert QATConfig(**qat).weight_quantizer() == expected
+    assert "granularity" not in model.lowbit_spec["kwargs"]
+    for m in layers:
+        assert m.weight_quantizer.granularity == "tensor"
+        _, scale = m.weight_quantizer.codes(m.weight.detach())
+        assert scale.numel() == 1
+    per_channel = models.get(
+        "mlp", depth=1, width=8, layer=kind, levels=levels, granularity="channel"
+    )
+    _, scale = per_channel[1].weight_quantizer.codes(per_channel[1].weight.detach())
+    assert scale.numel() == 8  # one per output row of Linear(784, 8)
