@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lowbit import cli
-from lowbit.kernels import bench
+from lowbit.kernels import bench, native
 
 CSV = """# a comment
 name,kind,out_features,in_features,c_in,h,w,kernel,padding,batches,threads
@@ -75,3 +75,11 @@ def test_cli_json(shapes: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["rows"] and out["machine"]["backend"]
     assert cli.main(["bench", "kernels", "--shapes", str(shapes.parent / "nope.csv")]) == 2
+
+
+@pytest.mark.skipif(native.load() is None, reason="no compiled kernels")
+def test_packed_bytes_count_the_weight_not_the_block_padding() -> None:
+    # 2 bits a weight for ternary, 5 for 17 levels, K padded to whole groups (256 / 512 codes)
+    assert bench._packed_bytes(4096, 4096, 3) == 4096 * 4096 // 4
+    assert bench._packed_bytes(3, 4096, 17) == 3 * 4096 * 5 // 8
+    assert bench._packed_bytes(1, 300, 3) == 512 // 4

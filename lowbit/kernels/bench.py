@@ -113,8 +113,10 @@ def machine() -> dict:
 
 
 def _packed_bytes(out_features: int, in_features: int, levels: int) -> int:
+    """Bytes of the prepared weight (the compute layout, K padded; one byte a code where the
+    backend keeps plain codes)."""
     w = kernels.prepare(torch.zeros(1, in_features, dtype=torch.uint8), torch.ones(()), levels)
-    per_row = w.data.numel() if w.data is not None else in_features
+    per_row = w.kp * w.bits // 8 if w.data is not None else in_features
     return out_features * per_row
 
 
