@@ -24,7 +24,7 @@ import os
 import torch
 
 ISAS = ("portable", "avx2", "avx512")
-ABI_VERSION = 5  # lb_version() of the C library this binding matches (layout, signatures)
+ABI_VERSION = 6  # lb_version() of the C library this binding matches (layout, signatures)
 MAX_LEVELS = 17
 ROWS = 8  # rows per block of the compute layout
 
