@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import quantizers
+from lowbit.kernels import reference
 from lowbit.quantizers import GRANULARITIES, STES, AbsMax8, Quantizer
 
 QuantizerLike = str | Quantizer | AbsMax8 | None
@@ -49,6 +50,29 @@ class _QuantMixin:
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def int8_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the int8 kernels quantize: ``x`` itself for QuantLinear / QuantConv2d, whose
+        input transform is at most absmax8 (the kernels' own quantization, the same integers and
+        multiplier), else the transformed input (e.g. BitLinear8's norm + absmax8), whose
+        integers the kernels recover exactly."""
+        return x if type(self) in (QuantLinear, QuantConv2d) else self.quantize_input(x)
+
+    def _integer_inference(self) -> bool:
+        """Without autograd, a layer with absmax8 inputs and a weight quantizer computes in the
+        int8 kernels' exact integer arithmetic (``lowbit.kernels.reference``): the trained model
+        then gives bit for bit what its packed twin gives, instead of float rounding away from
+        it (which flips an 8-bit activation now and then). Training keeps the float path."""
+        return (
+            not torch.is_grad_enabled()
+            and isinstance(self.input_quantizer, AbsMax8)
+            and isinstance(self.weight_quantizer, Quantizer)
+        )
+
+    def _codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes (out, K) uint8, scale () or (out,)) of the quantized weight, K = in * kH * kW."""
+        codes, scale = self.weight_quantizer.codes(self.weight)  # type: ignore[union-attr]
+        return codes.reshape(codes.shape[0], -1), scale.reshape(-1) if scale.dim() else scale
 
     def _quant_repr(self) -> str:
         return f"weight={_describe(self.weight_quantizer)}, input={_describe(self.input_quantizer)}"
@@ -83,6 +107,10 @@ class QuantLinear(_QuantMixin, nn.Linear):
         self._set_quantizers(weight_quantizer, input_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._integer_inference():
+            codes, scale = self._codes()
+            levels = self.weight_quantizer.levels  # type: ignore[union-attr]
+            return reference.linear(self.int8_input(x), codes, scale, levels, self.bias, "int8")
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -166,6 +194,20 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return super().quantize_input(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._integer_inference() and self.groups == 1 and self.padding_mode == "zeros":
+            codes, scale = self._codes()
+            return reference.conv2d(
+                self.int8_input(x),
+                codes,
+                scale,
+                self.weight_quantizer.levels,  # type: ignore[union-attr]
+                self.bias,
+                kernel_size=self.kernel_size,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                activations="int8",
+            )
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:

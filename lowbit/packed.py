@@ -9,18 +9,18 @@ subclasses, e.g. the seed-study layers) by a ``PackedLinear``/``PackedConv2d`` t
     bias    (out,) float32 or None
 
 and computes ``y = kernels.linear(t(x), W, b)`` (``kernels.conv2d`` for convolutions), with
-``W = scale * (codes - (N-1)/2)`` and ``t`` the source layer's own ``quantize_input`` (called, not
+``W = scale * (codes - (N-1)/2)`` and ``t`` the source layer's own input transform (called, not
 re-implemented: BitLinear8's norm + absmax8, SignLinear's norm). Activation modes:
 
 * ``"int8"`` for layers trained with an absmax8 input quantizer (per token for linear layers,
-  per image for convolutions, as ``QuantLinear``/``QuantConv2d`` train it): the kernel computes
-  the same integers as the training layer (for a plain absmax8 input it quantizes x itself; after
-  a transform such as BitLinear8's norm it gets the already quantized ``t(x)`` and
-  ``round(x_hat * 127 / max|x_hat|)`` gives the integers back) and takes the dot products in
-  exact integer arithmetic.
-* ``"fp32"`` otherwise (weight-only quantization).
-
-The output equals the fake-quant model's up to float summation order (tests bound it).
+  per image for convolutions, as ``QuantLinear``/``QuantConv2d`` train it): ``t`` is the source's
+  ``int8_input`` (x itself where the transform is just absmax8, which the kernel applies; else
+  the already quantized ``t(x)``, whose integers ``round(x_hat * 127 / max|x_hat|)`` gives back)
+  and the dot products are exact integers. The source layer computes the same integer
+  arithmetic at inference (``QuantLinear._integer_inference``), so packed and trained outputs
+  are bit-identical.
+* ``"fp32"`` otherwise (weight-only quantization): ``t`` is ``quantize_input``; the output
+  equals the fake-quant model's up to float summation order (tests bound it).
 
 Saving and loading packed models: ``lowbit.fileformat``.
 """
@@ -59,16 +59,6 @@ def _default_activations(source: nn.Module | None) -> str:
     return "int8" if isinstance(getattr(source, "input_quantizer", None), AbsMax8) else "fp32"
 
 
-def _kernel_quantizes(source: nn.Module | None, activations: str) -> bool:
-    """True where the source's input transform is exactly the int8 kernel's own quantization
-    (a plain absmax8 input), so the packed layer can skip it: x goes to the kernel as it is."""
-    return (
-        activations == "int8"
-        and type(source) in (QuantLinear, QuantConv2d)
-        and isinstance(source.input_quantizer, AbsMax8)  # type: ignore[union-attr]
-    )
-
-
 class _Packed(nn.Module):
     """Shared state of PackedLinear and PackedConv2d: codes (prepared), scale, bias, input."""
 
@@ -103,7 +93,6 @@ class _Packed(nn.Module):
         object.__setattr__(
             self, "input_source", _input_shell(source) if source is not None else None
         )
-        self._kernel_quantizes = _kernel_quantizes(source, activations)
         object.__setattr__(self, "weight_prepared", None)
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> None:
@@ -134,8 +123,10 @@ class _Packed(nn.Module):
         return reference.dequantize(self.codes, self.scale, self.levels)
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_source is None or self._kernel_quantizes:
+        if self.input_source is None:
             return x
+        if self.activations == "int8":
+            return self.input_source.int8_input(x)
         return self.input_source.quantize_input(x)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 
@@ -81,6 +82,34 @@ def test_convert_parity_seed_layers(layer: str) -> None:
     _parity(model, torch.randn(32, 1, 28, 28))
     if layer == "bitlinear8":
         assert all(m.activations == "int8" for m in model.modules() if isinstance(m, PackedLinear))
+
+
+@pytest.mark.parametrize("levels", (2, 3, 5, 17))
+def test_int8_packed_model_is_the_trained_model_bit_for_bit(levels: int) -> None:
+    # Inference of absmax8-trained layers runs the kernels' integer arithmetic, so the packed
+    # twin reproduces the trained outputs exactly (not just up to float rounding)
+    x = torch.randn(16, 3, 16, 16) * 3
+    net = _small_net(
+        levels, granularity="channel" if levels % 2 else "tensor", activations="absmax8"
+    )
+    with torch.no_grad():
+        trained = net(x)
+        packed = convert_(net)(x)
+    assert torch.equal(packed, trained)
+    seed = models.get("mlp", depth=2, width=64, layer="bitlinear8").eval()
+    xs = torch.randn(32, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(convert_(copy.deepcopy(seed))(xs), seed(xs))
+
+
+def test_integer_inference_is_the_training_forward_up_to_rounding() -> None:
+    net = _small_net(3, activations="absmax8")
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        exact = net(x)
+    with torch.enable_grad():
+        trained = net(x)  # the float fake-quant path that training differentiates
+    assert (exact - trained).abs().max() <= 1e-4 * trained.abs().max()
 
 
 def test_int8_mode_recovers_the_trained_integers() -> None:

@@ -50,19 +50,27 @@ def quantize_activations(
     return (x * a).round().clamp(-127, 127), a
 
 
-def _int8_linear(
+def _integer_product(
+    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x_int: torch.Tensor,
-    a: torch.Tensor,
     codes: torch.Tensor,
-    scale: torch.Tensor,
     levels: int,
-    bias: torch.Tensor | None,
+    k: int,
 ) -> torch.Tensor:
-    """acc = x_int (..., K) @ (2 c - (levels-1))^T exactly, y = acc * s / (2 a) + b."""
-    doubled = codes.to(torch.float64) * 2 - (levels - 1)  # (N_out, K), integral
-    acc = x_int.to(torch.float64) @ doubled.T  # exact: |acc| < 127 * 255 * K << 2**53
-    s = scale.to(torch.float64)
-    y = (acc * s / (2 * a.to(torch.float64))).to(torch.float32)
+    """op(x_int, 2 c - (levels-1)) exactly, as float64: both operands are integers, so float32
+    is exact (in any summation order) while every partial sum stays below 2^24, i.e. while
+    K * 127 * (levels-1) < 2^24 (ternary up to K = 66,000); beyond that, float64."""
+    doubled = codes.to(torch.float32) * 2 - (levels - 1)
+    if k * 127 * (levels - 1) < 1 << 24:
+        return op(x_int, doubled).to(torch.float64)
+    return op(x_int.to(torch.float64), doubled.to(torch.float64))
+
+
+def _rescale(
+    acc: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """y = acc * s / (2 a) + b: the float64 product and quotient, then float32 (as the kernels)."""
+    y = (acc * scale.to(torch.float64) / (2 * a.to(torch.float64))).to(torch.float32)
     return y if bias is None else y + bias
 
 
@@ -79,29 +87,9 @@ def linear(
         return torch.nn.functional.linear(x, dequantize(codes, scale, levels), bias)
     if activations != "int8":
         raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}")
-    return _int8_linear(*quantize_activations(x), codes, scale, levels, bias)
-
-
-def im2col_conv2d(
-    x: torch.Tensor,
-    linear_fn: Callable[[torch.Tensor], torch.Tensor],
-    out_channels: int,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
-    dilation: tuple[int, int] = (1, 1),
-) -> torch.Tensor:
-    """A groups=1 convolution as a linear map over im2col patches.
-
-    x (B, C, H, W) -> patches (B, L, C*kH*kW) (``F.unfold``'s order: channel, then kernel row,
-    then column, matching ``weight.reshape(C_out, -1)``) -> ``linear_fn`` -> (B, L, C_out) ->
-    (B, C_out, H', W') with H' = (H + 2 pH - dH (kH - 1) - 1) // sH + 1 (W' likewise)."""
-    b, _, h, w = x.shape
-    cols = torch.nn.functional.unfold(x, kernel_size, dilation, padding, stride)  # (B, K, L)
-    ho = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
-    y = linear_fn(cols.transpose(1, 2))  # (B, L, C_out)
-    return y.transpose(1, 2).reshape(b, out_channels, ho, wo)
+    x_int, a = quantize_activations(x)
+    acc = _integer_product(torch.nn.functional.linear, x_int, codes, levels, codes.shape[1])
+    return _rescale(acc, scale, a, bias)
 
 
 def conv2d(
@@ -113,31 +101,26 @@ def conv2d(
     *,
     kernel_size: tuple[int, int],
     stride: tuple[int, int] = (1, 1),
-    padding: tuple[int, int] = (0, 0),
+    padding: tuple[int, int] | str = (0, 0),
     dilation: tuple[int, int] = (1, 1),
     activations: str = "fp32",
 ) -> torch.Tensor:
-    """The reference convolution: ``linear`` over im2col patches; codes (C_out, C_in*kH*kW).
+    """The reference convolution (groups = 1): x (B, C_in, H, W) -> (B, N_out, H', W'), codes
+    (N_out, C_in*kH*kW) in ``weight.reshape(N_out, -1)``'s order.
 
-    ``"int8"``: x (B, C, H, W) is quantized per image (``a`` (B, 1, 1, 1)), then the patches of
-    the integers go through the exact integer product with that image's multiplier."""
+    ``"int8"``: x is quantized per image (``a`` (B, 1, 1, 1)), the convolution of the integers
+    with the doubled levels is exact, then rescaled per image and output channel."""
     if activations not in ACTIVATION_MODES:
         raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}")
-    a = None
-    if activations == "int8":
-        x, a = quantize_activations(x, dim=(-3, -2, -1))  # a (B, 1, 1, 1)
+    n = codes.shape[0]
+    shape = (n, x.shape[-3], *kernel_size)
 
-    def on_patches(cols: torch.Tensor) -> torch.Tensor:  # (B, L, K) -> (B, L, C_out)
-        if a is None:
-            return linear(cols, codes, scale, levels, bias)
-        return _int8_linear(cols, a.reshape(-1, 1, 1), codes, scale, levels, bias)
+    def conv(inp: torch.Tensor, weight: torch.Tensor, b: torch.Tensor | None = None):
+        return torch.nn.functional.conv2d(inp, weight.reshape(shape), b, stride, padding, dilation)
 
-    return im2col_conv2d(
-        x,
-        on_patches,
-        codes.shape[0],
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-    )
+    if activations == "fp32":
+        return conv(x, dequantize(codes, scale, levels), bias)
+    x_int, a = quantize_activations(x, dim=(-3, -2, -1))  # a (B, 1, 1, 1)
+    acc = _integer_product(conv, x_int, codes, levels, codes.shape[1])
+    s = scale.reshape(-1, 1, 1) if scale.dim() else scale
+    return _rescale(acc, s, a, None if bias is None else bias.reshape(-1, 1, 1))
