@@ -391,9 +391,10 @@ def markdown(info: dict, rows: list[dict]) -> str:
         "int8 convolutions quantize each image with one absmax multiplier, as `QuantConv2d` "
         "trains with `absmax8` inputs, so they are exact too.",
         "- Runtime dispatch: AVX-512 (F/BW/VL/DQ/VNNI) -> AVX2 -> portable C, per-function "
-        "target attributes in one library; 2 threads by default (torch.get_num_threads()), a "
-        "pthread pool splitting the output rows, the caller never waiting for a helper that "
-        "has not started (robust on a loaded machine).",
+        "target attributes in one library; torch.get_num_threads() threads by default, on "
+        "torch's own OpenMP team (a pool of our own would share the cores with that team's "
+        "spinning workers after every torch operator), work split into (token block, row "
+        "block) chunks claimed dynamically.",
         "- Packed layers (lowbit.packed) pick the mode per layer: int8 where the layer was "
         "trained with absmax8 inputs (exact), fp32 otherwise; see docs/results/end_to_end.md "
         "for what int8 activations do to a weight-only-trained model.",

@@ -892,8 +892,8 @@ LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const
  * (B, Hp, Wp, C), Hp = H + 2 ph, Wp = W + 2 pw, int8 or float32, and every chunk of 64 columns
  * (tap (i, j), channels 64 cb .. 64 cb + 63) of token t is read in place at
  *   toff[t] = ((b * Hp + oy * sh) * Wp + ox * sw) * C,   coff = (i * dh * Wp + j * dw) * C + 64 cb.
- * Otherwise (few channels, e.g. an RGB input) the patches are gathered once into rows of kp
- * (im2col in the same column order).
+ * Otherwise (few channels, e.g. an RGB input) the patches are gathered once into rows of whole
+ * 64-column chunks (im2col in the same column order).
  *
  * int8: one multiplier per image (the per-sample absmax of QuantConv2d's absmax8 input,
  *   a[b] = 127 / max_{c,y,x} |x[b]|), so every patch of image b holds integers of one scale and
@@ -910,15 +910,15 @@ static conv_geom geom_from(const int64_t *d) {
     return g;
 }
 
-
+/* The input copy of a convolution: the padded image (direct) or the patch rows (im2col). */
 typedef struct {
     int isa, int8;
     conv_geom g;
     const float *x;
-    const float *a;   /* int8: per-image multiplier */
+    const float *a;     /* int8: per-image multiplier */
     const int8_t *qimg; /* int8 im2col: the quantized NHWC image */
     void *buf;          /* direct: padded image; im2col: rows of kc */
-    int32_t *sums;    /* int8 direct: per-chunk sums; im2col: per-token sums */
+    int32_t *sums;      /* int8 direct: per-chunk sums; im2col: per-token sums */
     int64_t kc, per_chunk, count;
 } conv_fill_job;
 
