@@ -39,9 +39,10 @@ ext_modules = (
                 "-O3",
                 "-std=gnu11",
                 "-fopenmp",
+                "-pthread",
                 "-fvisibility=hidden",
             ],
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", "-pthread"],
             optional=True,
         )
     ]

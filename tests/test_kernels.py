@@ -196,6 +196,29 @@ def test_conv_weight_must_be_prepared_for_the_conv() -> None:
         kernels.prepare(codes, torch.tensor(1.0), 3, conv=(4, (3, 3)))
 
 
+def _linear_in_child(x, w, want, queue) -> None:
+    queue.put(bool(torch.equal(kernels.linear(x, w, None, "int8", threads=2), want)))
+
+
+@needs_native
+def test_a_forked_child_runs_the_kernels() -> None:
+    # GNU OpenMP hangs a child forked after the parent used a team; the kernels then run on
+    # the child's calling thread instead
+    import multiprocessing
+
+    codes, scale, _, x = _case(3, 8, 256, 1000, seed=5)
+    w = kernels.prepare(codes, scale, 3)
+    want = kernels.linear(x, w, None, "int8", threads=2)  # the parent's team has run
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_linear_in_child, args=(x, w, want, queue))
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0 and queue.get(timeout=5)
+
+
 @needs_native
 def test_torch_library_op() -> None:
     codes, scale, bias, x = _case(3, 4, 24, 100, seed=1)

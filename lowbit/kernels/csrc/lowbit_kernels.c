@@ -56,6 +56,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -92,10 +93,18 @@ LB_EXPORT int lb_isa(void) {
 
 typedef void (*chunk_fn)(const void *ctx, int64_t chunk);
 
+/* GNU OpenMP cannot start a team in a child forked after the parent used one (the child hangs,
+ * torch's own operators included), so a forked child runs the kernels on its calling thread. */
+static volatile int forked_child = 0;
+static void on_fork_child(void) { forked_child = 1; }
+__attribute__((constructor)) static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, on_fork_child);
+}
+
 /* fn(ctx, i) for i in 0..nchunks-1 on up to `nthreads` threads (the caller included). */
 static void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads) {
 #ifdef _OPENMP
-    if (nthreads > 1 && nchunks > 1 && !omp_in_parallel()) {
+    if (nthreads > 1 && nchunks > 1 && !forked_child && !omp_in_parallel()) {
         if (nthreads > nchunks) nthreads = (int)nchunks;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
         for (int64_t i = 0; i < nchunks; i++) fn(ctx, i);
