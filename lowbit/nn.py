@@ -27,6 +27,12 @@ from lowbit.quantizers import GRANULARITIES, STES, AbsMax8, Quantizer
 QuantizerLike = str | Quantizer | AbsMax8 | None
 
 
+def _check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
+    """ValueError naming the option, the valid values and the value given."""
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
+
+
 def _describe(q: Quantizer | AbsMax8 | None) -> str:
     if q is None:
         return "fp32"
@@ -293,11 +299,7 @@ class QATConfig:
             raise ValueError(f"QATConfig.levels must be an integer in 2..256, got {self.levels!r}")
         if not 2 <= self.levels <= 256:
             raise ValueError(f"QATConfig.levels must be in 2..256, got {self.levels}")
-        if self.quantizer not in _WEIGHT_QUANTIZERS:
-            raise ValueError(
-                f"QATConfig.quantizer must be one of {', '.join(_WEIGHT_QUANTIZERS)}; "
-                f"got {self.quantizer!r}"
-            )
+        _check_choice("QATConfig.quantizer", self.quantizer, _WEIGHT_QUANTIZERS)
         fixed = _FIXED_LEVELS.get(self.quantizer)
         if fixed is not None and self.levels != fixed:
             raise ValueError(
@@ -308,13 +310,8 @@ class QATConfig:
             raise ValueError("QATConfig.spread only applies to quantizer='nlevel'")
         if self.spread is not None and not self.spread > 0:
             raise ValueError(f"QATConfig.spread must be > 0, got {self.spread!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"QATConfig.granularity must be one of {', '.join(GRANULARITIES)}; "
-                f"got {self.granularity!r}"
-            )
-        if self.ste not in STES:
-            raise ValueError(f"QATConfig.ste must be one of {', '.join(STES)}; got {self.ste!r}")
+        _check_choice("QATConfig.granularity", self.granularity, GRANULARITIES)
+        _check_choice("QATConfig.ste", self.ste, STES)
         if self.activations not in (None, "absmax8"):
             raise ValueError(
                 f"QATConfig.activations must be None or 'absmax8'; got {self.activations!r}"
@@ -484,10 +481,7 @@ class SignLinear(_SeedLinear):
         scale: str = "absmean",
         ste: str = "identity",
     ) -> None:
-        if scale not in self.SCALES:
-            raise ValueError(
-                f"SignLinear scale must be one of {', '.join(self.SCALES)}; got {scale!r}"
-            )
+        _check_choice("SignLinear scale", scale, self.SCALES)
         if scale == "absmean":
             wq: Quantizer = quantizers.get("sign", center=center, ste=ste)  # type: ignore[assignment]
         else:
@@ -553,14 +547,8 @@ class MisbornLinear(_SeedLinear):
         mask: str = "grad",
         norm: str = "standardize",
     ) -> None:
-        if mask not in self.MASKS:
-            raise ValueError(
-                f"MisbornLinear mask must be one of {', '.join(self.MASKS)}; got {mask!r}"
-            )
-        if norm not in self.NORMS:
-            raise ValueError(
-                f"MisbornLinear norm must be one of {', '.join(self.NORMS)}; got {norm!r}"
-            )
+        _check_choice("MisbornLinear mask", mask, self.MASKS)
+        _check_choice("MisbornLinear norm", norm, self.NORMS)
         wq = Quantizer(levels=2, center=norm == "standardize", name="sign", fixed_scale=2.0)
         QuantLinear.__init__(
             self, in_features, out_features, bias, device=device, dtype=dtype, weight_quantizer=wq

@@ -111,6 +111,14 @@ class _Packed(nn.Module):
         """Extra ``kernels.prepare`` arguments of this layer kind."""
         return {}
 
+    @classmethod
+    def from_quant(cls, layer: Any, activations: str | None = None) -> Any:
+        """Pack a trained QuantLinear / QuantConv2d (or subclass): its codes, scale, bias and
+        input transform (the subclass's ``empty_like``, then the codes of its latent weight)."""
+        with torch.device(layer.weight.device):
+            new = cls.empty_like(layer, activations)
+        return _fill_from(new, layer, _weight_quantizer(layer))
+
     @property
     def codes(self) -> torch.Tensor:
         """(out, k) uint8 codes (unpacked from the backend layout when it does not keep them)."""
@@ -202,13 +210,6 @@ class PackedLinear(_Packed):
             source=layer,
         )
 
-    @classmethod
-    def from_quant(cls, layer: QuantLinear, activations: str | None = None) -> PackedLinear:
-        """Pack a trained QuantLinear (or subclass): its codes, scale, bias and input transform."""
-        with torch.device(layer.weight.device):
-            new = cls.empty_like(layer, activations)
-        return _fill_from(new, layer, _weight_quantizer(layer))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(self._transform(x), self.weight_prepared, self.bias, self.activations)
 
@@ -265,13 +266,6 @@ class PackedConv2d(_Packed):
             activations=activations or _default_activations(layer),
             source=layer,
         )
-
-    @classmethod
-    def from_quant(cls, layer: QuantConv2d, activations: str | None = None) -> PackedConv2d:
-        """Pack a trained QuantConv2d: its codes, scale, bias and input transform."""
-        with torch.device(layer.weight.device):
-            new = cls.empty_like(layer, activations)
-        return _fill_from(new, layer, _weight_quantizer(layer))
 
     def _layout(self) -> dict[str, Any]:
         return {"conv": (self.in_channels, self.kernel_size)}
