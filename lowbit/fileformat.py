@@ -36,7 +36,8 @@ from torch import nn
 
 from lowbit import pack, schema
 from lowbit.errors import FormatError
-from lowbit.packed import ACTIVATIONS, PackedLayer, empty_packed, packable, weight_quantizer
+from lowbit.packed import PackedLayer, empty_packed, packable, weight_quantizer
+from lowbit.quantizers import ACTIVATION_MODES
 
 FORMAT_VERSION = 1
 
@@ -260,10 +261,9 @@ def _registry_model(path: Path, desc: dict[str, Any], packed: dict[str, Any]) ->
         if source is None or not packable(source) or isinstance(source, PackedLayer):
             raise _fail(path, f"layer {fqn!r}: not a quantized layer of model {name!r}")
         mode = info.get("activations")
-        if mode not in ACTIVATIONS:
-            raise _fail(path, f"layer {fqn!r}: activations must be one of {ACTIVATIONS}")
-        parent, _, child = fqn.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, empty_packed(source, mode))
+        if mode not in ACTIVATION_MODES:
+            raise _fail(path, f"layer {fqn!r}: activations must be one of {ACTIVATION_MODES}")
+        model.set_submodule(fqn, empty_packed(source, mode))
     return model
 
 

@@ -62,6 +62,7 @@ import torch
 
 from lowbit.errors import FormatError
 from lowbit.files import atomic_open
+from lowbit.quantizers import MAX_LEVELS, check_levels
 
 LAYOUTS = ("dense", "byte")
 MAX_BLOCK_BITS = 64
@@ -157,8 +158,7 @@ class Codec:
 @cache
 def codec(levels: int, layout: str = "dense") -> Codec:
     """The codec of ``layout`` ("dense" or "byte") for ``levels`` in 2..256."""
-    if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
-        raise ValueError(f"levels must be an integer in 2..256, got {levels!r}")
+    check_levels(levels)
     if layout == "byte":
         return Codec(levels, layout, _max_codes(levels, 8), 8)
     if layout != "dense":
@@ -179,7 +179,7 @@ def codec(levels: int, layout: str = "dense") -> Codec:
 
 def efficiency(layout: str = "dense") -> dict[int, float]:
     """(stored bits per code) / log2 N for every N in 2..256."""
-    return {n: codec(n, layout).efficiency for n in range(2, 257)}
+    return {n: codec(n, layout).efficiency for n in range(2, MAX_LEVELS + 1)}
 
 
 # --- bit stream ----------------------------------------------------------------------------------
