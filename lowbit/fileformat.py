@@ -50,12 +50,14 @@ class _Item:
 
 
 def _tensor_item(name: str, t: torch.Tensor) -> _Item:
-    def get() -> Any:
-        c = t.detach().to("cpu").contiguous()
-        return c.reshape(-1).view(torch.uint8).numpy() if c.numel() else b""
-
     nbytes = t.numel() * t.element_size()
-    return _Item(name, pack.dtype_name(t.dtype), tuple(t.shape), nbytes, get)
+    return _Item(
+        name,
+        pack.dtype_name(t.dtype),
+        tuple(t.shape),
+        nbytes,
+        lambda: pack.tensor_entry(name, t).data,
+    )
 
 
 def _packed_layer(module: nn.Module) -> dict[str, Any]:
@@ -119,8 +121,7 @@ def plan(model: nn.Module, layout: str = "dense") -> tuple[dict[str, Any], list[
         packed[fqn]["codec"] = codec.to_json()
     for name, t in _plain_tensors(model, packed).items():
         items.append(_tensor_item(name, t))
-    # Wider dtypes first keeps every tensor aligned to its element size in the file.
-    items.sort(key=lambda it: (-pack.DTYPES[it.dtype][1], it.name))
+    items.sort(key=lambda it: pack.storage_order(it.name, it.dtype))
     meta = {
         "format": "lowbit",
         "format_version": FORMAT_VERSION,

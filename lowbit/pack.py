@@ -287,8 +287,10 @@ def _trailing_bits(p: np.ndarray, used_bits: int) -> bool:
 #               "data_offsets": [begin, end]}, ...}          offsets relative to the data start
 #
 # lowbit writes and reads it itself rather than through the safetensors package so that the file
-# size is known exactly before writing (``container_size``) and every declared size is checked
-# against the bytes actually present before anything is allocated.
+# size is known exactly before writing (``container_size``, which ``lowbit summary`` predicts) and
+# every declared size is checked against the file's size before anything is allocated. Every
+# container lowbit writes goes through here: .lowbit files, training checkpoints
+# (``write_tensors``), the study's per-epoch codes.
 
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
@@ -325,6 +327,32 @@ class Entry:
         dtype = DTYPES[self.dtype][0]
         raw = np.frombuffer(self.data, dtype=np.uint8).copy()
         return torch.from_numpy(raw).view(dtype).reshape(self.shape)
+
+
+def tensor_entry(name: str, t: torch.Tensor) -> Entry:
+    """The entry of tensor ``t`` (copied to CPU, contiguous, its bytes as stored)."""
+    c = t.detach().to("cpu").contiguous()
+    data = c.reshape(-1).view(torch.uint8).numpy() if c.numel() else b""
+    return Entry(name, dtype_name(c.dtype), tuple(c.shape), data)
+
+
+def storage_order(name: str, dtype: str) -> tuple[int, str]:
+    """The order tensors are stored in: wider dtypes first (every tensor then starts at a
+    multiple of its element size, as safetensors readers expect), then by name."""
+    return (-DTYPES[dtype][1], name)
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> int:
+    """Write named tensors and string metadata as a container (atomically); returns its size."""
+    entries = [tensor_entry(k, v) for k, v in tensors.items()]
+    entries.sort(key=lambda e: storage_order(e.name, e.dtype))
+    return write_container(path, entries, metadata)
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, {name: tensor}) of a container written by ``write_tensors`` (strict reader)."""
+    metadata, entries = read_container(path)
+    return metadata, {name: e.tensor() for name, e in entries.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

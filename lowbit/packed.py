@@ -3,9 +3,9 @@
 ``convert_(model)`` replaces, in place, every ``QuantLinear``/``QuantConv2d`` (and their
 subclasses, e.g. the seed-study layers) by a ``PackedLinear``/``PackedConv2d`` that holds only
 
-    codes   the integer weight codes, in the kernel backend's layout (``lowbit.kernels.prepare``,
-            run once at construction; the latent fp32 weights are dropped)
-    scale   () or (out,) float32, the step between levels
+    codes   (out, K) uint8 buffer, the integer weight codes 0..N-1 (the latent fp32 weights
+            are dropped; the kernels' compute layout is a cache derived from codes and scale)
+    scale   () or (out,) float32 buffer, the step between levels
     bias    (out,) float32 or None
 
 and computes ``y = kernels.linear(t(x), W, b)`` (``kernels.conv2d`` for convolutions), with
@@ -17,12 +17,14 @@ re-implemented: BitLinear8's norm + absmax8, SignLinear's norm). Activation mode
   ``int8_input`` (x itself where the transform is just absmax8, which the kernel applies; else
   the already quantized ``t(x)``, whose integers ``round(x_hat * 127 / max|x_hat|)`` gives back)
   and the dot products are exact integers. The source layer computes the same integer
-  arithmetic at inference (``QuantLinear._integer_inference``), so packed and trained outputs
-  are bit-identical.
+  arithmetic in eval mode (``QuantLinear.integer_inference``, ``lowbit.integer``), so packed and
+  trained outputs are bit-identical.
 * ``"fp32"`` otherwise (weight-only quantization): ``t`` is ``quantize_input``; the output
   equals the fake-quant model's up to float summation order (tests bound it).
 
-Saving and loading packed models: ``lowbit.fileformat``.
+Eager calls run the kernels directly; under torch.compile, torch.export and jit.trace the layer
+calls the ops ``torch.ops.lowbit.packed_linear`` / ``packed_conv2d`` on its buffers, so traced
+graphs hold one op per layer. Saving and loading packed models: ``lowbit.fileformat``.
 """
 
 from __future__ import annotations
