@@ -200,7 +200,7 @@ def _read_metadata(path: Path) -> tuple[dict[str, Any], dict[str, pack.Entry]]:
     if not isinstance(meta, dict) or meta.get("format") != "lowbit":
         raise _fail(path, "metadata does not describe a lowbit model")
     version = meta.get("format_version")
-    if isinstance(version, bool) or version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not true, 1.0 or "1"
         raise _fail(
             path,
             f"format version {version!r} is not supported by lowbit "
@@ -306,6 +306,15 @@ def _check_packed_entry(path: Path, name: str, layer: PackedLayer, info: Any) ->
     return codec
 
 
+def _check_values(path: Path, name: str, t: torch.Tensor) -> None:
+    """Refuse values no trained model has: NaN or infinite floats (weights, biases, norms'
+    statistics) and negative BatchNorm variances."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise _fail(path, f"tensor {name!r}: NaN or infinite values")
+    if name.rpartition(".")[2] == "running_var" and bool((t < 0).any()):
+        raise _fail(path, f"tensor {name!r}: a BatchNorm variance is negative")
+
+
 def load(path: str | Path) -> nn.Module:
     """Read a .lowbit file into a packed model (eval mode), ready to run.
 
@@ -341,6 +350,8 @@ def load(path: str | Path) -> nn.Module:
             )
     # Everything is consistent: read, unpack, check the values, then fill the model.
     state = {name: entry.tensor() for name, entry in entries.items() if name not in codecs}
+    for name, t in state.items():
+        _check_values(path, name, t)
     for name, (codec, layer) in codecs.items():
         try:
             codes = codec.unpack(entries[name].data, math.prod(layer.weight_shape))
