@@ -68,6 +68,10 @@ def _colors(variants: list[str]) -> dict[str, Any]:
         "sign": "tab:purple",
         "ternary-median": "tab:olive",
     }
+    # readings of the seed layers (``misborn/weight-ste``): colours no fixed kind uses
+    extra = iter(["tab:brown", "tab:pink", "tab:cyan", "tab:gray", "gold", "navy", "lime"] * 3)
+    for v in sorted(v for v in variants if "/" in v):
+        fixed[v] = next(extra)
     levels = sorted(int(v.split("-")[1]) for v in variants if v.startswith("nlevel-"))
     cmap = plt.get_cmap("viridis")
     for i, n in enumerate(levels):
