@@ -108,7 +108,6 @@ class PackedLayer(nn.Module):
     kind: str  # "linear" | "conv2d", as the .lowbit file names it
     levels: int
     granularity: str
-    activations: str
     weight_shape: tuple[int, ...]
 
     def _init_packed(
@@ -125,7 +124,7 @@ class PackedLayer(nn.Module):
         check_levels(levels)
         check_choice("granularity", granularity, GRANULARITIES)
         check_activation_mode(activations)
-        self.levels, self.granularity, self.activations = levels, granularity, activations
+        self.levels, self.granularity, self._activations = levels, granularity, activations
         self.out_features_, self.k = out_features, k
         scale_shape = () if granularity == "tensor" else (out_features,)
         self.register_buffer(
@@ -135,7 +134,19 @@ class PackedLayer(nn.Module):
         b = torch.zeros(out_features, device=device) if bias else None
         self.bias = nn.Parameter(b, requires_grad=False) if bias else None
         self._input = _InputTransform(_input_shell(source)) if source is not None else None
+        # whether _transform(x) is x (plain QuantLinear/QuantConv2d inputs: the int8 kernels
+        # quantize x themselves; without an input quantizer, fp32 takes x as it is): the
+        # per-call path then skips it
+        self._plain_input = source is None or (
+            type(source) in (QuantLinear, QuantConv2d)
+            and (activations == "int8" or source.input_quantizer is None)
+        )
         self._cache: tuple | None = None
+
+    @property
+    def activations(self) -> str:
+        """ "fp32" or "int8" (``lowbit.quantizers.ACTIVATION_MODES``), fixed at construction."""
+        return self._activations
 
     @property
     def input_source(self) -> nn.Module | None:
@@ -202,7 +213,7 @@ class PackedLayer(nn.Module):
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
         if self._input is None:
             return x
-        if self.activations == "int8":
+        if self._activations == "int8":
             return self._input.source.int8_input(x)
         return self._input.source.quantize_input(x)
 
@@ -267,9 +278,10 @@ class PackedLinear(PackedLayer):
         return (self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._transform(x)
+        t = x if self._plain_input else self._transform(x)
         if _eager(t):
-            y = kernels.linear(t, self.prepared(), self.bias, self.activations)
+            bias = self._parameters.get("bias")  # (a None bias is a plain attribute)
+            y = kernels.linear(t, self.prepared(), bias, self._activations)
         else:
             y = torch.ops.lowbit.packed_linear(
                 t, self.codes, self.scale, self.bias, self.levels, self.activations
@@ -340,7 +352,7 @@ class PackedConv2d(PackedLayer):
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._transform(x)
+        t = x if self._plain_input else self._transform(x)
         if _eager(t):
             y = kernels.conv2d(
                 t,

@@ -48,8 +48,18 @@ def test_read_shapes(shapes: Path) -> None:
 def test_run_rows_and_ratios(shapes: Path, tmp_path: Path) -> None:
     info, rows = bench.run(shapes, quick=True, stream=False, rounds=(0.0, 3, 3))
     assert {"cpu", "torch", "date", "backend"} <= set(info)
-    # per (shape, batch): fp32 + bf16 + 3 levels x 2 activation modes
+    # per (shape, batch): fp32 + bf16 + 3 levels x 2 activation modes; then the call overhead
+    calls = [r for r in rows if r["regime"] == "call"]
+    rows = [r for r in rows if r["regime"] != "call"]
     assert len(rows) == (2 + 1) * (2 + 3 * 2)
+    assert {r["variant"] for r in calls} == {
+        "module-int8",
+        "kernel-int8",
+        "module-fp32",
+        "kernel-fp32",
+    }
+    claims = [c for c, _, _ in bench.targets(calls)]
+    assert "packed layer call <= 5 us above the kernel (int8, square-1024 b1)" in claims
     for r in rows:
         base = next(
             b

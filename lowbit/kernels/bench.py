@@ -20,6 +20,10 @@ neighbour slows them alike; the figure is the median over rounds. Two weight reg
   of the L2s) takes about ten passes over a 4 MiB weight to hold it again (measured: 45 G MAC/s
   after three passes, 105-130 after ten). ``hot`` measures the weights cache-resident.
 
+A last round-robin (regime ``call``) times a ``PackedLinear`` called as a module against
+``kernels.linear`` on the same prepared weight (1024x1024 ternary, batch 1, both activation
+modes): the difference is the per-call overhead of the layer (``OVERHEAD_ROUNDS`` rounds).
+
 Columns: median time (us), packed weight GB/s (packed bytes / time), G MAC/s, and the speed-ups
 over fp32 and bf16 of the same round-robin.
 """
@@ -184,6 +188,28 @@ def _variants(shape: Shape, batch: int, stream: bool, levels: tuple[int, ...], m
 
 
 HOT_WARM_CALLS = 10
+OVERHEAD_SIZE = 1024  # the layer of the call-overhead comparison: OVERHEAD_SIZE^2, batch 1
+OVERHEAD_ROUNDS = (2.0, 401, 4001)  # seconds budget, min and max rounds (quick: a quarter)
+
+
+def _overhead_variants() -> dict[str, tuple[Callable[[], object], dict]]:
+    """module-<act> (a PackedLinear called as a module) and kernel-<act> (``kernels.linear`` on
+    the layer's own prepared weight and bias), for act = int8 / fp32."""
+    from lowbit.nn import QuantLinear  # the layers sit above the kernels: imported here only
+    from lowbit.packed import PackedLinear
+
+    g = torch.Generator().manual_seed(0)
+    n = OVERHEAD_SIZE
+    x = torch.randn(1, n, generator=g)
+    out: dict[str, tuple[Callable[[], object], dict]] = {}
+    for act, input_quantizer in (("int8", "absmax8"), ("fp32", None)):
+        trained = QuantLinear(n, n, weight_quantizer="ternary", input_quantizer=input_quantizer)
+        layer = PackedLinear.from_quant(trained)
+        w, b = layer.prepared(), layer.bias
+        meta = {"levels": 3, "activations": act, "packed_bytes": _packed_bytes(n, n, 3)}
+        out[f"module-{act}"] = (lambda layer=layer: layer(x), meta)
+        out[f"kernel-{act}"] = (lambda w=w, b=b, act=act: kernels.linear(x, w, b, act), meta)
+    return out
 
 
 def _time_round_robin(
@@ -213,6 +239,43 @@ def _time_round_robin(
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}, rounds
 
 
+def call_overhead(rounds: tuple[float, int, int] = OVERHEAD_ROUNDS) -> list[dict]:
+    """Rows (regime "call") of a PackedLinear called as a module vs ``kernels.linear`` on its
+    own prepared weight, interleaved round-robin: ``rounds`` = (seconds budget, min, max)."""
+    variants = _overhead_variants()
+    med, len_rounds = _time_round_robin(variants, *rounds)
+    rows = []
+    for name, (_, meta) in variants.items():
+        t, tmin = med[name]
+        rows.append(
+            {
+                "shape": f"square-{OVERHEAD_SIZE}",
+                "kind": "linear",
+                "out_features": OVERHEAD_SIZE,
+                "in_features": OVERHEAD_SIZE,
+                "batch": 1,
+                "tokens": 1,
+                "threads": torch.get_num_threads(),
+                "regime": "call",
+                "variant": name,
+                "levels": meta["levels"],
+                "activations": meta["activations"],
+                "weight_bytes": meta["packed_bytes"],
+                "median_us": round(t * 1e6, 2),
+                "weight_gbps": round(meta["packed_bytes"] / t / 1e9, 2),
+                "gmacs": round(OVERHEAD_SIZE**2 / t / 1e9, 2),
+                "speedup_vs_fp32": "",
+                "speedup_vs_bf16": "",
+                "min_us": round(tmin * 1e6, 2),
+                "gmacs_min": round(OVERHEAD_SIZE**2 / tmin / 1e9, 2),
+                "speedup_vs_fp32_min": "",
+                "speedup_vs_bf16_min": "",
+                "rounds": len_rounds,
+            }
+        )
+    return rows
+
+
 def run(
     shapes_path: str | os.PathLike | None = None,
     *,
@@ -222,7 +285,8 @@ def run(
     rounds: tuple[float, int, int] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Run the benchmark; returns (machine info, result rows). ``rounds``: (seconds budget per
-    shape and batch, min rounds, max rounds), default (1.5, 9, 201), quick (0.3, 5, 31)."""
+    shape and batch, min rounds, max rounds), default (1.5, 9, 201), quick (0.3, 5, 31); it
+    also sets the call-overhead comparison's (default ``OVERHEAD_ROUNDS``)."""
     shapes = read_shapes(shapes_path)
     if quick:
         shapes = [s for s in shapes if s.name in QUICK_SHAPES] or shapes
@@ -282,6 +346,10 @@ def run(
                         }
                     )
                 del variants
+    if progress:
+        progress(f"call overhead {OVERHEAD_SIZE}x{OVERHEAD_SIZE} batch 1")
+    budget, lo, hi = OVERHEAD_ROUNDS
+    rows += call_overhead(rounds or ((budget / 4, lo // 4, hi // 4) if quick else OVERHEAD_ROUNDS))
     return info, rows
 
 
@@ -355,6 +423,19 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
     t32 = get("square-4096", 32, "L3-int8")
     if t32:
         out.append(("ternary 4096x4096 b32 >= 2x fp32", *ratio(t32, "speedup_vs_fp32", 2)))
+    for act in ("int8", "fp32"):
+        shape = f"square-{OVERHEAD_SIZE}"
+        mod, ker = get(shape, 1, f"module-{act}", "call"), get(shape, 1, f"kernel-{act}", "call")
+        if mod and ker:
+            extra = round(mod["median_us"] - ker["median_us"], 2)
+            out.append(
+                (
+                    f"packed layer call <= 5 us above the kernel ({act}, {shape} b1)",
+                    f"{extra} us ({mod['median_us']} vs {ker['median_us']} us; best-of "
+                    f"{round(mod['min_us'] - ker['min_us'], 2)} us)",
+                    extra <= 5,
+                )
+            )
     return out
 
 
