@@ -239,41 +239,61 @@ def _time_round_robin(
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}, rounds
 
 
+def _row(
+    where: dict,
+    name: str,
+    meta: dict,
+    timing: tuple[float, float],
+    macs: int,
+    rounds: int,
+    bases: tuple[tuple[float, float], tuple[float, float]] | None = None,
+) -> dict:
+    """One result row: ``where`` (shape, batch, regime...), the variant and its (median, min)
+    seconds; ``bases``: the (median, min) of torch fp32 and bf16 in the same round-robin."""
+    t, tmin = timing
+
+    def speedup(base: tuple[float, float] | None, i: int, value: float) -> float | str:
+        return "" if base is None else round(base[i] / value, 2)
+
+    fp32, bf16 = bases or (None, None)
+    return {
+        **where,
+        "variant": name,
+        "levels": meta["levels"],
+        "activations": meta["activations"],
+        "weight_bytes": meta["packed_bytes"],
+        "median_us": round(t * 1e6, 2),
+        "weight_gbps": round(meta["packed_bytes"] / t / 1e9, 2),
+        "gmacs": round(macs / t / 1e9, 2),
+        "speedup_vs_fp32": speedup(fp32, 0, t),
+        "speedup_vs_bf16": speedup(bf16, 0, t),
+        "min_us": round(tmin * 1e6, 2),
+        "gmacs_min": round(macs / tmin / 1e9, 2),
+        "speedup_vs_fp32_min": speedup(fp32, 1, tmin),
+        "speedup_vs_bf16_min": speedup(bf16, 1, tmin),
+        "rounds": rounds,
+    }
+
+
 def call_overhead(rounds: tuple[float, int, int] = OVERHEAD_ROUNDS) -> list[dict]:
     """Rows (regime "call") of a PackedLinear called as a module vs ``kernels.linear`` on its
     own prepared weight, interleaved round-robin: ``rounds`` = (seconds budget, min, max)."""
     variants = _overhead_variants()
     med, len_rounds = _time_round_robin(variants, *rounds)
-    rows = []
-    for name, (_, meta) in variants.items():
-        t, tmin = med[name]
-        rows.append(
-            {
-                "shape": f"square-{OVERHEAD_SIZE}",
-                "kind": "linear",
-                "out_features": OVERHEAD_SIZE,
-                "in_features": OVERHEAD_SIZE,
-                "batch": 1,
-                "tokens": 1,
-                "threads": torch.get_num_threads(),
-                "regime": "call",
-                "variant": name,
-                "levels": meta["levels"],
-                "activations": meta["activations"],
-                "weight_bytes": meta["packed_bytes"],
-                "median_us": round(t * 1e6, 2),
-                "weight_gbps": round(meta["packed_bytes"] / t / 1e9, 2),
-                "gmacs": round(OVERHEAD_SIZE**2 / t / 1e9, 2),
-                "speedup_vs_fp32": "",
-                "speedup_vs_bf16": "",
-                "min_us": round(tmin * 1e6, 2),
-                "gmacs_min": round(OVERHEAD_SIZE**2 / tmin / 1e9, 2),
-                "speedup_vs_fp32_min": "",
-                "speedup_vs_bf16_min": "",
-                "rounds": len_rounds,
-            }
-        )
-    return rows
+    where = {
+        "shape": f"square-{OVERHEAD_SIZE}",
+        "kind": "linear",
+        "out_features": OVERHEAD_SIZE,
+        "in_features": OVERHEAD_SIZE,
+        "batch": 1,
+        "tokens": 1,
+        "threads": torch.get_num_threads(),
+        "regime": "call",
+    }
+    return [
+        _row(where, name, meta, med[name], OVERHEAD_SIZE**2, len_rounds)
+        for name, (_, meta) in variants.items()
+    ]
 
 
 def run(
@@ -317,34 +337,20 @@ def run(
                     torch.set_num_threads(default_threads)
                 macs = tokens * shape.out_features * shape.in_features
                 base32, base16 = med["fp32"], med["bf16"]
-                for name, (_, meta) in variants.items():
-                    t, tmin = med[name]
-                    rows.append(
-                        {
-                            "shape": shape.name,
-                            "kind": shape.kind,
-                            "out_features": shape.out_features,
-                            "in_features": shape.in_features,
-                            "batch": batch,
-                            "tokens": tokens,
-                            "threads": threads,
-                            "regime": regime,
-                            "variant": name,
-                            "levels": meta["levels"],
-                            "activations": meta["activations"],
-                            "weight_bytes": meta["packed_bytes"],
-                            "median_us": round(t * 1e6, 2),
-                            "weight_gbps": round(meta["packed_bytes"] / t / 1e9, 2),
-                            "gmacs": round(macs / t / 1e9, 2),
-                            "speedup_vs_fp32": round(base32[0] / t, 2),
-                            "speedup_vs_bf16": round(base16[0] / t, 2),
-                            "min_us": round(tmin * 1e6, 2),
-                            "gmacs_min": round(macs / tmin / 1e9, 2),
-                            "speedup_vs_fp32_min": round(base32[1] / tmin, 2),
-                            "speedup_vs_bf16_min": round(base16[1] / tmin, 2),
-                            "rounds": len_rounds,
-                        }
-                    )
+                where = {
+                    "shape": shape.name,
+                    "kind": shape.kind,
+                    "out_features": shape.out_features,
+                    "in_features": shape.in_features,
+                    "batch": batch,
+                    "tokens": tokens,
+                    "threads": threads,
+                    "regime": regime,
+                }
+                rows += [
+                    _row(where, name, meta, med[name], macs, len_rounds, (base32, base16))
+                    for name, (_, meta) in variants.items()
+                ]
                 del variants
     if progress:
         progress(f"call overhead {OVERHEAD_SIZE}x{OVERHEAD_SIZE} batch 1")
