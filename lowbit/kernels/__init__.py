@@ -78,6 +78,7 @@ class PreparedWeight:
         self.kp = kp
         self.conv = conv  # (C_in, (kh, kw)): columns packed tap-major for the conv kernel
         self._shape = tuple(codes.shape) if shape is None else tuple(shape)
+        self._lut: torch.Tensor | None = None
         # the C call's weight arguments, resolved once (the tensors live as long as self)
         self.call_args: tuple = ()
         if data is not None:
@@ -100,6 +101,15 @@ class PreparedWeight:
             return self._codes
         codes = native.unpack(self.data, self.bits, *self._shape)
         return codes if self.conv is None else native.channel_major(codes, *self.conv)
+
+    @property
+    def lut(self) -> torch.Tensor | None:
+        """The lookup-table kernel's index layout (``native.lut_pack`` of the packed codes),
+        built on the first fp32-activation call; None where the ISA has no such kernel."""
+        if self._lut is None and self.data is not None and self.isa in native.LUT_ISAS:
+            codes = native.unpack(self.data, self.bits, *self._shape)  # tap-major for a conv
+            self._lut = native.lut_pack(codes, self.levels)
+        return self._lut
 
     def __repr__(self) -> str:
         n, k = self._shape
@@ -248,7 +258,9 @@ def linear(
     if not torch.compiler.is_compiling():
         # eager fast path: the same C call as the op, without the dispatcher's overhead
         y = x.new_empty((*x.shape[:-1], n))
-        native.call(weight.call_args, x, x.numel() // k if k else 0, bias, y, activations, threads)
+        lut = weight.lut if activations == "fp32" else None
+        m = x.numel() // k if k else 0
+        native.call(weight.call_args, x, m, bias, y, activations, threads, lut)
         return y
     args = (x.reshape(-1, k), weight.data, weight.scale, bias, n, k, weight.kp, weight.levels)
     y = torch.ops.lowbit.packed_linear(*args, weight.bits, activations, weight.isa, threads or 0)
@@ -337,8 +349,18 @@ def conv2d(
     if not torch.compiler.is_compiling():
         # eager fast path: the same C call as the op, without the dispatcher's overhead
         x = x.contiguous(memory_format=torch.channels_last)
+        lut = weight.lut if activations == "fp32" else None
         return native.conv2d(
-            weight.call_args, x, bias, kernel_size, stride, padding, dilation, activations, threads
+            weight.call_args,
+            x,
+            bias,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            activations,
+            threads,
+            lut,
         )
     geometry = [*kernel_size, *stride, *padding, *dilation]
     return torch.ops.lowbit.packed_conv2d(
