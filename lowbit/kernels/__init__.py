@@ -116,7 +116,7 @@ class PreparedWeight:
         built on the first fp32-activation call; None where the ISA has no such kernel."""
         if self._lut is None and self.data is not None and self.isa in native.LUT_ISAS:
             codes = native.unpack(self.data, self.bits, *self._shape)  # tap-major for a conv
-            self._lut = native.lut_pack(codes, self.levels)
+            self._lut = native.lut_pack(codes, self.levels, self.conv)
         return self._lut
 
     def __repr__(self) -> str:

@@ -56,9 +56,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lb_conv2d.restype = i32
     lib.lb_lut_shape.argtypes = [i32, p]
     lib.lb_lut_shape.restype = None
-    lib.lb_lut_size.argtypes = [i32, i64, i64]
+    lib.lb_lut_segments.argtypes = [i64, i64]
+    lib.lb_lut_segments.restype = i64
+    lib.lb_lut_size.argtypes = [i32, i64, i64, i64]
     lib.lb_lut_size.restype = i64
-    lib.lb_lut_pack.argtypes = [p, i64, i64, i32, p]
+    lib.lb_lut_pack.argtypes = [p, i64, i64, i32, i64, p]
     lib.lb_lut_pack.restype = None
     lib.lb_linear_lut.argtypes = [i32, p, i64, i64, p, i64, i32, p, i32, p, p, i32]
     lib.lb_linear_lut.restype = i32
@@ -163,16 +165,20 @@ def lut_shape(levels: int) -> tuple[int, int, int]:
     return out[0], out[1], out[2]
 
 
-def lut_pack(codes: torch.Tensor, levels: int) -> torch.Tensor:
-    """codes (N_out, K) uint8 -> the lookup-table kernel's index layout: (ceil(N_out / 16),
-    planes, words, 16) 32-bit words of six 5-bit table indices, flattened, as int32 (the C
-    file's header draws the bits). A pure function of the codes."""
+def lut_pack(
+    codes: torch.Tensor, levels: int, conv: tuple[int, tuple[int, int]] | None = None
+) -> torch.Tensor:
+    """codes (N_out, K) uint8 (``tap_major`` for a conv) -> the lookup-table kernel's index
+    layout: (ceil(N_out / 16), planes, words, 16) 32-bit words of six 5-bit table indices,
+    flattened, as int32 (the C file's header draws the bits). A conv with enough channels
+    starts every tap on a word of its own (``lb_lut_segments``). A pure function of the codes."""
     lib = load()
     assert lib is not None
     codes = codes.contiguous()
     n, k = codes.shape
-    out = torch.empty(lib.lb_lut_size(levels, n, k), dtype=torch.int32)
-    lib.lb_lut_pack(codes.data_ptr(), n, k, levels, out.data_ptr())
+    seg = 1 if conv is None else lib.lb_lut_segments(conv[0], conv[1][0] * conv[1][1])
+    out = torch.empty(lib.lb_lut_size(levels, n, k, seg), dtype=torch.int32)
+    lib.lb_lut_pack(codes.data_ptr(), n, k, levels, seg, out.data_ptr())
     return out
 
 

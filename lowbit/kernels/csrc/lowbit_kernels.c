@@ -979,29 +979,46 @@ LB_EXPORT void lb_lut_shape(int levels, int *out) {
     out[0] = s.base, out[1] = s.group, out[2] = s.planes;
 }
 
-/* uint32 words of the index layout of an (n, k) weight with `levels` levels. */
-LB_EXPORT int64_t lb_lut_size(int levels, int64_t n, int64_t k) {
-    const lut_shape s = lut_shape_of(levels);
-    return (n + LUT_ROWS - 1) / LUT_ROWS * s.planes * lut_words(&s, k) * LUT_ROWS;
+/* A convolution with at least this many input channels gets tables per image pixel (each tap's
+ * channels padded to whole words; see lut_conv); fewer channels gather patches into rows. */
+enum { LUT_MIN_TAP_CHANNELS = 16 };
+
+/* The segments of the index layout of a conv weight with `taps` taps of `c` channels: `taps`
+ * (tables per pixel) or 1 (one segment of K = taps * c columns, tables per patch). */
+LB_EXPORT int64_t lb_lut_segments(int64_t c, int64_t taps) {
+    return c >= LUT_MIN_TAP_CHANNELS ? taps : 1;
 }
 
-/* codes (n, k) uint8 -> the index layout (lb_lut_size words). */
-LB_EXPORT void lb_lut_pack(const uint8_t *codes, int64_t n, int64_t k, int levels, uint32_t *out) {
+/* uint32 words of the index layout of an (n, k) weight in `seg` segments of k / seg columns. */
+LB_EXPORT int64_t lb_lut_size(int levels, int64_t n, int64_t k, int64_t seg) {
     const lut_shape s = lut_shape_of(levels);
-    const int64_t W = lut_words(&s, k), block = s.planes * W * LUT_ROWS;
-    memset(out, 0, (size_t)lb_lut_size(levels, n, k) * sizeof(uint32_t));
+    return (n + LUT_ROWS - 1) / LUT_ROWS * s.planes * seg * lut_words(&s, k / seg) * LUT_ROWS;
+}
+
+/* codes (n, k) uint8 -> the index layout (lb_lut_size words). Column kk is channel kk % c of
+ * segment kk / c (c = k / seg), which starts a word of its own: segment j's groups are
+ * j * wps * 6 + (0 .. ceil(c / g) - 1), wps = words a segment. */
+LB_EXPORT void lb_lut_pack(const uint8_t *codes, int64_t n, int64_t k, int levels, int64_t seg,
+                           uint32_t *out) {
+    const lut_shape s = lut_shape_of(levels);
+    const int64_t c = k / seg, wps = lut_words(&s, c), W = seg * wps;
+    const int64_t block = s.planes * W * LUT_ROWS;
+    memset(out, 0, (size_t)lb_lut_size(levels, n, k, seg) * sizeof(uint32_t));
     for (int64_t r = 0; r < n; r++)
         for (int p = 0; p < s.planes; p++) {
             uint32_t *o = out + (r / LUT_ROWS) * block + p * W * LUT_ROWS + r % LUT_ROWS;
-            for (int64_t i = 0; i * s.group < k; i++) {
-                uint32_t e = 0, mul = 1;
-                for (int q = 0; q < s.group && i * s.group + q < k; q++, mul *= (uint32_t)s.base) {
-                    const uint32_t c = codes[r * k + i * s.group + q];
-                    e += (s.base == 2 ? (c >> p) & 1u : c) * mul;
+            for (int64_t j = 0; j < seg; j++)
+                for (int64_t i = 0; i * s.group < c; i++) {
+                    const uint8_t *cr = codes + r * k + j * c + i * s.group;
+                    uint32_t e = 0, mul = 1;
+                    for (int q = 0; q < s.group && i * s.group + q < c; q++) {
+                        e += (s.base == 2 ? (cr[q] >> p) & 1u : cr[q]) * mul;
+                        mul *= (uint32_t)s.base;
+                    }
+                    const int64_t gi = j * wps * LUT_GROUPS_PER_WORD + i;
+                    o[(gi / LUT_GROUPS_PER_WORD) * LUT_ROWS] |=
+                        e << (LUT_FIELD * (gi % LUT_GROUPS_PER_WORD));
                 }
-                o[(i / LUT_GROUPS_PER_WORD) * LUT_ROWS] |=
-                    e << (LUT_FIELD * (i % LUT_GROUPS_PER_WORD));
-            }
         }
 }
 
@@ -1045,7 +1062,8 @@ static void lut_tables_generic(const float *x, int64_t groups, int g, const floa
 
 /* out[(t * R + r) * 16 + lane] = sum over planes and groups of row block r, token t. */
 LB_INLINE T512 void lut_tile_512(const uint32_t *w, int64_t block, int planes, int64_t W,
-                                 const float *const *tab, const int R, const int T, float *out) {
+                                 const int64_t *woff, const float *const *tab, const int R,
+                                 const int T, float *out) {
     for (int p = planes - 1; p >= 0; p--) {
         __m512 acc[8][4];
 #pragma GCC unroll 8
@@ -1064,7 +1082,7 @@ LB_INLINE T512 void lut_tile_512(const uint32_t *w, int64_t block, int planes, i
                 __m512 lo[4], hi[4];
 #pragma GCC unroll 4
                 for (int t = 0; t < T; t++) {
-                    const float *tg = tab[t] + (v * LUT_GROUPS_PER_WORD + s) * LUT_ENTRIES;
+                    const float *tg = tab[t] + woff[v] + s * LUT_ENTRIES;
                     lo[t] = _mm512_loadu_ps(tg), hi[t] = _mm512_loadu_ps(tg + 16);
                 }
 #pragma GCC unroll 8
@@ -1091,16 +1109,18 @@ LB_INLINE T512 void lut_tile_512(const uint32_t *w, int64_t block, int planes, i
 }
 
 T512 static void lut_tiles_512(const uint32_t *w, int64_t block, int planes, int64_t W,
-                               const float *const *tab, int R, int T, float *out) {
-    if (R == 8 && T == 1) lut_tile_512(w, block, planes, W, tab, 8, 1, out);
-    else if (R == 4 && T == 4) lut_tile_512(w, block, planes, W, tab, 4, 4, out);
-    else if (R == 1 && T == 4) lut_tile_512(w, block, planes, W, tab, 1, 4, out);
-    else lut_tile_512(w, block, planes, W, tab, 1, 1, out);
+                               const int64_t *woff, const float *const *tab, int R, int T,
+                               float *out) {
+    if (R == 8 && T == 1) lut_tile_512(w, block, planes, W, woff, tab, 8, 1, out);
+    else if (R == 4 && T == 4) lut_tile_512(w, block, planes, W, woff, tab, 4, 4, out);
+    else if (R == 1 && T == 4) lut_tile_512(w, block, planes, W, woff, tab, 1, 4, out);
+    else lut_tile_512(w, block, planes, W, woff, tab, 1, 1, out);
 }
 
 /* The same sums in the same order, one lane at a time. */
 static void lut_tiles_generic(const uint32_t *w, int64_t block, int planes, int64_t W,
-                              const float *const *tab, int R, int T, float *out) {
+                              const int64_t *woff, const float *const *tab, int R, int T,
+                              float *out) {
     for (int t = 0; t < T; t++)
         for (int r = 0; r < R * LUT_ROWS; r++) {
             float total = 0.0f;
@@ -1109,7 +1129,7 @@ static void lut_tiles_generic(const uint32_t *w, int64_t block, int planes, int6
                 float a = 0.0f;
                 for (int64_t v = 0; v < W; v++) {
                     const uint32_t word = wr[v * LUT_ROWS];
-                    const float *tg = tab[t] + v * LUT_GROUPS_PER_WORD * LUT_ENTRIES;
+                    const float *tg = tab[t] + woff[v];
                     for (int s = 0; s < LUT_GROUPS_PER_WORD; s++)
                         a += tg[s * LUT_ENTRIES + ((word >> (LUT_FIELD * s)) & 31u)];
                 }
@@ -1133,9 +1153,15 @@ typedef struct {
     int64_t nch;
     int64_t tokens_per_chunk, token_chunks, blocks_per_chunk;
     int64_t tab_floats, row_floats; /* a token's tables (W * 6 * 32), its padded row (W*6*g) */
-    int nslots;                     /* per-thread scratch: tables, a row, token sums, owner */
+    const int64_t *woff;            /* word v's tables at a token's tables + woff[v] (floats) */
+    /* tables built per chunk (linear, gathered patches): per-thread slots of tables, a row,
+     * token sums, and the token block a slot holds (-1: none) */
+    int nslots;
     float *tabs, *rows, *sums;
-    int64_t *owner; /* the token block whose tables a slot holds (-1: none) */
+    int64_t *owner;
+    /* or prebuilt (lut_conv): token t's tables at fixed + ttab[t], its sum of x tsum[t] */
+    const float *fixed, *tsum;
+    const int64_t *ttab;
 } lut_job;
 
 static int worker_slot(int nslots) {
@@ -1175,13 +1201,16 @@ static void lut_chunk(const void *ctx, int64_t chunk) {
     const int64_t t1 = t0 + j->tokens_per_chunk < j->m ? t0 + j->tokens_per_chunk : j->m;
     const int64_t b0 = bc * j->blocks_per_chunk;
     const int64_t b1 = b0 + j->blocks_per_chunk < j->nblocks ? b0 + j->blocks_per_chunk : j->nblocks;
-    const int slot = worker_slot(j->nslots);
-    if (j->owner[slot] != tc) {
-        lut_build(j, slot, t0, t1);
-        j->owner[slot] = tc;
+    const float *tabs = NULL, *sums = j->tsum ? j->tsum + t0 : NULL;
+    if (!j->fixed) {
+        const int slot = worker_slot(j->nslots);
+        if (j->owner[slot] != tc) {
+            lut_build(j, slot, t0, t1);
+            j->owner[slot] = tc;
+        }
+        tabs = j->tabs + slot * j->tokens_per_chunk * j->tab_floats;
+        sums = j->sums + slot * j->tokens_per_chunk;
     }
-    const float *tabs = j->tabs + slot * j->tokens_per_chunk * j->tab_floats;
-    const float *sums = j->sums + slot * j->tokens_per_chunk;
     float out[4 * 8 * LUT_ROWS];
     for (int64_t b = b0; b < b1;) {
         const int R = j->isa != ISA_AVX512 ? 1 : (b1 - b >= 8 ? 8 : (b1 - b >= 4 ? 4 : 1));
@@ -1191,14 +1220,16 @@ static void lut_chunk(const void *ctx, int64_t chunk) {
             if (T == 1 && RR == 4) RR = 1;
             for (int64_t bb = b; bb < b + R; bb += RR) {
                 const float *tab[4];
-                for (int i = 0; i < T; i++) tab[i] = tabs + (t - t0 + i) * j->tab_floats;
+                for (int i = 0; i < T; i++)
+                    tab[i] = j->fixed ? j->fixed + j->ttab[t + i]
+                                      : tabs + (t - t0 + i) * j->tab_floats;
                 const uint32_t *w = j->w + bb * j->block;
                 if (j->isa == ISA_AVX512)
-                    lut_tiles_512(w, j->block, j->sh.planes, j->W, tab, RR, T, out);
+                    lut_tiles_512(w, j->block, j->sh.planes, j->W, j->woff, tab, RR, T, out);
                 else
-                    lut_tiles_generic(w, j->block, j->sh.planes, j->W, tab, RR, T, out);
+                    lut_tiles_generic(w, j->block, j->sh.planes, j->W, j->woff, tab, RR, T, out);
                 for (int i = 0; i < T; i++) {
-                    const float off = j->sh.corr * sums[t - t0 + i];
+                    const float off = j->sh.corr != 0.0f ? j->sh.corr * sums[t - t0 + i] : 0.0f;
                     float *y = j->y + (t + i) * j->n;
                     for (int64_t row = bb * LUT_ROWS; row < (bb + RR) * LUT_ROWS && row < j->n;
                          row++) {
@@ -1215,47 +1246,68 @@ static void lut_chunk(const void *ctx, int64_t chunk) {
     }
 }
 
-/* Runs the lookup-table GEMM over activations addressed as toff/coff (see the tiles above).
- * Returns 0, or -1 when out of memory. */
-static int lut_run(int isa, const float *x, const int64_t *toff, const int64_t *coff, int64_t m,
-                   int64_t k, const uint32_t *w, int64_t n, int levels, const float *scale,
-                   int per_channel, const float *bias, float *y, int nthreads) {
-    if (m <= 0 || n <= 0) return 0;
+/* The job's shape: weight, output, words, token blocks and row-block chunks (m tokens). */
+static lut_job lut_setup(int isa, int64_t m, int64_t k, int64_t seg, const uint32_t *w,
+                         int64_t n, int levels, const float *scale, int per_channel,
+                         const float *bias, float *y, int *nthreads) {
     lut_job j;
     memset(&j, 0, sizeof j);
     j.isa = isa == ISA_AVX512 ? ISA_AVX512 : ISA_PORTABLE;
     j.sh = lut_shape_of(levels);
     lut_digit_values(&j.sh, j.L);
     j.m = m, j.n = n, j.k = k, j.w = w, j.scale = scale, j.bias = bias, j.y = y;
-    j.per_channel = per_channel, j.x = x, j.toff = toff, j.coff = coff;
+    j.per_channel = per_channel;
     j.nch = (k + 63) / 64;
-    j.W = lut_words(&j.sh, k);
+    j.W = seg * lut_words(&j.sh, k / seg);
     j.block = j.sh.planes * j.W * LUT_ROWS;
     j.nblocks = (n + LUT_ROWS - 1) / LUT_ROWS;
     j.tab_floats = j.W * LUT_GROUPS_PER_WORD * LUT_ENTRIES;
     j.row_floats = j.W * LUT_GROUPS_PER_WORD * j.sh.group;
     if (j.row_floats < j.nch * 64) j.row_floats = j.nch * 64;
-    if ((double)m * (double)n * (double)k < 2.0e5) nthreads = 1;
+    if ((double)m * (double)n * (double)k < 2.0e5) *nthreads = 1;
     int64_t tb = LUT_TABLE_BUDGET / ((j.tab_floats + 1) * (int64_t)sizeof(float));
     tb = tb < 4 ? 4 : (tb > MAX_CHUNK_TOKENS ? MAX_CHUNK_TOKENS : tb & ~(int64_t)3);
     j.tokens_per_chunk = m < tb ? (m > 0 ? m : 1) : tb;
     j.token_chunks = (m + j.tokens_per_chunk - 1) / j.tokens_per_chunk;
-    int64_t block_chunks = (4 * (int64_t)nthreads + j.token_chunks - 1) / j.token_chunks;
+    int64_t block_chunks = (4 * (int64_t)*nthreads + j.token_chunks - 1) / j.token_chunks;
     block_chunks = block_chunks < 1 ? 1 : (block_chunks > j.nblocks ? j.nblocks : block_chunks);
     j.blocks_per_chunk = (j.nblocks + block_chunks - 1) / block_chunks;
+    return j;
+}
+
+static void lut_go(lut_job *j, int nthreads) {
+    const int64_t nb = (j->nblocks + j->blocks_per_chunk - 1) / j->blocks_per_chunk;
+    parallel_for(lut_chunk, j, j->token_chunks * nb, nthreads);
+}
+
+/* Word v's tables one after the other: woff[v] = 6 * 32 * v. */
+static int64_t *lut_word_offsets(int64_t W) {
+    return row_offsets(W, LUT_GROUPS_PER_WORD * LUT_ENTRIES);
+}
+
+/* The lookup-table GEMM over activations addressed as toff/coff (token rows, or gathered patch
+ * rows), tables built per token block in per-thread slots. Returns 0, or -1 when out of
+ * memory. */
+static int lut_run(int isa, const float *x, const int64_t *toff, const int64_t *coff, int64_t m,
+                   int64_t k, const uint32_t *w, int64_t n, int levels, const float *scale,
+                   int per_channel, const float *bias, float *y, int nthreads) {
+    if (m <= 0 || n <= 0) return 0;
+    lut_job j = lut_setup(isa, m, k, 1, w, n, levels, scale, per_channel, bias, y, &nthreads);
+    j.x = x, j.toff = toff, j.coff = coff;
     j.nslots = nthreads > 0 ? nthreads : 1;
     j.tabs = xalloc((size_t)(j.nslots * j.tokens_per_chunk * j.tab_floats) * sizeof(float));
     j.rows = xalloc((size_t)(j.nslots * j.row_floats) * sizeof(float));
     j.sums = xalloc((size_t)(j.nslots * j.tokens_per_chunk) * sizeof(float));
     j.owner = xalloc((size_t)j.nslots * sizeof(int64_t));
+    int64_t *woff = lut_word_offsets(j.W);
     int rc = -1;
-    if (j.tabs && j.rows && j.sums && j.owner) {
+    if (j.tabs && j.rows && j.sums && j.owner && woff) {
         for (int i = 0; i < j.nslots; i++) j.owner[i] = -1;
-        const int64_t nb = (j.nblocks + j.blocks_per_chunk - 1) / j.blocks_per_chunk;
-        parallel_for(lut_chunk, &j, j.token_chunks * nb, nthreads);
+        j.woff = woff;
+        lut_go(&j, nthreads);
         rc = 0;
     }
-    free(j.tabs), free(j.rows), free(j.sums), free(j.owner);
+    free(j.tabs), free(j.rows), free(j.sums), free(j.owner), free(woff);
     return rc;
 }
 
@@ -1378,6 +1430,104 @@ static void run_fill(chunk_fn fn, conv_fill_job *f, int64_t count, int nthreads)
     parallel_for(fn, f, (count + f->per_chunk - 1) / f->per_chunk, nthreads);
 }
 
+/* fp32 convolution by lookup tables, C_in >= LUT_MIN_TAP_CHANNELS: a patch's group of g channels
+ * of tap (i, j) is a group of one pixel of the image, so the tables are built once per pixel of
+ * the zero-padded NHWC image (each tap's channels padded to whole words, lb_lut_pack with one
+ * segment a tap) rather than once per patch: kh * kw times fewer tables. Token t = (b, oy, ox)
+ * reads its word v (tap (i, j) = v / wps) at the tables of pixel (b, oy sh + i dh, ox sw + j dw):
+ *   ttab[t] = pixel(b, oy sh, ox sw) * gpp * 32,   woff[v] = (i dh Wp + j dw) * gpp * 32
+ *                                                            + (v % wps) * 6 * 32
+ * gpp = 6 wps groups a pixel. Images are taken in groups whose tables fit LUT_CONV_TABLES. */
+enum { LUT_CONV_TABLES = 64 << 20 };
+
+typedef struct {
+    const lut_job *j;
+    const float *img; /* padded NHWC images */
+    int64_t c, gpp, per_chunk, count;
+    float *tabs, *psum; /* per pixel: gpp tables, the sum of its channels (corr != 0) */
+} lut_pixel_job;
+
+static void lut_pixel_chunk(const void *ctx, int64_t chunk) {
+    const lut_pixel_job *f = ctx;
+    const lut_job *j = f->j;
+    const int64_t p1 = (chunk + 1) * f->per_chunk < f->count ? (chunk + 1) * f->per_chunk : f->count;
+    const int64_t width = f->gpp * j->sh.group;
+    float *row = xalloc((size_t)width * sizeof(float));
+    if (!row) return; /* lut_conv checks every pixel's mark below */
+    memset(row + f->c, 0, (size_t)(width - f->c) * sizeof(float));
+    for (int64_t p = chunk * f->per_chunk; p < p1; p++) {
+        memcpy(row, f->img + p * f->c, (size_t)f->c * sizeof(float));
+        float *tab = f->tabs + p * f->gpp * LUT_ENTRIES;
+        if (j->isa == ISA_AVX512) lut_tables_512(row, f->gpp, j->sh.group, j->L, tab);
+        else lut_tables_generic(row, f->gpp, j->sh.group, j->L, tab);
+        float sx = 0.0f;
+        if (j->sh.corr != 0.0f)
+            for (int64_t i = 0; i < f->c; i++) sx += row[i];
+        f->psum[p] = sx;
+    }
+    free(row);
+}
+
+static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, int64_t n,
+                    int levels, const float *scale, int per_channel, const float *bias, float *y,
+                    int nthreads) {
+    const int64_t taps = g.kh * g.kw, k = taps * g.c, px = g.hp * g.wp, outs = g.ho * g.wo;
+    int nt = nthreads;
+    lut_job j = lut_setup(isa, g.b * outs, k, taps, lut, n, levels, scale, per_channel, bias, y,
+                          &nt);
+    const int64_t wps = j.W / taps, gpp = wps * LUT_GROUPS_PER_WORD;
+    const int64_t per_image = px * gpp * LUT_ENTRIES * (int64_t)sizeof(float);
+    int64_t ib = LUT_CONV_TABLES / (per_image > 0 ? per_image : 1);
+    ib = ib < 1 ? 1 : (ib > g.b ? g.b : ib);
+    float *img = xalloc((size_t)(ib * px * g.c) * sizeof(float) + 64);
+    float *tabs = xalloc((size_t)(ib * per_image) + 64);
+    float *psum = xalloc((size_t)(ib * px) * sizeof(float) + 64);
+    float *tsum = xalloc((size_t)(ib * outs) * sizeof(float) + 64);
+    int64_t *ttab = xalloc((size_t)(ib * outs) * sizeof(int64_t) + 64);
+    int64_t *woff = xalloc((size_t)j.W * sizeof(int64_t) + 64);
+    int rc = -1;
+    if (!img || !tabs || !psum || !tsum || !ttab || !woff) goto done;
+    for (int64_t v = 0; v < j.W; v++) {
+        const int64_t tap = v / wps, i = tap / g.kw, jj = tap % g.kw;
+        woff[v] = ((i * g.dh * g.wp + jj * g.dw) * gpp + (v % wps) * LUT_GROUPS_PER_WORD) *
+                  LUT_ENTRIES;
+    }
+    for (int64_t b0 = 0; b0 < g.b; b0 += ib) {
+        conv_geom gg = g;
+        gg.b = g.b - b0 < ib ? g.b - b0 : ib;
+        memset(img, 0, (size_t)(gg.b * px * g.c) * sizeof(float));
+        conv_fill_job f = {isa, 0, gg, x + b0 * g.h * g.w * g.c, NULL, NULL, img, NULL, 0, 0, 0};
+        run_fill(fill_padded_chunk, &f, gg.b * g.h, nthreads);
+        memset(psum, 0xff, (size_t)(gg.b * px) * sizeof(float)); /* NaN: not built */
+        lut_pixel_job pj = {&j, img, g.c, gpp, 0, gg.b * px, tabs, psum};
+        pj.per_chunk = (pj.count + 4 * nthreads - 1) / (4 * nthreads);
+        pj.per_chunk = pj.per_chunk < 1 ? 1 : pj.per_chunk;
+        parallel_for(lut_pixel_chunk, &pj, (pj.count + pj.per_chunk - 1) / pj.per_chunk, nthreads);
+        for (int64_t p = 0; p < gg.b * px; p++)
+            if (psum[p] != psum[p]) goto done; /* a chunk could not allocate its row */
+        const int64_t m = gg.b * outs;
+        for (int64_t t = 0; t < m; t++) {
+            const int64_t b = t / outs, oy = (t % outs) / g.wo, ox = t % g.wo;
+            const int64_t pix = (b * g.hp + oy * g.sh) * g.wp + ox * g.sw;
+            ttab[t] = pix * gpp * LUT_ENTRIES;
+            float s = 0.0f;
+            if (j.sh.corr != 0.0f)
+                for (int64_t tap = 0; tap < taps; tap++)
+                    s += psum[pix + (tap / g.kw) * g.dh * g.wp + (tap % g.kw) * g.dw];
+            tsum[t] = s;
+        }
+        int nt2 = nthreads;
+        lut_job jj = lut_setup(isa, m, k, taps, lut, n, levels, scale, per_channel, bias,
+                               y + b0 * outs * n, &nt2);
+        jj.woff = woff, jj.fixed = tabs, jj.ttab = ttab, jj.tsum = tsum;
+        lut_go(&jj, nt2);
+    }
+    rc = 0;
+done:
+    free(img), free(tabs), free(psum), free(tsum), free(ttab), free(woff);
+    return rc;
+}
+
 /* y (B * Ho * Wo, N_out) = conv(x, W) + b; dims: b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho,
  * wo. Returns 0 on success, -1 when out of memory. */
 LB_EXPORT int lb_conv2d(int isa, int int8, const float *x, const int64_t *dims, const uint8_t *w,
@@ -1385,6 +1535,8 @@ LB_EXPORT int lb_conv2d(int isa, int int8, const float *x, const int64_t *dims, 
                         int per_channel, const float *bias, float *y, int nthreads,
                         const uint32_t *lut) {
     const conv_geom g = geom_from(dims);
+    if (!int8 && lut && lb_lut_segments(g.c, g.kh * g.kw) > 1)
+        return lut_conv(isa, x, g, lut, n, levels, scale, per_channel, bias, y, nthreads);
     const int64_t m = g.b * g.ho * g.wo, k = g.kh * g.kw * g.c, img = g.h * g.w * g.c;
     gemm_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
     const int direct = g.c % 64 == 0;
