@@ -87,6 +87,13 @@ def test_cli_json(shapes: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "kernels", "--shapes", str(shapes.parent / "nope.csv")]) == 2
 
 
+def test_cli_table(shapes: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "kernels", "--quick", "--shapes", str(shapes)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "module-int8" in out and "kernel-fp32" in out
+    assert "packed layer call <= 5 us above the kernel" in out
+
+
 @pytest.mark.skipif(native.load() is None, reason="no compiled kernels")
 def test_packed_bytes_count_the_weight_not_the_block_padding() -> None:
     # 2 bits a weight for ternary, 5 for 17 levels, K padded to whole groups (256 / 512 codes)
