@@ -148,6 +148,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lowbit import data, models, train
 
     config = train.TrainConfig(**config_kw)  # validate flags before loading any data
+    if not args.out.strip():
+        raise ValueError("--out must name a folder, got an empty string")
     if args.model != "mlp" and (args.depth is not None or args.width is not None):
         raise ValueError(f"--depth/--width apply to --model mlp only, not {args.model}")
     dataset = data.load(args.dataset, args.data_dir)
@@ -158,17 +160,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the model's initialisation
     model = models.get(args.model, layer=args.layer, levels=args.levels, **model_kw)
 
-    def report(m: dict[str, Any], _model: Any) -> None:
-        print(
-            f"epoch {m['epoch']}/{config.epochs}  train loss {m['train_loss']:.4g} "
-            f"acc {m['train_acc']:.4f}  test loss {m['test_loss']:.4g} acc {m['test_acc']:.4f}  "
-            f"({m['wall_s']:.1f} s)",
-            flush=True,
-        )
-
-    result = train.fit(
-        model, dataset, config, run_dir=args.out, on_epoch=None if args.json else report
-    )
+    result = train.fit(model, dataset, config, run_dir=args.out)  # epoch lines go to stderr
     if args.json:
         _print_json(result.to_dict())
     else:
