@@ -367,7 +367,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         }[name]
 
 
-_NDARRAY = ("numpy", "ndarray")  # what the name ``numpy.ndarray`` stands for: a plain token
+class _NdarrayToken:
+    """What the name ``numpy.ndarray`` stands for in a pickle: an argument of ``_reconstruct``,
+    never callable (``ndarray(shape)`` would hand back uninitialised memory of any size)."""
+
+    def __call__(self, *args: Any) -> Any:
+        raise pickle.UnpicklingError("refused numpy.ndarray(...): arrays come only from bytes")
+
+
+_NDARRAY = _NdarrayToken()
 _PLAIN_DTYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1")
 
 

@@ -129,9 +129,10 @@ class Store:
         try:
             self._open(readonly)
         except sqlite3.DatabaseError as exc:  # not a database, read-only target, full disk
+            access = isinstance(exc, sqlite3.OperationalError) and "no study" not in str(exc)
             raise LowbitError(
                 f"{self.path}: cannot use this results database ({exc}); "
-                + ("is it a lowbit study folder?" if readonly else "check the folder's permissions")
+                + ("check the permissions of it and its folder" if access else "is DIR a study?")
             ) from None
 
     def _open(self, readonly: bool) -> None:
