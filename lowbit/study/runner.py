@@ -28,8 +28,11 @@ Executors:
   the parent-death signal (``prctl(PR_SET_PDEATHSIG)``), elsewhere through a thread watching the
   parent, and an idle worker also sees its task pipe close. ``workers=1`` trains in the calling
   process.
-* ``ray`` — one Ray task per cell (``pip install 'lowbit[ray]'``). ``ray.init()`` starts a local
-  instance with ``workers`` CPUs, or joins the cluster at ``RAY_ADDRESS``. A task on the driver's
+* ``ray`` — one Ray task per cell (``pip install 'lowbit[ray]'``), each asking for ``threads``
+  CPUs and, with ``device="cuda"``, one GPU (``gpus_per_cell``: any fraction, so several cells
+  share a GPU). ``ray.init()`` starts a local instance with ``workers`` CPUs (and the local
+  GPUs), or joins the cluster at ``RAY_ADDRESS``. At most ``workers`` cells are in flight. A task
+  on the driver's
   host writes the database directly (as the local pool does); a task on another host records its
   writes and returns them, and the driver replays them in order — either way the database is the
   same. (Checkpoints stay on the host that trained the cell; resume across hosts needs ``DIR`` on
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -57,8 +61,9 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import ConfigError
-from lowbit.study.spec import Cell, Spec, weight_levels
+from lowbit.study.spec import Cell, Spec
 from lowbit.study.store import DONE, LEASE_S, Store, default_path, owner_id
+from lowbit.study.variants import reading_options, weight_levels
 
 BACKENDS = ("local", "ray")
 
@@ -75,6 +80,7 @@ class StudyResult:
     wall_s: float
     notes: list[str]
     interrupted: bool = False
+    resources: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 # --- one cell ------------------------------------------------------------------------------------
@@ -125,16 +131,21 @@ def build_model(config: dict[str, Any], ds: Any) -> Any:
     for key in ("depth", "width", "kernel_size", "activation"):
         if config[key] is not None:
             kw[key] = config[key]
+    kw.update(reading_options(config))
     kw["input_shape"] = tuple(ds.input_shape)
     kw["classes"] = int(ds.classes)
     torch.manual_seed(config["seed"])
     return models.get(config["model"], **kw)
 
 
-def train_config(config: dict[str, Any]) -> Any:
+def train_config(config: dict[str, Any], device: str = "cpu", amp: bool = False) -> Any:
+    """The cell's TrainConfig; ``device`` and ``amp`` are the sweep's (not part of the cell)."""
     from lowbit.train import TrainConfig
 
     kw = dict(
+        device=device,
+        amp=amp,
+        val_split=config.get("val_split") or 0.0,
         optimizer=config["optimizer"],
         lr=config["lr"],
         batch_size=config["batch_size"],
@@ -199,14 +210,27 @@ class _Recorder:
         self.ops.append(("add_epoch", a, k))
 
 
-def execute_cell(cell_id: str, config: dict[str, Any], out_dir: str, sink: Any, *, data_dir=None):
+LINEARITY_IMAGES = 1000  # test images the linear-classifier cosine is measured on
+
+
+def execute_cell(
+    cell_id: str,
+    config: dict[str, Any],
+    out_dir: str,
+    sink: Any,
+    *,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    amp: bool = False,
+):
     """Train one cell, writing its run info, epochs and final status through ``sink``.
 
-    Exceptions are recorded as ``failed`` with their traceback (and not re-raised)."""
+    Exceptions are recorded as ``failed`` with their traceback (and not re-raised); Ctrl-C
+    inside the cell is re-raised as KeyboardInterrupt (the sweep marks the cell interrupted)."""
     import torch
 
     from lowbit import __version__
-    from lowbit.study.diagnostics import Diagnostics
+    from lowbit.study.diagnostics import Diagnostics, linear_cosine
     from lowbit.train import fit
 
     run_dir = Path(out_dir) / "runs" / cell_id
@@ -216,22 +240,25 @@ def execute_cell(cell_id: str, config: dict[str, Any], out_dir: str, sink: Any, 
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "host": socket.gethostname(),
+        "device": device,
     }
     started = False
     try:
         ds = _dataset(config, data_dir)
         model = build_model(config, ds)
-        info.update(model_size(model, weight_levels(config)))
+        info.update(model_size(model, weight_levels(config)), classes=int(ds.classes))
         sink.start_run(cell_id, info)
         started = True
         diag = Diagnostics(model, run_dir)
 
+        probe = ds.test_x[:LINEARITY_IMAGES]
+
         def on_epoch(metrics: dict[str, Any], m: Any) -> None:
+            metrics["linear_cos"] = linear_cosine(m, probe)
             sink.add_epoch(cell_id, metrics, diag.collect(int(metrics["epoch"]), m))
 
-        result = fit(
-            model, ds, train_config(config), run_dir=run_dir, on_epoch=on_epoch, progress=False
-        )
+        cfg = train_config(config, device, amp)
+        result = fit(model, ds, cfg, run_dir=run_dir, on_epoch=on_epoch, progress=False)
         if result.status == "interrupted":  # Ctrl-C inside fit: the sweep stops (and marks it)
             raise KeyboardInterrupt
         status = result.status if result.status in DONE else "failed"
@@ -276,9 +303,21 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _execute(task: dict[str, Any], sink: Any) -> None:
+    execute_cell(
+        task["id"],
+        task["config"],
+        task["out"],
+        sink,
+        data_dir=task["data_dir"],
+        device=task.get("device", "cpu"),
+        amp=task.get("amp", False),
+    )
+
+
 def _local_task(task: dict[str, Any]) -> str:
     with Store(task["db"]) as store:
-        execute_cell(task["id"], task["config"], task["out"], store, data_dir=task["data_dir"])
+        _execute(task, store)
     return task["id"]
 
 
@@ -316,13 +355,29 @@ class _Worker:
         self.conn.close()
 
 
-def _ray_task(task: dict[str, Any]) -> tuple[str, list]:
+def _ray_task(task: dict[str, Any]) -> tuple[str, list, dict[str, float]]:
+    """(cell id, recorded writes, the resources Ray assigned to this task)."""
     _init_worker(task["threads"])
+    assigned: dict[str, float] = {}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            assigned = dict(ray.get_runtime_context().get_assigned_resources())
+    except ImportError:  # called directly (tests of the record-and-replay path)
+        pass
     if socket.gethostname() == task["driver_host"]:
-        return _local_task(task), []
+        return _local_task(task), [], assigned
     rec = _Recorder()
-    execute_cell(task["id"], task["config"], task["out"], rec, data_dir=task["data_dir"])
-    return task["id"], rec.ops
+    _execute(task, rec)
+    return task["id"], rec.ops, assigned
+
+
+def ray_resources(threads: int, device: str, gpus_per_cell: float | None) -> dict[str, float]:
+    """What one cell asks Ray for: ``threads`` CPUs, and ``gpus_per_cell`` GPUs (default 1 for a
+    CUDA device, else 0; a fraction packs several cells on one GPU)."""
+    gpus = gpus_per_cell if gpus_per_cell is not None else float(device.startswith("cuda"))
+    return {"num_cpus": float(threads), "num_gpus": float(gpus)}
 
 
 class _Progress:
@@ -381,6 +436,7 @@ class _Scheduler:
     docstring); cells another live sweep holds are waited for and taken over if it dies."""
 
     def __init__(self, tasks: list[dict], store: Store, bar: _Progress) -> None:
+        self.assigned: dict[str, dict[str, float]] = {}  # Ray: cell id -> resources it got
         self.queue = list(tasks)
         self.store, self.bar, self.owner = store, bar, owner_id()
         self.waiting: list[dict] = []  # held by another sweep
@@ -457,7 +513,9 @@ class _Scheduler:
             for w in pool:
                 w.kill()
 
-    def run_ray(self, workers: int) -> None:
+    def run_ray(self, workers: int, resources: dict[str, float]) -> None:
+        """Cells as Ray tasks asking for ``resources`` each; ``self.assigned`` gets what Ray
+        gave them."""
         try:
             import ray
         except ImportError:  # checked before the store is made; here for direct callers
@@ -467,11 +525,15 @@ class _Scheduler:
             address = os.environ.get("RAY_ADDRESS")
             kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if not address:
-                kw["num_cpus"] = workers
+                kw["num_cpus"] = max(workers, math.ceil(resources["num_cpus"]))
+                if resources["num_gpus"]:
+                    import torch
+
+                    kw["num_gpus"] = torch.cuda.device_count()
             ray.init(address=address or None, **kw)
             started = True
         try:
-            remote = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+            remote = ray.remote(max_retries=0, **resources)(_ray_task)
             host = socket.gethostname()
             in_flight: dict[Any, dict] = {}
             while True:
@@ -485,7 +547,7 @@ class _Scheduler:
                 for ref in done:
                     task = in_flight.pop(ref)
                     try:
-                        _, ops = ray.get(ref)
+                        _, ops, self.assigned[task["id"]] = ray.get(ref)
                         self.store.apply(ops)
                     except Exception:  # noqa: BLE001 - a task that died (not one that raised)
                         self.store.end_run(task["id"], "failed", traceback.format_exc())
@@ -539,14 +601,27 @@ def run(
     progress: bool | None = None,
     quick: bool = False,
     threads: int | None = None,
+    device: str = "cpu",
+    amp: bool = False,
+    gpus_per_cell: float | None = None,
 ) -> StudyResult:
     """Run every unfinished cell of ``spec``; results go to ``out_dir/results.sqlite``.
 
     ``threads``: torch threads per worker (default ``max(1, cores // workers)``). On a machine
     other jobs share, 1 avoids threads spinning at barriers while their siblings are descheduled.
+    ``device``/``amp``: where and how every cell trains (``TrainConfig``; recorded per run, not
+    part of a cell's id). ``gpus_per_cell``: the Ray backend's GPU request per cell (default 1
+    with a CUDA device, else 0; fractions share a GPU); each cell also asks for ``threads`` CPUs.
+    Every argument is checked before the store is created.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    from lowbit.train import resolve_device
+
+    if backend == "local" or not os.environ.get("RAY_ADDRESS"):
+        resolve_device(device)  # the machine that trains is this one: check it has the device
+    if gpus_per_cell is not None and not gpus_per_cell >= 0:
+        raise ConfigError(f"--gpus-per-cell must be >= 0, got {gpus_per_cell}")
     if backend == "ray":
         try:
             import ray  # noqa: F401 - only checking that it is installed
@@ -597,6 +672,8 @@ def run(
                 "db": str(store.path),
                 "data_dir": data_dir,
                 "threads": threads,
+                "device": device,
+                "amp": amp,
             }
             for c in todo
         ]
@@ -608,7 +685,7 @@ def run(
         try:
             with _Heartbeat(store.path, scheduler.owner):
                 if backend == "ray":
-                    scheduler.run_ray(workers)
+                    scheduler.run_ray(workers, ray_resources(threads, device, gpus_per_cell))
                 elif min(workers, len(tasks)) <= 1:
                     scheduler.run_inline(threads)
                 else:
@@ -634,4 +711,5 @@ def run(
         wall_s=time.time() - t0,
         notes=notes,
         interrupted=interrupted,
+        resources=scheduler.assigned,
     )
