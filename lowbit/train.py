@@ -436,12 +436,13 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     return {"structure_sha256": hashlib.sha256(repr(model).encode()).hexdigest()}
 
 
-def _check_fits(model: nn.Module, data: Dataset, device: torch.device) -> None:
-    """ConfigError unless ``model`` maps two training images to ``(2, data.classes)`` logits."""
+def _check_fits(model: nn.Module, data: Dataset, device: torch.device, amp: bool) -> None:
+    """ConfigError unless ``model`` maps two training images to ``(2, data.classes)`` logits
+    (computed as training computes them: same device, same autocast)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(device, amp):
             out = model(data.train_x[:2].to(device))
     except (RuntimeError, ValueError, IndexError) as exc:
         raise ConfigError(
@@ -527,7 +528,7 @@ def fit(
         rd = Path(run_dir)
         if rd.exists() and not rd.is_dir():
             raise ConfigError(f"{rd}: exists and is not a folder; run_dir must be a folder")
-    _check_fits(model, data, device)
+    _check_fits(model, data, device, config.amp)
     optimizer = _make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
