@@ -339,7 +339,7 @@ _MUTATIONS = st.one_of(
 
 @settings(
     max_examples=120,
-    deadline=2000,
+    deadline=None,  # correctness only: one case may take seconds on a loaded machine
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     database=None,
 )
@@ -436,7 +436,7 @@ _JSON_VALUES = st.one_of(
 
 @settings(
     max_examples=150,
-    deadline=2000,
+    deadline=None,  # correctness only: one case may take seconds on a loaded machine
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     database=None,
 )
