@@ -192,16 +192,20 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from lowbit import fileformat
+    from lowbit import fileformat, meta
     from lowbit.packed import convert_
 
-    model, _ = fileformat.load_trained(args.source)
+    model, config = fileformat.load_trained(args.source)
+    info, notes = meta.from_run(args.source, config)
+    model.lowbit_meta = info
     predicted = fileformat.predicted_size(model, args.layout)
     size = fileformat.save(convert_(model), args.output, layout=args.layout)
-    result = {"output": args.output, "bytes": size, "predicted_bytes": predicted}
+    result = {"output": args.output, "bytes": size, "predicted_bytes": predicted, "notes": notes}
     if args.json:
         _print_json(result)
     else:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         print(f"wrote {args.output}: {size:,} bytes (summary predicted {predicted:,})")
     return 0
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -280,6 +281,39 @@ def from_data_info(
     )
 
 
+def from_run(source: str | Path, config: dict[str, Any]) -> tuple[ModelMeta, list[str]]:
+    """What ``lowbit pack`` saves for a training run: ``source`` is the run directory (or its
+    checkpoint), ``config`` its config.json content. The data entry gives name, shape, classes
+    and the normalisation (runs older than that entry's mean/std: recomputed from the local
+    dataset when it is found); result.json the final test accuracy. Also returns notes on
+    what could not be found (the file is then written without it)."""
+    from lowbit import data
+    from lowbit.errors import LowbitError
+
+    notes: list[str] = []
+    info = dict(config.get("data") or {})
+    name = info.get("name")
+    if name is None:
+        notes.append("the run records no dataset: no input description saved")
+    elif not info.get("mean") and name in data.CLASS_NAMES:
+        try:
+            ds = data.load(name)
+            info.update(mean=list(ds.mean), std=list(ds.std))
+            notes.append(f"normalisation recomputed from {name} in {ds.source}")
+        except LowbitError as exc:
+            notes.append(f"no normalisation saved ({exc}); 'lowbit predict' will need --dataset")
+    run_dir = Path(source) if Path(source).is_dir() else Path(source).parent
+    acc = None
+    try:
+        value = json.loads((run_dir / "result.json").read_text()).get("test_acc")
+        acc = float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    if acc is None:
+        notes.append(f"no test accuracy in {run_dir / 'result.json'}")
+    return from_data_info(info, acc), notes
+
+
 __all__ = [
     "INPUT_DTYPES",
     "ModelMeta",
@@ -287,6 +321,7 @@ __all__ = [
     "from_data_info",
     "from_dataset",
     "from_json",
+    "from_run",
     "normalisation_arrays",
     "normalise",
     "preprocess",

@@ -396,6 +396,8 @@ def fit(
             "input_shape": list(data.input_shape),
             "classes": data.classes,
         }
+        if data.mean:  # the normalisation the model expects (lowbit pack saves it in the file)
+            data_info.update(mean=list(data.mean), std=list(data.std))
         _check_resume(rd, config, data_info)
         ckpt = rd / CHECKPOINT
         if ckpt.exists():
