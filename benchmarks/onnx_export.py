@@ -99,9 +99,11 @@ def latency(engines: dict, xs: dict[int, torch.Tensor], rounds: int) -> dict:
 
 def machine() -> list[str]:
     cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines()
-         if ln.startswith("Model name")),
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if ln.startswith("Model name")
+        ),
         platform.processor() or platform.machine(),
     )
     import onnx
@@ -136,48 +138,66 @@ def main() -> int:
         print(f"{label}: train / reuse", file=sys.stderr)
         model, run_acc = trained(label, args.runs, ds)
         stem = out_dir / RUNS[label][0]
-        lb_bytes = lowbit.save(model, stem.with_suffix(".lowbit"), meta=meta.from_dataset(ds, run_acc))
+        lb_bytes = lowbit.save(
+            model, stem.with_suffix(".lowbit"), meta=meta.from_dataset(ds, run_acc)
+        )
         packed = lowbit.load(stem.with_suffix(".lowbit"))
         onnx_bytes = export.export_onnx(packed, stem.with_suffix(".onnx"))
         raw_bytes = export.export_onnx(
             packed, stem.with_name(stem.name + "-raw.onnx"), embed_preprocessing=True
         )
+        compact_path = stem.with_name(stem.name + "-compact.onnx")
+        compact_bytes = export.export_onnx(packed, compact_path, compact=True)
         sess = export.session(stem.with_suffix(".onnx"), threads=1)
         sess_raw = export.session(stem.with_name(stem.name + "-raw.onnx"), threads=1)
+        sess_compact = export.session(compact_path, threads=1)
 
         def ort(x: torch.Tensor, s=sess) -> torch.Tensor:
             return torch.from_numpy(s.run(None, {"input": x.numpy()})[0])
+
+        def ort_compact(x: torch.Tensor, s=sess_compact) -> torch.Tensor:
+            return ort(x, s)
 
         with torch.inference_mode():
             print(f"{label}: agreement on {len(ds.test_y)} images", file=sys.stderr)
             want = logits_of(packed, ds.test_x)
             got = logits_of(ort, ds.test_x)
+            got_compact = logits_of(ort_compact, ds.test_x)
             got_raw = torch.from_numpy(
-                np.concatenate([
-                    sess_raw.run(None, {"pixels": raw_x[i : i + 500, None]})[0]
-                    for i in range(0, len(raw_x), 500)
-                ])
+                np.concatenate(
+                    [
+                        sess_raw.run(None, {"pixels": raw_x[i : i + 500, None]})[0]
+                        for i in range(0, len(raw_x), 500)
+                    ]
+                )
             )
             pred = predict.run(packed, raw_x)
         y = torch.from_numpy(raw_y)
         agree = (got.argmax(1) == want.argmax(1)).float().mean().item()
         agree_raw = (got_raw.argmax(1) == want.argmax(1)).float().mean().item()
+        agree_compact = (got_compact.argmax(1) == want.argmax(1)).float().mean().item()
         agree_rows.append(
             f"| {label} | {run_acc:.4f} | {(pred.logits.argmax(1) == y).float().mean():.4f} | "
             f"{(want.argmax(1) == y).float().mean():.4f} | "
             f"{(got.argmax(1) == y).float().mean():.4f} | {agree:.2%} | "
             f"{(got - want).abs().max().item():.3g} | {agree_raw:.2%} | "
-            f"{(got_raw - want).abs().max().item():.3g} | {lb_bytes:,} | {onnx_bytes:,} | "
-            f"{onnx_bytes / lb_bytes:.2f}x | {raw_bytes:,} |"
+            f"{(got_raw - want).abs().max().item():.3g} | {agree_compact:.2%} | "
+            f"{(got_compact - want).abs().max().item():.3g} | {lb_bytes:,} | {onnx_bytes:,} | "
+            f"{onnx_bytes / lb_bytes:.2f}x | {compact_bytes:,} | {raw_bytes:,} |"
         )
         print(agree_rows[-1], file=sys.stderr)
         xs = {1: ds.test_x[:1], 64: ds.test_x[64:128]}
         with torch.inference_mode():
-            lat = latency({"lowbit": packed, "onnxruntime": ort}, xs, args.rounds)
+            engines = {"lowbit": packed, "onnxruntime": ort}
+            if compact_bytes != onnx_bytes:
+                engines["compact"] = ort_compact
+            lat = latency(engines, xs, args.rounds)
         for b in xs:
             lb, ox = lat[("lowbit", b)], lat[("onnxruntime", b)]
+            cx = lat.get(("compact", b))
+            compact = "same graph" if cx is None else f"{cx * 1e3:.3f}"
             lat_rows.append(
-                f"| {label} | {b} | {lb * 1e3:.3f} | {ox * 1e3:.3f} | {lb / ox:.2f}x |"
+                f"| {label} | {b} | {lb * 1e3:.3f} | {ox * 1e3:.3f} | {lb / ox:.2f}x | {compact} |"
             )
             print(lat_rows[-1], file=sys.stderr)
     lines = [
@@ -193,18 +213,22 @@ def main() -> int:
         "model on lowbit's normalised test set).",
         "- agreement: argmax of onnxruntime vs argmax of the packed model loaded from the "
         "`.lowbit` file, all 10,000 test images; `raw graph`: the export with "
-        "`--embed-preprocessing` fed the uint8 pixels.",
+        "`--embed-preprocessing` fed the uint8 pixels; `compact`: the export with `--compact` "
+        "(2-bit MatMulNBits for the weight-only ternary linear layers; the same graph as the "
+        "default for the other models).",
         "",
         "| model | run acc | predict (raw IDX) acc | packed acc | onnx acc | agreement | "
-        "max abs dlogit | raw graph agreement | raw graph max abs dlogit | .lowbit bytes | "
-        ".onnx bytes | onnx / lowbit | raw graph bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "max abs dlogit | raw graph agreement | raw graph max abs dlogit | compact agreement | "
+        "compact max abs dlogit | .lowbit bytes | .onnx bytes | onnx / lowbit | compact .onnx "
+        "bytes | raw graph bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *agree_rows,
         "",
         f"## Latency (ms a call, median of {args.rounds} interleaved rounds, one thread each)",
         "",
-        "| model | batch | lowbit packed ms | onnxruntime ms | lowbit / onnxruntime |",
-        "|---|---|---|---|---|",
+        "| model | batch | lowbit packed ms | onnxruntime ms | lowbit / onnxruntime | "
+        "onnxruntime compact ms |",
+        "|---|---|---|---|---|---|",
         *lat_rows,
         "",
     ]

@@ -369,6 +369,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="the graph takes raw uint8 pixels (B, C, H, W) and normalises them as saved",
     )
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="2-bit weights for 2/3-level linear layers (smaller; slower in onnxruntime)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_export)
 
@@ -378,7 +383,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from lowbit.export import export_onnx
 
     model = lowbit.load(args.path)
-    size = export_onnx(model, args.output, embed_preprocessing=args.embed_preprocessing)
+    size = export_onnx(
+        model, args.output, embed_preprocessing=args.embed_preprocessing, compact=args.compact
+    )
     result = {"output": args.output, "bytes": size, "source_bytes": _file_size(args.path)}
     if args.json:
         _print_json(result)

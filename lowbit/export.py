@@ -15,9 +15,10 @@ stored as unsigned integers ``q`` with a zero point ``z`` and a step ``t`` such 
 
 Weight-only layers (``activations="fp32"``, y = t(x) W^T + b in float32):
 
-* Linear: onnxruntime's ``MatMulNBits`` (``(q - z) * scale`` per block of K, bits 2/4/8 chosen
-  by the largest q, ``accuracy_level`` 0 = float32 arithmetic) where q fits 8 bits, else
-  ``DequantizeLinear`` (uint16) + ``MatMul``;
+* Linear: onnxruntime's ``MatMulNBits`` (``(q - z) * scale`` per block of K, ``accuracy_level``
+  0 = float32 arithmetic) where q fits 8 bits, else ``DequantizeLinear`` (uint16) + ``MatMul``;
+  bits 4 or 8 by the largest q of N levels, or 2 for N <= 3 with ``compact=True`` (half the
+  size; onnxruntime's 2-bit CPU kernel is much slower);
 * Conv2d: ``DequantizeLinear`` (uint4, uint8 or uint16 with the zero point, per-tensor or
   per-output-channel step) + ``Conv``.
 
@@ -107,8 +108,9 @@ def _q_bits(levels: int) -> int:
 class _Graph:
     """Nodes and initializers in the order they are made; names are unique by a counter."""
 
-    def __init__(self) -> None:
+    def __init__(self, compact: bool = False) -> None:
         self.onnx = _onnx()
+        self.compact = compact
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self._count = 0
@@ -315,7 +317,9 @@ def _packed(g: _Graph, layer: nn.Module, x: str) -> str:
         y = g.op("Conv", x, w, **_conv_attrs(layer))
         shape: tuple[int, ...] = (-1, 1, 1)
     elif bits <= 8:
-        y = _matmul_nbits(g, x, q, z, t, bits)
+        # onnxruntime 1.32 runs 2-bit MatMulNBits ~30x slower than 4-bit on CPU (measured in
+        # benchmarks/onnx_export.py): 2 bits only when asked for the smallest file
+        y = _matmul_nbits(g, x, q, z, t, bits if g.compact else max(bits, 4))
         shape = (-1,)
     else:
         w = _dequantized(g, q, z, t, bits, tuple(q.shape))
@@ -556,9 +560,11 @@ def to_onnx(
     *,
     embed_preprocessing: bool = False,
     input_shape: tuple[int, int, int] | None = None,
+    compact: bool = False,
 ) -> Any:
-    """The ``onnx.ModelProto`` of ``model`` (packed, or fake-quant: converted on a copy)."""
-    g = _Graph()
+    """The ``onnx.ModelProto`` of ``model`` (packed, or fake-quant: converted on a copy);
+    arguments as ``export_onnx``."""
+    g = _Graph(compact)
     onnx = g.onnx
     model = _packed_copy(model)
     meta = getattr(model, "lowbit_meta", None)
@@ -600,13 +606,17 @@ def export_onnx(
     *,
     embed_preprocessing: bool = False,
     input_shape: tuple[int, int, int] | None = None,
+    compact: bool = False,
 ) -> int:
     """Write ``model`` as an ONNX file (atomically); returns its size in bytes.
 
     ``embed_preprocessing``: the graph takes raw uint8 pixels (B, C, H, W) and applies the
     normalisation saved in the model's ``lowbit_meta``. ``input_shape`` (C, H, W) is needed only
-    when neither the metadata nor the model's spec gives it."""
-    proto = to_onnx(model, embed_preprocessing=embed_preprocessing, input_shape=input_shape)
+    when neither the metadata nor the model's spec gives it. ``compact``: 2-bit MatMulNBits for
+    weight-only linear layers of 2 or 3 levels (smaller file, slower in onnxruntime 1.32)."""
+    proto = to_onnx(
+        model, embed_preprocessing=embed_preprocessing, input_shape=input_shape, compact=compact
+    )
     data = proto.SerializeToString()
     atomic_write(path, data)
     return len(data)

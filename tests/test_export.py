@@ -83,10 +83,12 @@ def test_packed_layers_every_level_count_both_modes(levels, kind, act) -> None:
     _compare(net, x, exact=act == "absmax8")
 
 
-def test_weight_only_linear_uses_matmulnbits_with_the_smallest_bits() -> None:
+@pytest.mark.parametrize("compact", [False, True])
+def test_weight_only_linear_uses_matmulnbits_with_the_smallest_bits(compact) -> None:
     bits = {}
     for levels in (2, 3, 4, 5, 16, 17, 129, 130):
-        proto = export.to_onnx(_layer_net("linear", levels, None, "tensor"), input_shape=(3, 5, 5))
+        net = _layer_net("linear", levels, None, "tensor")
+        proto = export.to_onnx(net, input_shape=(3, 5, 5), compact=compact)
         ops = [n for n in proto.graph.node if n.op_type in ("MatMulNBits", "DequantizeLinear")]
         bits[levels] = [
             next(a.i for a in n.attribute if a.name == "bits")
@@ -95,9 +97,10 @@ def test_weight_only_linear_uses_matmulnbits_with_the_smallest_bits() -> None:
             for n in ops
         ]
     # odd N: codes 0..N-1; even N: 2c in 0..2N-2 (half-integer levels doubled)
+    small = 2 if compact else 4
     assert bits == {
-        2: [2, 2],
-        3: [2, 2],
+        2: [small, small],
+        3: [small, small],
         4: [4, 4],
         5: [4, 4],
         16: [8, 8],
@@ -105,6 +108,16 @@ def test_weight_only_linear_uses_matmulnbits_with_the_smallest_bits() -> None:
         129: [8, 8],
         130: ["dq", "dq"],
     }
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_compact_two_bit_matmulnbits(levels) -> None:
+    net = _layer_net("linear", levels, None, "channel")
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        want = net(x).numpy()
+    got = _run_onnx(net, x, compact=True)
+    assert np.abs(got - want).max() <= 1e-4 and (got.argmax(1) == want.argmax(1)).all()
 
 
 def _trained(model: nn.Module, steps_data) -> nn.Module:

@@ -79,9 +79,7 @@ def test_preprocess_is_the_dataset_normalisation_bit_for_bit(tmp_path) -> None:
         "t10k-labels-idx1-ubyte": rng.integers(0, 10, 12, dtype=np.uint8),
     }
     for name, arr in arrays.items():
-        header = bytes([0, 0, 8, arr.ndim]) + b"".join(
-            int(s).to_bytes(4, "big") for s in arr.shape
-        )
+        header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
         (folder / name).write_bytes(header + arr.tobytes())
     ds = data.load("fashion-mnist", tmp_path)
     info = meta.from_dataset(ds, test_accuracy=0.5)
