@@ -196,8 +196,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     from lowbit.packed import convert_
 
     model, config = checkpoint.load_trained(args.source)
-    info, notes = meta.from_run(args.source, config)
-    model.lowbit_meta = info
+    _, notes = meta.from_run(args.source, config)  # model.lowbit_meta is its first part
     predicted = fileformat.predicted_size(model, args.layout)
     size = fileformat.save(convert_(model), args.output, layout=args.layout)
     result = {"output": args.output, "bytes": size, "predicted_bytes": predicted, "notes": notes}

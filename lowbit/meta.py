@@ -213,7 +213,11 @@ def preprocess(meta: ModelMeta, raw: Any) -> torch.Tensor:
     expects: checks the shape and value range the file declares, then applies its
     normalisation. ValueError (one line) when the images do not fit or the file lacks what is
     needed."""
-    x = torch.as_tensor(np.asarray(raw) if not isinstance(raw, torch.Tensor) else raw)
+    if isinstance(raw, torch.Tensor):
+        x = raw
+    else:
+        arr = np.asarray(raw)  # a read-only (memory-mapped) array is copied, not aliased
+        x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     if x.dtype == torch.bool or x.is_complex():
         raise ValueError(f"images must be real numbers, got {x.dtype}")
     if meta.input_shape is None:
@@ -291,7 +295,13 @@ def from_run(source: str | Path, config: dict[str, Any]) -> tuple[ModelMeta, lis
     from lowbit.errors import LowbitError
 
     notes: list[str] = []
-    info = dict(config.get("data") or {})
+    run_dir = Path(source) if Path(source).is_dir() else Path(source).parent
+    if not config.get("data"):  # a checkpoint file given: its run's config.json is beside it
+        try:
+            config = json.loads((run_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            pass
+    info = dict(config.get("data") or {}) if isinstance(config, dict) else {}
     name = info.get("name")
     if name is None:
         notes.append("the run records no dataset: no input description saved")
@@ -302,7 +312,6 @@ def from_run(source: str | Path, config: dict[str, Any]) -> tuple[ModelMeta, lis
             notes.append(f"normalisation recomputed from {name} in {ds.source}")
         except LowbitError as exc:
             notes.append(f"no normalisation saved ({exc}); 'lowbit predict' will need --dataset")
-    run_dir = Path(source) if Path(source).is_dir() else Path(source).parent
     acc = None
     try:
         value = json.loads((run_dir / "result.json").read_text()).get("test_acc")

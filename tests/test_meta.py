@@ -129,3 +129,65 @@ def test_from_data_info_of_an_old_run_config() -> None:
     assert info.missing() == ["normalisation"]
     synthetic = meta.from_data_info({"name": "synthetic", "input_shape": [1, 8, 8], "classes": 4})
     assert synthetic.input_dtype == "float32" and synthetic.class_names is None
+
+
+# --- in the .lowbit file -------------------------------------------------------------------------
+
+
+def _small_packed():
+    torch.manual_seed(0)
+    net = lowbit.models.get(
+        "mlp", depth=1, width=8, input_shape=(1, 4, 4), classes=3, layer="ternary"
+    )
+    return lowbit.convert_(net).eval()
+
+
+def test_save_and_load_carry_the_metadata(tmp_path) -> None:
+    net = _small_packed()
+    size = lowbit.save(net, tmp_path / "m.lowbit", meta=FULL)
+    assert size == lowbit.fileformat.predicted_size(net, meta=FULL)
+    loaded = lowbit.load(tmp_path / "m.lowbit")
+    assert loaded.lowbit_meta == FULL
+    # a loaded model saves back with its metadata; the JSON form is accepted too
+    lowbit.save(loaded, tmp_path / "again.lowbit")
+    assert lowbit.load(tmp_path / "again.lowbit").lowbit_meta == FULL
+    lowbit.save(net, tmp_path / "dict.lowbit", meta=FULL.to_json())
+    assert lowbit.load(tmp_path / "dict.lowbit").lowbit_meta == FULL
+    with pytest.raises(ValueError, match="test_accuracy"):
+        lowbit.save(net, tmp_path / "bad.lowbit", meta=FULL.to_json() | {"test_accuracy": 7})
+
+
+def _edited(tmp_path, edit) -> object:
+    from test_packed import _rewrite  # the header rewriter of the format tests
+
+    lowbit.save(_small_packed(), tmp_path / "m.lowbit", meta=FULL)
+    _rewrite(tmp_path / "m.lowbit", tmp_path / "e.lowbit", edit_meta=edit)
+    return tmp_path / "e.lowbit"
+
+
+def test_version_1_files_load_without_metadata(tmp_path) -> None:
+    def to_v1(m):
+        m["format_version"] = 1
+        del m["meta"]
+
+    assert lowbit.load(_edited(tmp_path, to_v1)).lowbit_meta is None
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda m: m.update(format_version=1), "not part of format version 1"),
+        (lambda m: m.pop("meta"), "'meta' is missing"),
+        (lambda m: m["meta"].update(test_accuracy=2), "meta.test_accuracy"),
+        (lambda m: m["meta"].update(class_names="abc"), "meta.class_names"),
+        (lambda m: m["meta"]["normalisation"].update(std=[0]), "meta.normalisation.std"),
+        (lambda m: m["meta"].update(surprise=1), "exactly the keys"),
+        (lambda m: m.update(meta=[1, 2]), "exactly the keys"),
+        (lambda m: m.update(format_version=3), "format version 3"),
+    ],
+)
+def test_bad_metadata_in_a_file_is_a_format_error_naming_it(tmp_path, edit, needle) -> None:
+    path = _edited(tmp_path, edit)
+    with pytest.raises(lowbit.errors.FormatError, match=needle) as err:
+        lowbit.load(path)
+    assert str(err.value).startswith(str(path))

@@ -34,7 +34,7 @@ def fmnist_dir(tmp_path_factory):
 
     def split(n: int) -> tuple[np.ndarray, np.ndarray]:
         y = rng.integers(0, 10, n)
-        x = np.clip(protos[y] * 0.6 + rng.integers(0, 110, (n, 28, 28)), 0, 255)
+        x = np.clip(protos[y] * 0.2 + rng.integers(0, 205, (n, 28, 28)), 0, 255)
         return x.astype(np.uint8), y.astype(np.uint8)
 
     for prefix, n in (("train", N_TRAIN), ("t10k", N_TEST)):
@@ -73,7 +73,7 @@ def test_predict_on_raw_idx_reproduces_the_runs_accuracy(fmnist_dir, packed_run,
     rep = json.loads(out)
     assert rep["count"] == N_TEST and rep["dataset"] == "fashion-mnist"
     assert rep["accuracy"] == run_acc == rep["saved_test_accuracy"]
-    assert run_acc > 0.5  # learnable data: the check is not between two chance levels
+    assert 0.3 < run_acc < 1.0  # learnable, not trivial: not two chance levels, not two 100%s
     assert rep["predictions"][0]["top"][0]["name"] in data.CLASS_NAMES["fashion-mnist"]
     # Bit for bit what the packed model gives on lowbit's own normalised test set.
     model = lowbit.load(path)
