@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -404,18 +405,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     size = export_onnx(
         model, args.output, embed_preprocessing=args.embed_preprocessing, compact=args.compact
     )
-    result = {"output": args.output, "bytes": size, "source_bytes": _file_size(args.path)}
+    result = {"output": args.output, "bytes": size, "source_bytes": os.path.getsize(args.path)}
     if args.json:
         _print_json(result)
     else:
         print(f"wrote {args.output}: {size:,} bytes (from {result['source_bytes']:,} in .lowbit)")
     return 0
-
-
-def _file_size(path: str) -> int:
-    import os
-
-    return os.path.getsize(path)
 
 
 # --- study, report -------------------------------------------------------------------------------
