@@ -1133,8 +1133,9 @@ class Bench:
             spec.write_text(SPEC)
             study = base / "study"
             assert run_cli(["study", spec, "--out", study, "--workers", "1"])[0] == 0
-            run = base / "run"
+            run, locked = base / "run", base / "locked-run"
             shutil.copytree(self.run, run)
+            shutil.copytree(self.run, locked)
             ro = base / "ro"
             ro.mkdir()
             unreadable = make_idx(base / "idx")
@@ -1164,8 +1165,8 @@ class Bench:
                 ),
                 (
                     "pack a run whose checkpoint is unreadable",
-                    ["pack", run, "-o", base / "m.lowbit"],
-                    run / "checkpoint.safetensors",
+                    ["pack", locked, "-o", base / "m.lowbit"],
+                    locked / "checkpoint.safetensors",
                 ),
             ]
             for p in base.rglob("*"):
@@ -1175,7 +1176,7 @@ class Bench:
                 p.chmod(0o555)
             (study / "results.sqlite").chmod(0o444)
             (unreadable / IDX["train_x"]).chmod(0o000)
-            (run / "checkpoint.safetensors").chmod(0o000)
+            (locked / "checkpoint.safetensors").chmod(0o000)
             script = (
                 "import contextlib, io, json, sys\nfrom lowbit import cli\nres = []\n"
                 "for argv in json.loads(sys.argv[1]):\n"
