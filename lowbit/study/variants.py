@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from lowbit.nn import MisbornLinear, SignLinear
+from lowbit.quantizers import FIXED_LEVELS
 
 # Weight levels each layer kind stores (None = fp32). bitlinear8, mybitlinear and misborn all use
 # binary weights (kyegomez's 0.2.5 BitLinear included, see SEEDS.md).
@@ -26,9 +27,7 @@ LAYER_LEVELS: dict[str, int | None] = {
     "bitlinear8": 2,
     "mybitlinear": 2,
     "misborn": 2,
-    "sign": 2,
-    "ternary": 3,
-    "ternary-median": 3,
+    **FIXED_LEVELS,
 }
 
 # layer kind -> {reading name: the layer's keyword options}; the first reading is the default.
