@@ -10,7 +10,7 @@ a frozen config dataclass (nanoGPT's ``GPTConfig`` style): ``MLPConfig``, ``FCNN
 ``fcnn1``  ``FCNNConfig(hidden=(256, 256))``: Low-Resolution study, in -> 256 -> 256 -> classes
 ``fcnn2``  ``FCNNConfig(hidden=(2048, 1024))``: the larger one
 ``cvnn1``  ``CVNNConfig``: Conv64-Pool, Conv128-Pool, Conv256-Pool, Flatten, Dense128, head
-``cvnn2``  ``CVNNConfig(stages=((128, 128), (256, 256), (512, 512)), dense=512)``
+``cvnn2``  ``CVNNConfig(channels=(128, 256, 512), convs=2, dense=512)``
 ``vit``    ``ViTConfig``: a vision transformer (defaults = VIT1)
 ``vit1``   ``ViTConfig(blocks=3, head_units=(2048, 1216))`` (docs/results/vit-config.md)
 ``vit2``   ``ViTConfig(blocks=11, head_units=(3392, 1920))``
@@ -313,12 +313,14 @@ class CVNNConfig(_Config):
     """The Low-Resolution study's CNNs: stages of 'same' ``kernel_size`` convs + ReLU, each stage
     ending in a 2x2 max-pool (floor: 28 -> 14 -> 7 -> 3); Flatten, Dense(``dense``) + ReLU, head.
 
-    CVNN1 (stages (64,), (128,), (256,), dense 128) has 896,522 parameters and CVNN2 (stages
-    (128, 128), (256, 256), (512, 512), dense 512) 8,776,330 on 32x32x3 / 10 classes with 3x3
-    kernels: the paper's counts, recovered exactly. The paper also trains 5x5 kernels.
+    Stage k has ``convs`` convolutions of ``channels[k]`` filters. CVNN1 (channels (64, 128,
+    256), 1 conv per stage, dense 128) has 896,522 parameters and CVNN2 (channels (128, 256,
+    512), 2 convs per stage, dense 512) 8,776,330 on 32x32x3 / 10 classes with 3x3 kernels: the
+    paper's counts, recovered exactly. The paper also trains 5x5 kernels.
     """
 
-    stages: tuple[tuple[int, ...], ...] = ((64,), (128,), (256,))
+    channels: tuple[int, ...] = (64, 128, 256)
+    convs: int = 1
     dense: int = 128
     kernel_size: int = 3
     input_shape: tuple[int, int, int] = (3, 32, 32)
@@ -328,14 +330,13 @@ class CVNNConfig(_Config):
     init: str = "glorot"
 
     def _family_check(self) -> None:
-        object.__setattr__(self, "stages", _tuple(self.stages))
-        for i, stage in enumerate(self.stages):
-            _check_positive(**{f"stages[{i}][{j}]": c for j, c in enumerate(stage)})
-        _check_positive(dense=self.dense)
+        object.__setattr__(self, "channels", _tuple(self.channels))
+        _check_positive(**{f"channels[{i}]": c for i, c in enumerate(self.channels)})
+        _check_positive(convs=self.convs, dense=self.dense)
         if self.kernel_size not in (3, 5):
             raise ValueError(f"kernel_size must be 3 or 5, got {self.kernel_size!r}")
         _check_flag(quantize_first=self.quantize_first)
-        side = 2 ** len(self.stages)
+        side = 2 ** len(self.channels)
         if min(self.input_shape[1:]) < side:
             raise ValueError(
                 f"input_shape {self.input_shape} is too small: H and W must be >= {side}"
@@ -504,8 +505,8 @@ def _build_cvnn(cfg: CVNNConfig, layer: LayerChoice) -> nn.Sequential:
     c, h, w = cfg.input_shape
     mods: list[nn.Module] = []
     first = True
-    for stage in cfg.stages:
-        for out_c in stage:
+    for out_c in cfg.channels:
+        for _ in range(cfg.convs):
             quantized = cfg.quantize_first or not first
             mods += [layer.conv(c, out_c, cfg.kernel_size, quantized), nn.ReLU()]
             c, first = out_c, False
@@ -658,7 +659,7 @@ MODELS: dict[str, Family] = {
     "fcnn2": Family(FCNNConfig, {"hidden": (2048, 1024)}, _build_fcnn),
     "cvnn1": Family(CVNNConfig, {}, _build_cvnn),
     "cvnn2": Family(
-        CVNNConfig, {"stages": ((128, 128), (256, 256), (512, 512)), "dense": 512}, _build_cvnn
+        CVNNConfig, {"channels": (128, 256, 512), "convs": 2, "dense": 512}, _build_cvnn
     ),
     "vit": Family(ViTConfig, {}, _build_vit),
     "vit1": Family(ViTConfig, {"blocks": 3, "head_units": (2048, 1216)}, _build_vit),

@@ -157,7 +157,7 @@ def test_families_are_frozen_configs():
 
     cfg = models.config("cvnn2", kernel_size=5)
     assert isinstance(cfg, models.CVNNConfig) and cfg.dense == 512 and cfg.kernel_size == 5
-    assert cfg.stages == ((128, 128), (256, 256), (512, 512))
+    assert cfg.channels == (128, 256, 512) and cfg.convs == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.dense = 3
     # a JSON spec's lists come back as the config's tuples
