@@ -197,11 +197,23 @@ def _variants(shape: Shape, batch: int, stream: bool, levels: tuple[int, ...], m
 HOT_WARM_CALLS = 10
 
 
+# "wall": elapsed time; "thread": the calling thread's CPU time, which a preempted call does not
+# accrue (on a machine loaded beyond its cores, wall-clock medians measure the scheduler), valid
+# at one thread only (the kernels and torch then run on the calling thread)
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
 def _time_round_robin(
-    variants: dict, budget_s: float, min_rounds: int, max_rounds: int, warm_calls: int = 0
+    variants: dict,
+    budget_s: float,
+    min_rounds: int,
+    max_rounds: int,
+    warm_calls: int = 0,
+    clock: str = "wall",
 ) -> tuple[dict[str, tuple[float, float]], int]:
     """(median, min) seconds per variant over interleaved rounds, and the number of rounds.
     ``warm_calls``: untimed calls of the same variant before each timed one (warm caches)."""
+    timer = CLOCKS[clock]
     for fn, _ in variants.values():  # warm-up, and a first estimate of the round time
         fn()
     t0 = time.perf_counter()
@@ -220,9 +232,9 @@ def _time_round_robin(
         for name, (fn, _) in order:
             for _ in range(warm_calls):
                 fn()
-            t = time.perf_counter()
+            t = timer()
             fn()
-            samples[name].append(time.perf_counter() - t)
+            samples[name].append(timer() - t)
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}, rounds
 
 
@@ -233,20 +245,26 @@ def run(
     stream: bool = True,
     progress: Callable[[str], None] | None = None,
     rounds: tuple[float, int, int] | None = None,
+    clock: str = "wall",
 ) -> tuple[dict, list[dict]]:
     """Run the benchmark; returns (machine info, result rows). ``rounds``: (seconds budget per
-    shape and batch, min rounds, max rounds), default (1.5, 9, 201), quick (0.3, 5, 31)."""
+    shape and batch, min rounds, max rounds), default (1.5, 9, 201), quick (0.3, 5, 31).
+    ``clock="thread"`` times the calling thread's CPU time and runs every shape on one thread
+    (see ``CLOCKS``)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     shapes = read_shapes(shapes_path)
     if quick:
         shapes = [s for s in shapes if s.name in QUICK_SHAPES] or shapes
     levels = (2, 3, 5) if quick else LEVELS
     budget, min_rounds, max_rounds = rounds or ((0.3, 5, 31) if quick else (1.5, 9, 201))
     info = machine()
+    info["clock"] = "wall" if clock == "wall" else "thread CPU time, 1 thread"
     rows: list[dict] = []
     default_threads = torch.get_num_threads()
     for shape in shapes:
         batches = shape.batches[:2] if quick else shape.batches
-        threads = shape.threads or default_threads
+        threads = 1 if clock == "thread" else shape.threads or default_threads
         regimes = ["cache"]
         if shape.kind == "linear" and shape.out_features * shape.in_features >= 1 << 24:
             regimes += ["hot", "stream"] if stream else ["hot"]
@@ -260,7 +278,7 @@ def run(
                 try:
                     variants, tokens = _variants(shape, batch, regime == "stream", levels, modes)
                     med, len_rounds = _time_round_robin(
-                        variants, budget, min_rounds, max_rounds, warm_calls
+                        variants, budget, min_rounds, max_rounds, warm_calls, clock
                     )
                 finally:
                     torch.set_num_threads(default_threads)
