@@ -330,11 +330,21 @@ def _row(
     }
 
 
-def call_overhead(rounds: tuple[float, int, int] = OVERHEAD_ROUNDS) -> list[dict]:
+def call_overhead(
+    rounds: tuple[float, int, int] = OVERHEAD_ROUNDS, clock: str = "wall"
+) -> list[dict]:
     """Rows (regime "call") of a PackedLinear called as a module vs ``kernels.linear`` on its
-    own prepared weight, interleaved round-robin: ``rounds`` = (seconds budget, min, max)."""
+    own prepared weight, interleaved round-robin: ``rounds`` = (seconds budget, min, max);
+    ``clock="thread"``: one thread, its CPU time (as ``run``)."""
     variants = _overhead_variants()
-    med, len_rounds = _time_round_robin(variants, *rounds)
+    default_threads = torch.get_num_threads()
+    if clock == "thread":
+        torch.set_num_threads(1)
+    try:
+        med, len_rounds = _time_round_robin(variants, *rounds, clock=clock)
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(default_threads)
     where = {
         "shape": f"square-{OVERHEAD_SIZE}",
         "kind": "linear",
@@ -342,7 +352,7 @@ def call_overhead(rounds: tuple[float, int, int] = OVERHEAD_ROUNDS) -> list[dict
         "in_features": OVERHEAD_SIZE,
         "batch": 1,
         "tokens": 1,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "regime": "call",
     }
     return [
@@ -416,7 +426,8 @@ def run(
     if progress:
         progress(f"call overhead {OVERHEAD_SIZE}x{OVERHEAD_SIZE} batch 1")
     budget, lo, hi = OVERHEAD_ROUNDS
-    rows += call_overhead(rounds or ((budget / 4, lo // 4, hi // 4) if quick else OVERHEAD_ROUNDS))
+    call_rounds = rounds or ((budget / 4, lo // 4, hi // 4) if quick else OVERHEAD_ROUNDS)
+    rows += call_overhead(call_rounds, clock)
     return info, rows
 
 
