@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit import quantizers
+from lowbit import bnn, quantizers
 from lowbit.nn import BitLinear8, MisbornLinear, QuantConv2d, QuantLinear, SignLinear
 
 LAYERS = (
@@ -805,6 +805,53 @@ vit2 = _preset(
     blocks=11,
     head_units=(3392, 1920),
 )
+
+
+# --- fully binary networks (lowbit.bnn: the methods, blocks and configs) -------------------------
+
+
+def _binary_method(layer: str, levels: int | None) -> str:
+    if layer not in bnn.METHODS:
+        raise ValueError(f"unknown binary method {layer!r}; valid: {', '.join(bnn.METHODS)}")
+    if levels is not None:
+        raise ValueError(f"binary models fix their levels; leave levels unset (got {levels})")
+    return layer
+
+
+@_registered
+def binary_mlp(
+    layer: str = "reactnet",
+    levels: int | None = None,
+    depth: int = 3,
+    width: int = 512,
+    input_shape: Sequence[int] = (1, 28, 28),
+    classes: int = 10,
+) -> nn.Module:
+    """``lowbit.bnn.BinaryMLP``: fp32 first layer and head, ``depth`` hidden blocks of
+    ``width`` of method ``layer`` (``bnn.METHODS``: bnn, xnor, bireal, reactnet, or the
+    references sign, ternary, linear)."""
+    _check_positive(depth=depth, width=width, classes=classes)
+    config = bnn.BinaryMLPConfig(
+        _binary_method(layer, levels), depth, width, _input_shape(input_shape), classes
+    )
+    return bnn.BinaryMLP(config)
+
+
+@_registered
+def binary_cnn(
+    layer: str = "reactnet",
+    levels: int | None = None,
+    width: int = 64,
+    input_shape: Sequence[int] = (1, 28, 28),
+    classes: int = 10,
+) -> nn.Module:
+    """``lowbit.bnn.BinaryCNN``: fp32 stem conv and head, four 3x3 binary blocks of ``width``,
+    2 ``width``, 2 ``width``, 4 ``width`` channels (28x28 or 32x32 inputs)."""
+    _check_positive(width=width, classes=classes)
+    config = bnn.BinaryCNNConfig(
+        _binary_method(layer, levels), width, _input_shape(input_shape), classes
+    )
+    return bnn.BinaryCNN(config)
 
 
 NAMES = tuple(_REGISTRY)

@@ -124,3 +124,70 @@ def conv2d(
     acc = _integer_product(conv, x_int, codes, levels, codes.shape[1])
     s = scale.reshape(-1, 1, 1) if scale.dim() else scale
     return _rescale(acc, s, a, None if bias is None else bias.reshape(-1, 1, 1))
+
+
+# --- binary layers: activations and weights in {-1, +1} (XNOR-popcount, csrc/lowbit_binary.c) ---
+#
+# A binary layer's weight has 2 levels: codes c in {0, 1}, W = s * (c - 1/2) = alpha * w_b with
+# w_b = 2c - 1 and alpha = s / 2. Its input is binarized, x_b = sign(x - t) with sign(0) = +1
+# (t: rsign's threshold per input channel, else 0), and
+#
+#     y = (x_b @ w_b.T) * alpha + b                  the sum an exact integer, then two roundings
+#
+# exactly as ``QuantLinear`` computes it; a convolution pads x_b with +1.
+
+
+def binarize(x: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """sign(x - t) in {-1., +1.} (x's shape, float32), sign(0) = +1, computed as ``x < t``.
+    ``threshold`` (t) is broadcast against x as given (None: 0)."""
+    t = 0.0 if threshold is None else threshold
+    return torch.where(x < t, -1.0, 1.0).to(torch.float32)
+
+
+def _binary_out(dot: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, conv: bool):
+    """dot (exact, float64) -> float32 ``dot * alpha + b``, alpha = scale / 2 (() or (N_out,)),
+    both broadcast along the output channels (the last dim, or dim 1 of a convolution)."""
+    alpha = scale.to(torch.float32) * 0.5
+    if conv:
+        alpha = alpha.reshape(-1, 1, 1)
+        bias = None if bias is None else bias.reshape(-1, 1, 1)
+    y = dot.to(torch.float32) * alpha
+    return y if bias is None else y + bias
+
+
+def binary_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (..., K) float32 -> (..., N_out); codes (N_out, K) in {0, 1}, scale () or (N_out,),
+    threshold None or (K,). The dot products of ±1 are taken in float64 (exact)."""
+    x_b = binarize(x, threshold).to(torch.float64)
+    w_b = codes.to(torch.float64) * 2 - 1
+    return _binary_out(torch.nn.functional.linear(x_b, w_b), scale, bias, conv=False)
+
+
+def binary_conv2d(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """x (B, C, H, W) -> (B, N_out, H', W') (groups 1), codes (N_out, C*kh*kw) in
+    ``weight.reshape(N_out, -1)``'s order, threshold None or (C,); the binarized input is padded
+    with +1."""
+    t = None if threshold is None else threshold.reshape(-1, 1, 1)
+    x_b = binarize(x, t).to(torch.float64)
+    ph, pw = padding
+    x_b = torch.nn.functional.pad(x_b, (pw, pw, ph, ph), value=1.0)
+    w_b = (codes.to(torch.float64) * 2 - 1).reshape(codes.shape[0], x.shape[1], *kernel_size)
+    dot = torch.nn.functional.conv2d(x_b, w_b, None, stride, 0, dilation)
+    return _binary_out(dot, scale, bias, conv=True)

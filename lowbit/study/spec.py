@@ -56,12 +56,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit import data, models, train
+from lowbit import bnn, data, models, train
 from lowbit.errors import ConfigError
 
 # The study accepts what the library accepts: one list of each, kept by its own module.
 MODELS = tuple(n for n in models.NAMES if n != "vit")  # the generic vit needs kwargs a grid lacks
-LAYERS = models.LAYERS
+# the binary models' methods (lowbit.bnn) are layer kinds too; the models check which they take
+LAYERS = models.LAYERS + tuple(m for m in bnn.METHODS if m not in models.LAYERS)
 DATASETS = data.NAMES
 OPTIMIZERS = train.OPTIMIZERS
 ACTIVATIONS = models.ACTIVATIONS
@@ -76,6 +77,7 @@ LAYER_LEVELS: dict[str, int | None] = {
     "sign": 2,
     "ternary": 3,
     "ternary-median": 3,
+    **{m: 2 for m in bnn.BINARY_METHODS},
 }
 
 # key -> (accepted python types, default, allowed values or None)
@@ -311,8 +313,12 @@ def _resolve(raw: dict[str, Any], spec: Spec, available: Callable[[str], bool] |
     for ov in spec.overrides:
         if all(cfg[k] in vals for k, vals in ov["when"].items()):
             cfg.update(ov["set"])
+    if cfg["model"] not in ("mlp", "binary_mlp"):
+        cfg["depth"] = None
+    if cfg["model"] not in ("mlp", "binary_mlp", "binary_cnn"):
+        cfg["width"] = None
     if cfg["model"] != "mlp":
-        cfg["depth"] = cfg["width"] = cfg["activation"] = None
+        cfg["activation"] = None
     if not cfg["model"].startswith("cvnn"):
         cfg["kernel_size"] = None
     if cfg["layer"] != "nlevel":
