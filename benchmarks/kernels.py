@@ -5,7 +5,7 @@ MAC/s per core cache-resident, binary >= ternary speed, 5 levels >= 5x fp32, ter
 >= 2x fp32. Hardware: whatever runs it (the header of the output records CPU, cores, torch,
 python, date and load). Each figure is the median of >= 9 interleaved rounds.
 
-    python benchmarks/kernels.py [--quick] [--shapes benchmarks/shapes.csv]
+    python benchmarks/kernels.py [--quick] [--shapes SHAPES.csv]
 
 writes ``benchmarks/results/<cpu>-torch<version>.csv`` and ``docs/results/kernels.md``.
 Same as ``lowbit bench kernels --out ...``.
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few shapes, levels 2/3/5")
-    p.add_argument("--shapes", default=str(ROOT / "benchmarks" / "shapes.csv"))
+    p.add_argument("--shapes", default=None, help="default: lowbit/kernels/shapes.csv")
     p.add_argument("--no-stream", action="store_true", help="skip the weights-streaming regime")
     args = p.parse_args()
     info, rows = bench.run(

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import environment  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit import data, kernels, models, pack, train  # noqa: E402
+from lowbit import checkpoint, data, kernels, models, pack, train  # noqa: E402
 from lowbit.packed import PackedConv2d, PackedLinear, convert_  # noqa: E402
 from lowbit.verify import verify  # noqa: E402
 
@@ -61,12 +61,13 @@ def _weights_and_fp32_parts(model: torch.nn.Module) -> tuple[int, int, int]:
 
 
 def _held_bytes(model: torch.nn.Module) -> int:
-    """Bytes of tensors the model keeps: parameters, buffers and prepared kernel layouts."""
+    """Bytes of tensors the model keeps: parameters, buffers (codes included) and the
+    prepared kernel layouts."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(b.numel() * b.element_size() for b in model.buffers())
     for m in model.modules():
         if isinstance(m, (PackedLinear, PackedConv2d)):
-            w = m.weight_prepared
+            w = m.prepared()
             held = w.data if getattr(w, "data", None) is not None else w.codes
             total += held.numel() * held.element_size()
     return total
@@ -82,7 +83,7 @@ def _train(name: str, kw: dict, ds: data.Dataset, subset: int, run_dir: Path) ->
 
 
 def _claim(run_dir: Path, ds: data.Dataset, bits: float, tol: float, tmp: Path) -> dict:
-    fake, _ = lowbit.fileformat.load_trained(run_dir)
+    fake, _ = checkpoint.load_trained(run_dir)
     weights, fp32_parts, layers = _weights_and_fp32_parts(fake)
     predicted = lowbit.summary(fake).total_bytes
     held_fp32 = _held_bytes(fake)

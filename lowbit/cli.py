@@ -192,10 +192,10 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from lowbit import fileformat
+    from lowbit import checkpoint, fileformat
     from lowbit.packed import convert_
 
-    model, _ = fileformat.load_trained(args.source)
+    model, _ = checkpoint.load_trained(args.source)
     predicted = fileformat.predicted_size(model, args.layout)
     size = fileformat.save(convert_(model), args.output, layout=args.layout)
     result = {"output": args.output, "bytes": size, "predicted_bytes": predicted}
@@ -403,12 +403,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         "Benchmark lowbit's packed kernels against torch fp32 / bf16 (interleaved medians).",
         "  lowbit bench kernels --quick\n"
-        "  lowbit bench kernels --json --shapes benchmarks/shapes.csv --out results.csv",
+        "  lowbit bench kernels --json --shapes my-shapes.csv --out results.csv",
     )
     p.add_argument("what", choices=["kernels"], help="what to benchmark")
     p.add_argument("--quick", action="store_true", help="a few shapes, levels 2/3/5, few rounds")
     p.add_argument(
-        "--shapes", help="shape list CSV (default: the repository's benchmarks/shapes.csv)"
+        "--shapes", help="shape list CSV (default: lowbit/kernels/shapes.csv, shipped with lowbit)"
     )
     p.add_argument("--no-stream", action="store_true", help="skip the weights-streaming regime")
     p.add_argument("--out", help="also write the rows to this CSV file")

@@ -55,16 +55,55 @@ def _input_shell(source: nn.Module) -> nn.Module:
     return shell
 
 
+class _InputTransform:
+    """Holds the input shell outside the module tree: it has no tensors of its own, so it is
+    no submodule (``named_modules``, ``state_dict`` and the .lowbit schema do not see it)."""
+
+    __slots__ = ("source",)
+
+    def __init__(self, source: nn.Module) -> None:
+        self.source = source
+
+
 def _default_activations(source: nn.Module | None) -> str:
     return "int8" if isinstance(getattr(source, "input_quantizer", None), AbsMax8) else "fp32"
 
 
-class _Packed(nn.Module):
-    """Shared state of PackedLinear and PackedConv2d: codes (prepared), scale, bias, input."""
+def _eager(x: torch.Tensor) -> bool:
+    """Whether to call the kernels directly: a plain tensor outside any tracer (torch.compile,
+    torch.export and jit.trace see the ``torch.ops.lowbit`` op instead; fake tensors too)."""
+    return (
+        type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+    )
 
+
+class PackedLayer(nn.Module):
+    """The base of PackedLinear and PackedConv2d: codes, scale, bias and the input transform.
+
+    State (all of it in registered buffers / parameters, so ``state_dict``, ``deepcopy``,
+    ``torch.save`` and ``.to(device)`` treat it as any torch module's):
+
+        codes   buffer (out, K) uint8, values 0..levels-1 (K = in_features, or C_in*kH*kW)
+        scale   buffer () or (out,) float32
+        bias    parameter (out,) float32 (requires_grad=False) or None
+
+    The kernels' compute layout (``kernels.prepare``) is a cache derived from ``codes`` and
+    ``scale``: rebuilt on the next call whenever either is another tensor or was modified in
+    place (tensor identity, data pointer and version counter), and never pickled or copied
+    (``__getstate__`` drops it), so it can neither outlive nor alias its source.
+
+    ``.to(dtype)`` (``.double()``, ``.half()``) leaves codes, scale and bias as they are: they
+    are the packed format (uint8 + float32) and a float16 scale would change the weights.
+    The layer computes in float32 and returns the input's dtype, so a model moved to float64
+    still runs. ``.to(device)`` moves them; the kernels then run where the tensors are (the
+    compiled kernels on CPU, the reference elsewhere).
+    """
+
+    kind: str  # "linear" | "conv2d", as the .lowbit file names it
     levels: int
     granularity: str
     activations: str
+    weight_shape: tuple[int, ...]
 
     def _init_packed(
         self,
@@ -86,26 +125,60 @@ class _Packed(nn.Module):
         self.levels, self.granularity, self.activations = levels, granularity, activations
         self.out_features_, self.k = out_features, k
         scale_shape = () if granularity == "tensor" else (out_features,)
+        self.register_buffer(
+            "codes", torch.zeros((out_features, k), dtype=torch.uint8, device=device)
+        )
         self.register_buffer("scale", torch.ones(scale_shape, device=device))
         b = torch.zeros(out_features, device=device) if bias else None
         self.bias = nn.Parameter(b, requires_grad=False) if bias else None
-        # Not a submodule: it has no parameters of its own and must not show in the module tree.
-        object.__setattr__(
-            self, "input_source", _input_shell(source) if source is not None else None
-        )
-        object.__setattr__(self, "weight_prepared", None)
+        self._input = _InputTransform(_input_shell(source)) if source is not None else None
+        self._cache: tuple | None = None
+
+    @property
+    def input_source(self) -> nn.Module | None:
+        """The (weightless) source layer whose input transform this layer applies, or None."""
+        return None if self._input is None else self._input.source
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        """Install codes (out, k) uint8 (and optionally a new scale) and prepare them once."""
-        codes = codes.reshape(self.out_features_, self.k)
+        """Install codes (out, k) uint8 (and optionally a new scale, stored as float32)."""
+        codes = codes.detach().reshape(self.out_features_, self.k)
         if codes.dtype != torch.uint8:
             raise ValueError(f"codes must be uint8, got {codes.dtype}")
         if codes.numel() and int(codes.max()) >= self.levels:
             raise ValueError(f"codes must lie in 0..{self.levels - 1}")
+        self.codes = codes.to(self.codes.device).clone()
         if scale is not None:
-            self.scale = scale.detach().to(torch.float32).reshape(self.scale.shape).clone()
-        prepared = kernels.prepare(codes, self.scale, self.levels, **self._layout())
-        object.__setattr__(self, "weight_prepared", prepared)
+            self.scale = (
+                scale.detach()
+                .to(self.scale.device, torch.float32)
+                .reshape(self.scale.shape)
+                .clone()
+            )
+
+    def prepared(self) -> kernels.PreparedWeight:
+        """The codes in the kernels' compute layout (``kernels.prepare``), cached until the
+        codes or the scale change (another tensor, another storage or an in-place edit)."""
+        codes, scale = self._buffers["codes"], self._buffers["scale"]
+        c = self._cache
+        if (
+            c is None
+            or c[0] is not codes
+            or c[1] is not scale
+            or c[2] != (codes._version, scale._version, codes.data_ptr(), scale.data_ptr())
+        ):
+            key = (codes._version, scale._version, codes.data_ptr(), scale.data_ptr())
+            c = self._cache = (
+                codes,
+                scale,
+                key,
+                kernels.prepare(codes, scale, self.levels, **self._layout()),
+            )
+        return c[3]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the compute layout is derived: a copy or a pickle rebuilds it from its own buffers
+        state = super().__getstate__()
+        return {**state, "_cache": None}
 
     def _layout(self) -> dict[str, Any]:
         """Extra ``kernels.prepare`` arguments of this layer kind."""
@@ -117,66 +190,42 @@ class _Packed(nn.Module):
         input transform (the subclass's ``empty_like``, then the codes of its latent weight)."""
         with torch.device(layer.weight.device):
             new = cls.empty_like(layer, activations)
-        return _fill_from(new, layer, _weight_quantizer(layer))
-
-    @property
-    def codes(self) -> torch.Tensor:
-        """(out, k) uint8 codes (unpacked from the backend layout when it does not keep them)."""
-        if self.weight_prepared is None:
-            raise RuntimeError("packed layer has no codes yet")
-        return self.weight_prepared.codes
+        return _fill_from(new, layer, weight_quantizer(layer))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with, ``scale * (codes - (N-1)/2)``, fp32."""
         return reference.dequantize(self.codes, self.scale, self.levels)
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_source is None:
+        if self._input is None:
             return x
         if self.activations == "int8":
-            return self.input_source.int8_input(x)
-        return self.input_source.quantize_input(x)
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "codes"] = self.codes
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
-    ):
-        # The codes live in the prepared weight, not in a buffer; state_dict carries them as
-        # "<prefix>codes" (N_out, K) uint8 so the usual torch round trip works.
-        codes = state_dict.get(prefix + "codes")
-        super()._load_from_state_dict(
-            {k: v for k, v in state_dict.items() if k != prefix + "codes"},
-            prefix,
-            local_metadata,
-            strict,
-            missing,
-            unexpected,
-            errors,
-        )
-        if codes is None:
-            missing.append(prefix + "codes")
-        else:
-            self.set_codes(codes.to(torch.uint8))
+            return self._input.source.int8_input(x)
+        return self._input.source.quantize_input(x)
 
     def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:  # type: ignore[override]
+        scale = self.scale.detach()
+        bias = None if self.bias is None else self.bias.detach()
         super()._apply(fn, recurse)
-        if self.weight_prepared is not None and self.scale.device.type != "meta":
-            self.set_codes(self.codes.to(self.scale.device))  # re-prepare for the new device
+        # dtype conversions leave the packed format (float32 scale and bias) as it is
+        if self.scale.dtype != torch.float32:
+            self.scale = scale.to(self.scale.device)
+        if self.bias is not None and bias is not None and self.bias.dtype != torch.float32:
+            self.bias = nn.Parameter(bias.to(self.bias.device), requires_grad=False)
         return self
 
     def _packed_repr(self) -> str:
-        src = "" if self.input_source is None else f", input={type(self.input_source).__name__}"
+        src = "" if self._input is None else f", input={type(self.input_source).__name__}"
         return (
             f"levels={self.levels}, granularity={self.granularity}, "
             f"activations={self.activations}{src}"
         )
 
 
-class PackedLinear(_Packed):
+class PackedLinear(PackedLayer):
     """Inference-only linear layer with packed N-level weights: (..., in) -> (..., out)."""
+
+    kind = "linear"
 
     def __init__(
         self,
@@ -199,7 +248,7 @@ class PackedLinear(_Packed):
     @classmethod
     def empty_like(cls, layer: QuantLinear, activations: str | None = None) -> PackedLinear:
         """``layer``'s structure and input transform, no codes yet (on the current device)."""
-        q = _weight_quantizer(layer)
+        q = weight_quantizer(layer)
         return cls(
             layer.in_features,
             layer.out_features,
@@ -210,8 +259,19 @@ class PackedLinear(_Packed):
             source=layer,
         )
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(self._transform(x), self.weight_prepared, self.bias, self.activations)
+        t = self._transform(x)
+        if _eager(t):
+            y = kernels.linear(t, self.prepared(), self.bias, self.activations)
+        else:
+            y = torch.ops.lowbit.packed_linear(
+                t, self.codes, self.scale, self.bias, self.levels, self.activations
+            )
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -220,11 +280,13 @@ class PackedLinear(_Packed):
         )
 
 
-class PackedConv2d(_Packed):
+class PackedConv2d(PackedLayer):
     """Inference-only 2-d convolution with packed N-level weights (groups = 1).
 
     (B, C_in, H, W) -> (B, C_out, H', W'); the weight (C_out, C_in, kH, kW) is stored as codes
     (C_out, C_in * kH * kW), the im2col patch order of ``F.unfold``."""
+
+    kind = "conv2d"
 
     def __init__(
         self,
@@ -252,7 +314,7 @@ class PackedConv2d(_Packed):
     @classmethod
     def empty_like(cls, layer: QuantConv2d, activations: str | None = None) -> PackedConv2d:
         """``layer``'s structure and input transform, no codes yet (on the current device)."""
-        q = _weight_quantizer(layer)
+        q = weight_quantizer(layer)
         return cls(
             layer.in_channels,
             layer.out_channels,
@@ -275,16 +337,24 @@ class PackedConv2d(_Packed):
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.conv2d(
-            self._transform(x),
-            self.weight_prepared,
-            self.bias,
-            kernel_size=self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            activations=self.activations,
-        )
+        t = self._transform(x)
+        if _eager(t):
+            y = kernels.conv2d(
+                t,
+                self.prepared(),
+                self.bias,
+                kernel_size=self.kernel_size,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                activations=self.activations,
+            )
+        else:
+            geometry = [*self.kernel_size, *self.stride, *self.padding, *self.dilation]
+            y = torch.ops.lowbit.packed_conv2d(
+                t, self.codes, self.scale, self.bias, self.levels, geometry, self.activations
+            )
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -298,7 +368,7 @@ def _pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _weight_quantizer(layer: nn.Module) -> Quantizer:
+def weight_quantizer(layer: nn.Module) -> Quantizer:
     q = getattr(layer, "weight_quantizer", None)
     if not isinstance(q, Quantizer):
         raise ValueError(f"{type(layer).__name__} has no weight quantizer: nothing to pack")
@@ -327,7 +397,7 @@ def _conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
     return _pair(layer.padding)
 
 
-def _fill_from(new: _Packed, layer: nn.Module, q: Quantizer) -> _Packed:
+def _fill_from(new: PackedLayer, layer: nn.Module, q: Quantizer) -> PackedLayer:
     """Codes and scale from the layer's latent weight; checks they give its forward weight."""
     with torch.no_grad():
         codes, scale = q.codes(layer.weight)
@@ -345,6 +415,21 @@ def _fill_from(new: _Packed, layer: nn.Module, q: Quantizer) -> _Packed:
     return new
 
 
+def packable(module: nn.Module) -> bool:
+    """Whether ``convert_`` packs ``module`` (a QuantLinear/QuantConv2d with a weight quantizer)
+    or it is packed already."""
+    return isinstance(module, PackedLayer) or (
+        isinstance(module, (QuantLinear, QuantConv2d))
+        and isinstance(module.weight_quantizer, Quantizer)
+    )
+
+
+def empty_packed(layer: nn.Module, activations: str | None = None) -> PackedLayer:
+    """The packed layer ``convert_`` makes of ``layer``, without codes (on the current device)."""
+    kind = PackedLinear if isinstance(layer, QuantLinear) else PackedConv2d
+    return kind.empty_like(layer, activations)
+
+
 def convert_(
     model: nn.Module,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
@@ -356,9 +441,7 @@ def convert_(
     for every converted layer (default: "int8" where the layer was trained with absmax8 inputs,
     else "fp32"). Returns ``model``."""
     for fqn, module in list(model.named_modules()):
-        if not isinstance(module, (QuantLinear, QuantConv2d)):
-            continue
-        if not isinstance(module.weight_quantizer, Quantizer):
+        if not packable(module) or isinstance(module, PackedLayer):
             continue
         if filter_fn is not None and not filter_fn(module, fqn):
             continue

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit import fileformat, pack
+from lowbit import checkpoint, fileformat, pack
 
 
 @dataclass
@@ -173,10 +173,10 @@ def summary(
             file_bytes = path.stat().st_size
             layout = _file_layout(path, layout)
         else:
-            model, _ = fileformat.load_trained(path)
+            model, _ = checkpoint.load_trained(path)
     meta, items = fileformat.plan(model, layout)
     layout_items = [(it.name, it.dtype, it.shape, it.nbytes) for it in items]
-    total = pack.container_size(layout_items, fileformat._metadata_strings(meta))
+    total = pack.container_size(layout_items, fileformat.metadata_strings(meta))
     data_bytes = sum(it.nbytes for it in items)
 
     spec = getattr(model, "lowbit_spec", None)

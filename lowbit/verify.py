@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit import fileformat
-from lowbit.packed import PackedConv2d, _Packed
+from lowbit import checkpoint, fileformat
+from lowbit.packed import PackedConv2d, PackedLayer
 
 
 def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -33,7 +33,7 @@ def check_codes(model: nn.Module) -> list[str]:
     """Problems found in the packed layers' codes (empty when all are in their level sets)."""
     problems = []
     for name, layer in model.named_modules():
-        if not isinstance(layer, _Packed):
+        if not isinstance(layer, PackedLayer):
             continue
         codes = layer.codes
         shape = (layer.out_features_, layer.k)
@@ -83,7 +83,7 @@ def verify(
         report["file_bytes"] = Path(packed).stat().st_size if Path(packed).exists() else None
         packed = fileformat.load(packed)
     problems = check_codes(packed)
-    report["packed_layers"] = sum(isinstance(m, _Packed) for m in packed.modules())
+    report["packed_layers"] = sum(isinstance(m, PackedLayer) for m in packed.modules())
     report["codes_ok"] = not problems
     report["problems"] = problems
     config: dict[str, Any] = {}
@@ -93,7 +93,7 @@ def verify(
             fake = against.eval()
         else:
             report["against"] = str(against)
-            fake, config = fileformat.load_trained(against)
+            fake, config = checkpoint.load_trained(against)
     data = dataset if dataset is None or not isinstance(dataset, str) else None
     if data is None and (isinstance(dataset, str) or config):
         data = _dataset(dataset, data_dir, config)

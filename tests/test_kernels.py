@@ -219,35 +219,45 @@ def test_a_forked_child_runs_the_kernels() -> None:
     assert child.exitcode == 0 and queue.get(timeout=5)
 
 
-@needs_native
-def test_torch_library_op() -> None:
-    codes, scale, bias, x = _case(3, 4, 24, 100, seed=1)
-    w = kernels.prepare(codes, scale, 3)
-    args = (x, w.data, w.scale, bias, 24, 100, w.kp, 3, w.bits, "int8", w.isa, 1)
+@pytest.mark.parametrize("levels", [3, 33])  # the compiled kernels and the reference
+def test_torch_library_op(levels: int) -> None:
+    codes, scale, bias, x = _case(levels, 4, 24, 100, seed=1)
+    args = (x, codes, scale, bias, levels, "int8")
     torch.library.opcheck(torch.ops.lowbit.packed_linear.default, args)
-    want = reference.linear(x, codes, scale, 3, bias, "int8")
+    want = reference.linear(x, codes, scale, levels, bias, "int8")
     assert torch.equal(torch.ops.lowbit.packed_linear(*args), want)
     # torch.compile sees one op (fullgraph: no graph break on the ctypes call)
     fn = torch.compile(
-        lambda t: kernels.linear(t, w, bias, "int8"), backend="eager", fullgraph=True
+        lambda t: torch.ops.lowbit.packed_linear(t, codes, scale, bias, levels, "int8"),
+        backend="eager",
+        fullgraph=True,
     )
     assert torch.equal(fn(x), want)
 
 
-@needs_native
-def test_torch_library_conv_op() -> None:
+def test_torch_library_op_follows_in_place_edits_of_its_codes() -> None:
+    codes, scale, bias, x = _case(3, 4, 24, 100, seed=2)
+    before = torch.ops.lowbit.packed_linear(x, codes, scale, bias, 3, "fp32")
+    codes.fill_(1)  # the cached compute layout must not survive this
+    scale.mul_(2)
+    after = torch.ops.lowbit.packed_linear(x, codes, scale, bias, 3, "fp32")
+    assert not torch.equal(before, after)
+    assert torch.equal(after, bias.expand_as(after))  # level 0 everywhere: W = 0
+
+
+@pytest.mark.parametrize("levels", [3, 33])
+def test_torch_library_conv_op(levels: int) -> None:
     g = torch.Generator().manual_seed(4)
-    codes = torch.randint(0, 3, (8, 64 * 9), generator=g, dtype=torch.uint8)
+    codes = torch.randint(0, levels, (8, 64 * 9), generator=g, dtype=torch.uint8)
     scale, bias = torch.tensor(0.3), torch.randn(8, generator=g)
     x = torch.randn(2, 64, 5, 6, generator=g)
-    w = kernels.prepare(codes, scale, 3, conv=(64, (3, 3)))
     geometry = [3, 3, 1, 1, 1, 1, 1, 1]
-    args = (x, w.data, w.scale, bias, 8, 64 * 9, w.kp, 3, w.bits, geometry, "int8", w.isa, 1)
+    args = (x, codes, scale, bias, levels, geometry, "int8")
     torch.library.opcheck(torch.ops.lowbit.packed_conv2d.default, args)
     kw = dict(kernel_size=(3, 3), padding=(1, 1))
-    want = reference.conv2d(x, codes, scale, 3, bias, activations="int8", **kw)
+    want = reference.conv2d(x, codes, scale, levels, bias, activations="int8", **kw)
     fn = torch.compile(
-        lambda t: kernels.conv2d(t, w, bias, activations="int8", **kw),
+        lambda t: torch.ops.lowbit.packed_conv2d(t, codes, scale, bias, levels, geometry, "int8"),
         backend="eager",
         fullgraph=True,
     )

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
-from lowbit import QATConfig, fileformat, models, quantize_
+from lowbit import QATConfig, checkpoint, fileformat, models, quantize_
 from lowbit.errors import FormatError
 from lowbit.packed import PackedConv2d, PackedLinear, convert_
 
@@ -134,10 +134,10 @@ def test_convert_drops_latent_weights() -> None:
     model = models.get("mlp", depth=2, width=256, layer="ternary")
     fp32 = sum(p.numel() * 4 for p in model.parameters())
     convert_(model)
-    weights = [m.weight_prepared for m in model.modules() if isinstance(m, PackedLinear)]
+    weights = [m.prepared() for m in model.modules() if isinstance(m, PackedLinear)]
     held = sum(p.numel() * p.element_size() for p in model.parameters())
-    held += sum(b.numel() * b.element_size() for b in model.buffers())
-    for w in weights:
+    held += sum(b.numel() * b.element_size() for b in model.buffers())  # codes: 1 byte each
+    for w in weights:  # + the compute layout: 2 bits a ternary weight
         held += w.data.numel() if w.data is not None else w.codes.numel()
     assert held * 3 < fp32
     assert not any(p.dim() == 2 for p in model.parameters())
@@ -240,7 +240,7 @@ def _rewrite(src, dst, edit_meta=None, edit_header=None) -> None:
     if edit_meta is not None:
         meta = json.loads(header["__metadata__"]["lowbit"])
         edit_meta(meta)
-        header["__metadata__"] = fileformat._metadata_strings(meta)
+        header["__metadata__"] = fileformat.metadata_strings(meta)
     if edit_header is not None:
         edit_header(header)
     text = json.dumps(header).encode()
@@ -397,7 +397,7 @@ def test_pack_and_verify_a_run(tmp_path, run_dir) -> None:
     assert report["ok"] and report["codes_ok"] and report["identical_predictions"]
     assert report["test_size"] == 32 and report["max_abs_logit_diff"] < 1e-4
     assert main(["verify", str(out), "--against", str(run_dir), "--json"]) == 0
-    fake, _ = fileformat.load_trained(run_dir / "checkpoint.safetensors")
+    fake, _ = checkpoint.load_trained(run_dir / "checkpoint.safetensors")
     assert lowbit.summary(fake).total_bytes == out.stat().st_size
 
 

@@ -26,10 +26,12 @@ The environment variable ``LOWBIT_KERNELS`` forces a backend: ``reference``, ``p
 ``avx2`` or ``avx512`` (default ``auto``, the best the CPU supports); ``prepare(..., isa=...)``
 does the same for one weight. Threads: ``torch.get_num_threads()`` unless ``threads`` is given.
 
-The compiled calls are registered as the single ops ``torch.ops.lowbit.packed_linear`` and
-``torch.ops.lowbit.packed_conv2d`` (with fake kernels) so ``torch.compile`` traces through them;
-eager calls skip the dispatcher and call the same implementation directly, which saves its
-Python overhead on small layers.
+The packed layers are also the registered ops ``torch.ops.lowbit.packed_linear(x, codes, scale,
+bias, levels, activations)`` and ``torch.ops.lowbit.packed_conv2d(..., geometry, activations)``
+(with fake kernels), taking the storage codes: what ``torch.compile``, ``torch.export`` and
+``jit.trace`` record from a packed layer (``lowbit.packed``). The op prepares its weight once and
+caches it per codes tensor; eager calls of a layer skip the dispatcher and call ``linear`` /
+``conv2d`` with the layer's own cached weight, which saves the dispatcher's Python overhead.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import os
 import warnings
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit.errors import ConfigError
 from lowbit.kernels import native, reference
@@ -168,7 +171,8 @@ def prepare(
         )
     if not 2 <= levels <= 256:
         raise ValueError(f"levels must be in 2..256, got {levels}")
-    scale = scale.detach().to(torch.float32).contiguous()
+    # a copy: the prepared weight owns every tensor its C arguments point into
+    scale = scale.detach().to(torch.float32, copy=True).contiguous()
     if scale.numel() not in (1, codes.shape[0]):
         raise ValueError(
             f"scale must have 1 or {codes.shape[0]} (N_out) elements, got {scale.numel()}"
@@ -197,31 +201,41 @@ def prepare(
     )
 
 
+_prepared_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _prepared_for(
+    codes: torch.Tensor, scale: torch.Tensor, levels: int, conv: tuple | None = None
+) -> PreparedWeight:
+    """``prepare(codes, scale, levels, conv=conv)``, cached per codes tensor (weakly: the entry
+    dies with the tensor) until the codes or the scale change (identity, storage, version)."""
+    key = (scale, codes._version, scale._version, codes.data_ptr(), scale.data_ptr(), levels, conv)
+    hit = _prepared_cache.get(codes)
+    if hit is not None and hit[0] is scale and hit[1:] == key[1:]:
+        return hit[-1]
+    weight = prepare(codes, scale, levels, conv=conv)
+    _prepared_cache[codes] = (*key, weight)
+    return weight
+
+
 @torch.library.custom_op("lowbit::packed_linear", mutates_args=())
 def _packed_linear_op(
     x: torch.Tensor,
-    packed: torch.Tensor,
+    codes: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
-    n: int,
-    k: int,
-    kp: int,
     levels: int,
-    bits: int,
     activations: str,
-    isa: str,
-    threads: int,
 ) -> torch.Tensor:
-    """x (M, K) float32 -> (M, N_out) float32 with the compiled kernels."""
-    y = x.new_empty((x.shape[0], n))
-    wargs = native.weight_args(isa, packed, (n, k), kp, bits, levels, scale)
-    native.call(wargs, x.contiguous(), x.shape[0], bias, y, activations, threads)
-    return y
+    """The packed linear as one op: x (..., K) -> (..., N_out) float32, the weight given by its
+    storage codes (N_out, K) uint8 and scale () or (N_out,) (see ``reference``). What tracers
+    (torch.compile, torch.export, jit.trace) record; the compute layout is a cache."""
+    return linear(x, _prepared_for(codes, scale, levels), bias, activations)
 
 
 @_packed_linear_op.register_fake
-def _(x, packed, scale, bias, n, k, kp, levels, bits, activations, isa, threads):
-    return x.new_empty((x.shape[0], n))
+def _(x, codes, scale, bias, levels, activations):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=torch.float32)
 
 
 def linear(
@@ -232,61 +246,59 @@ def linear(
     *,
     threads: int | None = None,
 ) -> torch.Tensor:
-    """y = x W^T + b: x (..., K) float32 -> (..., N_out) float32."""
+    """y = x W^T + b: x (..., K) -> (..., N_out) float32 (x is read as float32)."""
     if activations not in ACTIVATION_MODES:
         modes = ", ".join(ACTIVATION_MODES)
         raise ValueError(f"activations must be one of {modes}, got {activations!r}")
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
     if weight.backend == "reference" or x.device.type != "cpu":
         return reference.linear(x, weight.codes, weight.scale, weight.levels, bias, activations)
-    if x.dtype != torch.float32 or not x.is_contiguous():
-        x = x.to(torch.float32).contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
-    if not torch.compiler.is_compiling():
-        # eager fast path: the same C call as the op, without the dispatcher's overhead
-        y = x.new_empty((*x.shape[:-1], n))
-        native.call(weight.call_args, x, x.numel() // k if k else 0, bias, y, activations, threads)
-        return y
-    args = (x.reshape(-1, k), weight.data, weight.scale, bias, n, k, weight.kp, weight.levels)
-    y = torch.ops.lowbit.packed_linear(*args, weight.bits, activations, weight.isa, threads or 0)
-    return y.reshape(*x.shape[:-1], n)
+    y = x.new_empty((*x.shape[:-1], n))
+    native.call(weight.call_args, x, x.numel() // k if k else 0, bias, y, activations, threads)
+    return y
 
 
 @torch.library.custom_op("lowbit::packed_conv2d", mutates_args=())
 def _packed_conv2d_op(
     x: torch.Tensor,
-    packed: torch.Tensor,
+    codes: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
-    n: int,
-    k: int,
-    kp: int,
     levels: int,
-    bits: int,
     geometry: list[int],
     activations: str,
-    isa: str,
-    threads: int,
 ) -> torch.Tensor:
-    """x (B, C_in, H, W) float32 -> (B, N_out, Ho, Wo) float32 (channels-last strides) with the
-    compiled kernels; geometry = kh, kw, sh, sw, ph, pw, dh, dw."""
-    wargs = native.weight_args(isa, packed, (n, k), kp, bits, levels, scale)
+    """The packed convolution as one op: x (B, C_in, H, W) -> (B, N_out, H', W') float32
+    (contiguous), codes (N_out, C_in*kh*kw); geometry = kh, kw, sh, sw, ph, pw, dh, dw."""
     kh, kw, sh, sw, ph, pw, dh, dw = geometry
-    x = x.contiguous(memory_format=torch.channels_last)
-    return native.conv2d(
-        wargs, x, bias, (kh, kw), (sh, sw), (ph, pw), (dh, dw), activations, threads
+    weight = _prepared_for(codes, scale, levels, (x.shape[1], (kh, kw)))
+    y = conv2d(
+        x,
+        weight,
+        bias,
+        kernel_size=(kh, kw),
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+        activations=activations,
     )
+    return y.contiguous()
 
 
 @_packed_conv2d_op.register_fake
-def _(x, packed, scale, bias, n, k, kp, levels, bits, geometry, activations, isa, threads):
+def _(x, codes, scale, bias, levels, geometry, activations):
     kh, kw, sh, sw, ph, pw, dh, dw = geometry
     ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return x.new_empty((x.shape[0], ho, wo, n)).permute(0, 3, 1, 2)
+    return x.new_empty((x.shape[0], codes.shape[0], ho, wo), dtype=torch.float32)
 
 
 def conv2d(
@@ -301,8 +313,8 @@ def conv2d(
     activations: str = "fp32",
     threads: int | None = None,
 ) -> torch.Tensor:
-    """A groups=1 convolution: x (B, C_in, H, W) -> (B, N_out, H', W'), ``weight`` prepared with
-    ``conv=(C_in, kernel_size)`` (or any reference-backend weight).
+    """A groups=1 convolution: x (B, C_in, H, W) -> (B, N_out, H', W') float32, ``weight``
+    prepared with ``conv=(C_in, kernel_size)`` (or any reference-backend weight).
 
     Native backend: the C kernel reads the image channels-last (a channels-last input, such as
     the previous packed conv's output after ReLU/pooling, is read in place), so patches are
@@ -312,6 +324,8 @@ def conv2d(
     if activations not in ACTIVATION_MODES:
         modes = ", ".join(ACTIVATION_MODES)
         raise ValueError(f"activations must be one of {modes}, got {activations!r}")
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
     if weight.backend == "reference" or x.device.type != "cpu" or x.dim() != 4:
         return reference.conv2d(
             x,
@@ -330,28 +344,9 @@ def conv2d(
             f"weight was not prepared for this convolution (conv={weight.conv}, input channels "
             f"{x.shape[1]}, kernel {tuple(kernel_size)}): prepare(..., conv=(C_in, kernel_size))"
         )
-    if x.dtype != torch.float32:
-        x = x.to(torch.float32)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
-    if not torch.compiler.is_compiling():
-        # eager fast path: the same C call as the op, without the dispatcher's overhead
-        x = x.contiguous(memory_format=torch.channels_last)
-        return native.conv2d(
-            weight.call_args, x, bias, kernel_size, stride, padding, dilation, activations, threads
-        )
-    geometry = [*kernel_size, *stride, *padding, *dilation]
-    return torch.ops.lowbit.packed_conv2d(
-        x,
-        weight.data,
-        weight.scale,
-        bias,
-        *weight.shape,
-        weight.kp,
-        weight.levels,
-        weight.bits,
-        geometry,
-        activations,
-        weight.isa,
-        threads or 0,
+    x = x.contiguous(memory_format=torch.channels_last)
+    return native.conv2d(
+        weight.call_args, x, bias, kernel_size, stride, padding, dilation, activations, threads
     )

@@ -1,6 +1,7 @@
 """Kernel benchmark: packed linear / conv vs torch fp32 and bf16, interleaved in one run.
 
-For every shape of a CSV (``benchmarks/shapes.csv``), batch and level count it times
+For every shape of a CSV (default: ``shapes.csv`` beside this module, shipped with the
+package), batch and level count it times
 
 * ``kernels.linear`` / ``kernels.conv2d`` with int8 activations (the exact integer path) and with
   fp32 activations, for levels 2, 3, 5, 9, 17;
@@ -35,6 +36,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -45,7 +47,7 @@ from lowbit import kernels
 LEVELS = (2, 3, 5, 9, 17)
 STREAM_BYTES = 256 << 20
 QUICK_SHAPES = ("square-4096", "square-4096-1core", "mlp1024-hidden", "cvnn2-conv4")
-DEFAULT_SHAPES = Path(__file__).resolve().parents[2] / "benchmarks" / "shapes.csv"
+DEFAULT_SHAPES = resources.files("lowbit.kernels") / "shapes.csv"  # package data
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,8 @@ class Shape:
 def read_shapes(path: str | os.PathLike | None = None) -> list[Shape]:
     """Shapes from the CSV (lines starting with '#' are comments)."""
     path = Path(path) if path else DEFAULT_SHAPES
-    if not path.exists():
-        raise FileNotFoundError(f"shape list {path} not found; pass --shapes benchmarks/shapes.csv")
+    if not path.is_file():
+        raise FileNotFoundError(f"shape list {path} not found")
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     shapes = []
     for row in csv.DictReader(io.StringIO("\n".join(lines))):
