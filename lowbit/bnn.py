@@ -258,7 +258,10 @@ class BinaryCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))  # stem output (B, stem, H, W), real valued
+        h = self.blocks(self.stem(x))  # (B, 4 width, H/4, W/4), real valued
+        # packed convolutions return channels-last tensors, and average pooling sums in another
+        # order there: pool a contiguous tensor so packed and trained outputs stay bit-identical
+        return self.head(h.contiguous())
 
 
 def binary_mlp(config: BinaryMLPConfig | None = None, **fields: object) -> BinaryMLP:

@@ -59,3 +59,86 @@ def test_binary_models_reject_bad_options() -> None:
         models.get("binary_mlp", layer="misborn")
     with pytest.raises(ValueError, match="leave levels unset"):
         models.get("binary_cnn", layer="bnn", levels=2)
+
+
+def _train_a_little(net: torch.nn.Module, shape: tuple[int, ...], steps: int = 3) -> None:
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(steps):
+        x = torch.randn(16, *shape, generator=g)
+        y = torch.randint(0, 10, (16,), generator=g)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+
+
+@pytest.mark.parametrize("activations", ["sign", "approx-sign", "rsign"])
+def test_qat_binary_trains_converts_and_predicts_identically(tmp_path, activations: str) -> None:
+    """QATConfig(levels=2, activations=...) -> train -> convert_ -> save/load: the packed model's
+    outputs are the trained model's, bit for bit (so its predictions are identical)."""
+    import copy
+
+    from lowbit import QATConfig, convert_, load, quantize_, save
+    from lowbit.packed import PackedConv2d, PackedLinear
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),  # 3 channels: a binary conv off the 64-bit words
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 8 * 8, 10),
+    )
+    quantize_(net, QATConfig(levels=2, quantizer="sign", activations=activations))
+    _train_a_little(net, (3, 16, 16))
+    if activations == "rsign":
+        assert net[0].input_quantizer.threshold.abs().sum() > 0  # the thresholds learned
+    x = torch.randn(64, 3, 16, 16)
+    with torch.no_grad():
+        want = net(x)
+        packed = convert_(copy.deepcopy(net))
+        assert isinstance(packed[0], PackedConv2d) and isinstance(packed[4], PackedLinear)
+        assert packed[0].activations == "binary"
+        assert torch.equal(packed(x), want)
+        save(net, tmp_path / "m.lowbit")  # the fake-quant model, stored packed
+        loaded = load(tmp_path / "m.lowbit")
+        assert torch.equal(loaded(x), want)
+        assert torch.equal(loaded[0].threshold, packed[0].threshold)
+
+
+@pytest.mark.parametrize("method", bnn.BINARY_METHODS)
+def test_binary_models_convert_and_round_trip_identically(tmp_path, method: str) -> None:
+    import copy
+
+    from lowbit import convert_, load, save
+
+    for name, kw, shape in (
+        ("binary_cnn", {"width": 8, "input_shape": (3, 32, 32)}, (3, 32, 32)),
+        ("binary_mlp", {"width": 70, "depth": 2}, (1, 28, 28)),
+    ):
+        torch.manual_seed(1)
+        net = models.get(name, layer=method, **kw)
+        _train_a_little(net, shape)
+        x = torch.randn(32, *shape)
+        with torch.no_grad():
+            want = net(x)
+            assert torch.equal(convert_(copy.deepcopy(net))(x), want), (name, method)
+            save(net, tmp_path / f"{name}.lowbit")
+            assert torch.equal(load(tmp_path / f"{name}.lowbit")(x), want), (name, method)
+
+
+def test_summary_counts_bops_beside_macs() -> None:
+    from lowbit import convert_, summary
+
+    net = models.get("binary_mlp", layer="bireal", width=64, depth=2)
+    for model in (net, convert_(net)):
+        s = summary(model)
+        rows = {r.name: r for r in s.rows}
+        assert rows["blocks.0.layer"].bops == 64 * 64 and rows["blocks.0.layer"].macs == 0
+        assert rows["stem.1"].macs == 784 * 64 and rows["stem.1"].bops is None
+        assert s.bops == 2 * 64 * 64 and s.macs == 784 * 64 + 64 * 10
+        assert "BOPs          8,192" in str(s)
+        # a binary layer stores its 1-bit codes, scale, and the threshold (64 fp32 values)
+        assert rows["blocks.0.layer"].params == 64 * 64 + 64

@@ -150,16 +150,15 @@ def test_training_layers_equal_the_reference(activations: str) -> None:
 @needs_native
 def test_registered_ops_match_the_eager_path() -> None:
     codes, scale, bias, x = _case(4, 12, 100, 7, True)
-    w = binary.prepare(codes, scale)
-    op = torch.ops.lowbit.binary_linear(x, w.words, w.alpha, bias, None, 12, w.isa, 1)
-    assert torch.equal(op, binary.linear(x, w, bias))
+    t = torch.randn(100)
+    op = torch.ops.lowbit.binary_linear(x, codes, scale, bias, t)
+    assert torch.equal(op, binary.linear(x, binary.prepare(codes, scale), bias, t))
     xc = torch.randn(1, 8, 5, 5)
     codes = torch.randint(0, 2, (4, 72), dtype=torch.uint8)
-    wc = binary.prepare(codes, scale[:4], conv=(8, (3, 3)))
     geometry = [3, 3, 1, 1, 1, 1, 1, 1]
-    op = torch.ops.lowbit.binary_conv2d(xc, wc.words, wc.alpha, None, None, 4, geometry, wc.isa, 1)
-    want = binary.conv2d(xc, wc, kernel_size=(3, 3), padding=(1, 1))
-    assert torch.equal(op, want)
+    op = torch.ops.lowbit.binary_conv2d(xc, codes, scale[:4], None, None, geometry)
+    wc = binary.prepare(codes, scale[:4], conv=(8, (3, 3)))
+    assert torch.equal(op, binary.conv2d(xc, wc, kernel_size=(3, 3), padding=(1, 1)))
 
 
 def test_prepare_rejects_bad_input() -> None:

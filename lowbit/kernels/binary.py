@@ -10,8 +10,9 @@ part of the library ``native`` loads; they equal ``reference.binary_linear`` /
 the pshufb nibble table, ``portable``). ``LOWBIT_KERNELS`` and ``isa=`` choose the path as for the
 other packed kernels; where the library is missing the reference runs instead.
 
-Registered as ``torch.ops.lowbit.binary_linear`` and ``torch.ops.lowbit.binary_conv2d`` (with
-fake kernels, for ``torch.compile``); eager calls go straight to the C function.
+Registered as ``torch.ops.lowbit.binary_linear(x, codes, scale, bias, threshold)`` and
+``torch.ops.lowbit.binary_conv2d(..., geometry)`` (with fake kernels): what tracers record, the
+packed bits a cache of the codes; eager calls go straight to the C function.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit.errors import ConfigError
 from lowbit.kernels import _requested, _warn_fallback, native, reference
@@ -178,24 +180,40 @@ def _linear_native(x, words, alpha, bias, threshold, n, isa, threads):  # noqa: 
     return y
 
 
+_prepared_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _prepared_for(
+    codes: torch.Tensor, scale: torch.Tensor, conv: tuple | None = None
+) -> BinaryWeight:
+    """``prepare(codes, scale, conv=conv)``, cached per codes tensor (weakly: the entry dies with
+    the tensor) until the codes or the scale change (identity, storage, version)."""
+    key = (scale, codes._version, scale._version, codes.data_ptr(), scale.data_ptr(), conv)
+    hit = _prepared_cache.get(codes)
+    if hit is not None and hit[0] is scale and hit[1:] == key[1:]:
+        return hit[-1]
+    weight = prepare(codes, scale, conv=conv)
+    _prepared_cache[codes] = (*key, weight)
+    return weight
+
+
 @torch.library.custom_op("lowbit::binary_linear", mutates_args=())
 def _binary_linear_op(
     x: torch.Tensor,
-    words: torch.Tensor,
-    alpha: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
     bias: torch.Tensor | None,
     threshold: torch.Tensor | None,
-    n: int,
-    isa: str,
-    threads: int,
 ) -> torch.Tensor:
-    """x (M, K) float32 -> (M, N_out) float32 with the XNOR-popcount kernel."""
-    return _linear_native(x.contiguous(), words, alpha, bias, threshold, n, isa, threads)
+    """The binary linear as one op: x (..., K) -> (..., N_out) float32, the weight given by its
+    codes (N_out, K) in {0, 1} and scale () or (N_out,). What tracers record; the packed bits
+    are a cache."""
+    return linear(x, _prepared_for(codes, scale), bias, threshold)
 
 
 @_binary_linear_op.register_fake
-def _(x, words, alpha, bias, threshold, n, isa, threads):  # noqa: ANN001, ANN202
-    return x.new_empty((x.shape[0], n))
+def _(x, codes, scale, bias, threshold):  # noqa: ANN001, ANN202
+    return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=torch.float32)
 
 
 def linear(
@@ -216,13 +234,7 @@ def linear(
     if weight.isa == "reference" or x.device.type != "cpu":
         return reference.binary_linear(x, weight.codes, weight.scale, bias, t)  # type: ignore[arg-type]
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    b = _bias(bias)
-    if torch.compiler.is_compiling():
-        y = torch.ops.lowbit.binary_linear(
-            x2, weight.words, weight.alpha, b, t, n, weight.isa, threads or 0
-        )
-    else:
-        y = _linear_native(x2, weight.words, weight.alpha, b, t, n, weight.isa, threads)
+    y = _linear_native(x2, weight.words, weight.alpha, _bias(bias), t, n, weight.isa, threads)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -259,26 +271,34 @@ def _conv_native(x, words, alpha, bias, threshold, n, geometry, isa, threads):  
 @torch.library.custom_op("lowbit::binary_conv2d", mutates_args=())
 def _binary_conv2d_op(
     x: torch.Tensor,
-    words: torch.Tensor,
-    alpha: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
     bias: torch.Tensor | None,
     threshold: torch.Tensor | None,
-    n: int,
     geometry: list[int],
-    isa: str,
-    threads: int,
 ) -> torch.Tensor:
-    """x (B, C_in, H, W) float32 -> (B, N_out, Ho, Wo) (channels-last strides); geometry = kh,
-    kw, sh, sw, ph, pw, dh, dw."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    return _conv_native(x, words, alpha, bias, threshold, n, geometry, isa, threads)
+    """The binary convolution as one op: x (B, C_in, H, W) -> (B, N_out, Ho, Wo) float32
+    (contiguous), codes (N_out, C_in*kh*kw); geometry = kh, kw, sh, sw, ph, pw, dh, dw."""
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    weight = _prepared_for(codes, scale, (x.shape[1], (kh, kw)))
+    y = conv2d(
+        x,
+        weight,
+        bias,
+        threshold,
+        kernel_size=(kh, kw),
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+    )
+    return y.contiguous()
 
 
 @_binary_conv2d_op.register_fake
-def _(x, words, alpha, bias, threshold, n, geometry, isa, threads):  # noqa: ANN001, ANN202
+def _(x, codes, scale, bias, threshold, geometry):  # noqa: ANN001, ANN202
     kh, kw, sh, sw, ph, pw, dh, dw = geometry
     ho, wo = _out_size(x.shape[2], kh, sh, ph, dh), _out_size(x.shape[3], kw, sw, pw, dw)
-    return x.new_empty((x.shape[0], ho, wo, n)).permute(0, 3, 1, 2)
+    return x.new_empty((x.shape[0], codes.shape[0], ho, wo), dtype=torch.float32)
 
 
 def conv2d(
@@ -314,14 +334,16 @@ def conv2d(
             f"weight was not prepared for this convolution (conv={weight.conv}, input channels "
             f"{x.shape[1]}, kernel {tuple(kernel_size)}): prepare(..., conv=(C_in, kernel_size))"
         )
-    x = x.to(torch.float32)
-    b = _bias(bias)
+    x = x.to(torch.float32).contiguous(memory_format=torch.channels_last)
     geometry = [*kernel_size, *stride, *padding, *dilation]
-    if torch.compiler.is_compiling():
-        return torch.ops.lowbit.binary_conv2d(
-            x, weight.words, weight.alpha, b, t, weight.shape[0], geometry, weight.isa, threads or 0
-        )
-    x = x.contiguous(memory_format=torch.channels_last)
     return _conv_native(
-        x, weight.words, weight.alpha, b, t, weight.shape[0], geometry, weight.isa, threads
+        x,
+        weight.words,
+        weight.alpha,
+        _bias(bias),
+        t,
+        weight.shape[0],
+        geometry,
+        weight.isa,
+        threads,
     )
