@@ -9,8 +9,13 @@ lambda sets the step between levels: ``scale = mean|W| / lambda``, so the outerm
    ``sum ||W - Q(W)||^2 / sum ||W||^2`` over its four weight matrices -> ``lambda_mse`` per N.
 2. Short QAT runs: the nlevel MLP (depth 3, width 256) trained with lambda in
    ``lambda_mse x {0.5, 0.71, 1, 1.41, 2}`` (N = 3 also tries 1.0, its fixed value), 3 epochs on
-   a fixed 20,000-image training subset, Adam, seeds 0 and 1; mean test accuracy on the full test
-   set.
+   a fixed 20,000-image training subset of which 10% is held out as a validation split
+   (``TrainConfig.val_split``), Adam, seeds 0 and 1; mean **validation** accuracy. The test set is
+   never used to choose lambda (its accuracy is recorded for information only).
+3. Level shares at N = 3: the share of weights at -1, 0, +1 for lambda = 1 (BitNet b1.58's
+   absmean), lambda_mse and the fitted choice, on the trained fp32 weights and on freshly
+   initialised ones (PyTorch's default and Glorot-uniform), so "spreads weights evenly over the
+   three values" can be read off.
 
 Choice. Differences between neighbouring lambdas (~0.3 point) are of the order of the seed noise,
 so the per-N argmax is not trusted; instead one smooth model is fitted by least squares to all
@@ -111,7 +116,31 @@ def fit_choice(mse: dict[int, dict], qat: dict[int, dict[float, list[float]]]) -
     }
 
 
-def train_run(dataset, n: int, lam: float | None, seed: int, args) -> float:
+def level_shares(weights: list[torch.Tensor], n: int, lam: float) -> list[float]:
+    """Share of the pooled weights at each of the N levels (codes 0..N-1) for spread lam."""
+    q = quantizers.Quantizer(levels=n, spread=lam)
+    codes = torch.cat([q.codes(w)[0].flatten() for w in weights])
+    return (torch.bincount(codes.long(), minlength=n).double() / codes.numel()).tolist()
+
+
+def even_split_lambda(weights: list[torch.Tensor]) -> float:
+    """The N = 3 spread whose zero level holds a third of the weights (bisection: the zero share
+    falls as lambda grows)."""
+    lo, hi = 0.05, 5.0
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if level_shares(weights, 3, mid)[1] > 1 / 3 else (lo, mid)
+    return math.sqrt(lo * hi)
+
+
+def _init_weights(init: str) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    m = models.get("mlp", depth=3, width=256, layer="linear", init=init)
+    return [x.weight.detach() for x in m.modules() if isinstance(x, torch.nn.Linear)]
+
+
+def train_run(dataset, n: int, lam: float | None, seed: int, args) -> tuple[float, float]:
+    """(final validation accuracy, final test accuracy) of one short run."""
     torch.manual_seed(seed)
     layer, kw = ("linear", {}) if n == 0 else ("nlevel", {"levels": n, "spread": lam})
     model = models.get(
@@ -129,8 +158,10 @@ def train_run(dataset, n: int, lam: float | None, seed: int, args) -> float:
         seed=seed,
         train_subset=args.subset,
         threads=args.threads,
+        val_split=args.val_split,
     )
-    return train.fit(model, dataset, cfg, progress=False).test_acc
+    res = train.fit(model, dataset, cfg, progress=False)
+    return res.final["val_acc"], res.test_acc
 
 
 def measure(args) -> dict:
@@ -147,28 +178,44 @@ def measure(args) -> dict:
     mse = mse_sweep(weights)
     print("lambda_mse:", {n: round(v["lambda_mse"], 3) for n, v in mse.items()}, flush=True)
 
-    # 2. short QAT runs around lambda_mse
-    baseline = statistics.mean(train_run(dataset, 0, None, s, args) for s in args.seeds)
-    print(f"fp32 baseline {100 * baseline:.2f}%", flush=True)
+    # 2. short QAT runs around lambda_mse, judged on the validation split
+    base = [train_run(dataset, 0, None, s, args) for s in args.seeds]
+    baseline = statistics.mean(v for v, _ in base)
+    print(f"fp32 baseline {100 * baseline:.2f}% (validation)", flush=True)
     qat: dict[int, dict[float, list[float]]] = {}
+    qat_test: dict[int, dict[float, list[float]]] = {}
     for n in args.levels:
         lams = {_round2(mse[n]["lambda_mse"] * m) for m in MULTIPLIERS}
         lams = sorted(lams | ({1.0} if n == 3 else set()))
-        qat[n] = {}
+        qat[n], qat_test[n] = {}, {}
         for lam in lams:
-            accs = [train_run(dataset, n, lam, s, args) for s in args.seeds]
-            qat[n][lam] = accs
-            print(f"N={n:2d} lambda={lam:<5g} acc {100 * statistics.mean(accs):.2f}%", flush=True)
+            runs = [train_run(dataset, n, lam, s, args) for s in args.seeds]
+            qat[n][lam] = [v for v, _ in runs]
+            qat_test[n][lam] = [t for _, t in runs]
+            print(f"N={n:2d} lambda={lam:<5g} val acc {100 * statistics.mean(qat[n][lam]):.2f}%",
+                  flush=True)  # fmt: skip
+    sets = {"trained fp32 (2 epochs)": weights}
+    sets.update({f"{init} init": _init_weights(init) for init in ("torch", "glorot")})
+    lams = sorted({0.5, 0.6, 0.7, 0.8, 0.9, 1.0, round(mse[3]["lambda_mse"], 3)})
+    n3 = {
+        name: {
+            "shares": {str(lam): level_shares(ws, 3, lam) for lam in lams},
+            "even_lambda": even_split_lambda(ws),
+        }
+        for name, ws in sets.items()
+    }
     info["load average at end"] = environment.load()
     info["wall time"] = f"{time.perf_counter() - t_start:.0f} s"
     return {"environment": info, "config": vars(args), "mse": mse, "fp32_baseline": baseline,
-            "qat": qat}  # fmt: skip
+            "fp32_test": statistics.mean(t for _, t in base), "qat": qat, "qat_test": qat_test,
+            "n3": n3}  # fmt: skip
 
 
 def _from_json(path: str) -> dict:
     r = json.loads(Path(path).read_text())
     r["mse"] = {int(k): v for k, v in r["mse"].items()}
-    r["qat"] = {int(n): {float(k): v for k, v in res.items()} for n, res in r["qat"].items()}
+    for key in ("qat", "qat_test"):
+        r[key] = {int(n): {float(k): v for k, v in res.items()} for n, res in r[key].items()}
     return r
 
 
@@ -203,22 +250,26 @@ def report(r: dict) -> str:
     lines += [
         "",
         f"## 2. Short QAT runs ({cfg['epochs']} epochs on a fixed {cfg['subset']:,}-image subset, "
-        f"seeds {' '.join(map(str, cfg['seeds']))}, Adam, batch 64)",
+        f"{100 * cfg['val_split']:.0f}% of it held out for validation, seeds "
+        f"{' '.join(map(str, cfg['seeds']))}, Adam, batch 64)",
         "",
-        f"fp32 baseline under the same protocol: {100 * r['fp32_baseline']:.2f}%.",
+        "lambda is chosen on the **validation** accuracy; the test accuracy is shown for "
+        "information only and played no part in the choice. fp32 baseline under the same "
+        f"protocol: {100 * r['fp32_baseline']:.2f}% validation, {100 * r['fp32_test']:.2f}% test.",
         "",
-        "| N | lambda | lambda / lambda_mse | test acc (mean of seeds) | per seed |",
-        "|---|---|---|---|---|",
+        "| N | lambda | lambda / lambda_mse | val acc (mean of seeds) | per seed | test acc |",
+        "|---|---|---|---|---|---|",
     ]
     for n, res in qat.items():
         best = max(res, key=lambda lam: statistics.mean(res[lam]))
         for lam, accs in res.items():
             mark = " (best)" if lam == best else ""
+            test = r["qat_test"][n][lam]
             lines.append(
                 f"| {n} | {lam:g}{mark} | {lam / mse[n]['lambda_mse']:.2f} | "
                 f"{100 * statistics.mean(accs):.2f}% | "
                 + ", ".join(f"{100 * a:.2f}" for a in accs)
-                + " |"
+                + f" | {100 * statistics.mean(test):.2f}% |"
             )
     b0, b1, c = fit["b0"], fit["b1"], fit["c"]
     se = fit["se"]
@@ -255,7 +306,21 @@ def report(r: dict) -> str:
         + "}",
         "```",
         "",
+        "## 4. Level shares at N = 3",
+        "",
+        "Share of the weights at -1 / 0 / +1 (pooled over the MLP's four weight matrices). The "
+        "paper says its constant spreads the weights evenly over the three values; lambda = 1 "
+        "(BitNet b1.58) does not.",
+        "",
+        "| weights | "
+        + " | ".join(f"lambda {lam}" for lam in next(iter(r["n3"].values()))["shares"])
+        + " | even split at |",
+        "|---|" + "---|" * (len(next(iter(r["n3"].values()))["shares"]) + 1),
     ]
+    for name, v in r["n3"].items():
+        cells = ["/".join(f"{100 * x:.0f}" for x in sh) for sh in v["shares"].values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | lambda {v['even_lambda']:.3f} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -266,6 +331,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--subset", type=int, default=20000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--val-split", type=float, default=0.1, help="held-out share for the choice")
     p.add_argument("--from-json", help="recompute the choice and report from a saved run")
     p.add_argument("--notes", help="a markdown file appended to the report")
     p.add_argument("--out", default="docs/results/lambda-sweep")
@@ -280,7 +346,8 @@ def main() -> int:
     out.with_suffix(".md").write_text(text)
     saved = dict(r)
     saved["mse"] = {str(k): v for k, v in r["mse"].items()}
-    saved["qat"] = {str(n): {str(k): v for k, v in res.items()} for n, res in r["qat"].items()}
+    for key in ("qat", "qat_test"):
+        saved[key] = {str(n): {str(k): v for k, v in res.items()} for n, res in r[key].items()}
     saved["fit"] = dict(r["fit"])
     for key in ("vertex", "chosen"):
         saved["fit"][key] = {str(k): v for k, v in r["fit"][key].items()}

@@ -84,6 +84,15 @@ def _cmd_data(args: argparse.Namespace) -> int:
 # --- train --------------------------------------------------------------------------------------
 
 
+_HELP = {
+    "device": "where to train: cpu, cuda, cuda:N or mps (the data moves there once; packed "
+    "inference stays on the CPU)",
+    "amp": "bfloat16 autocast for the forward pass (fp32 latent weights, optimizer and loss)",
+    "val_split": "hold out this share of the training images as a validation set (per-epoch "
+    "val_loss/val_acc)",
+}
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = _parser(
         sub,
@@ -95,6 +104,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "  lowbit train --model cvnn1 --layer ternary --dataset cifar10 --optimizer sgd "
         "--batch-size 256 --augment --out runs/c1\n"
         "  lowbit train --dataset synthetic --epochs 2 --out /tmp/smoke --json\n"
+        "  lowbit train --model cvnn1 --dataset cifar10 --device cuda --amp --out runs/gpu\n"
         "Run again with the same --out (and flags) to resume after an interruption; a larger\n"
         "--epochs continues a finished run.",
     )
@@ -118,10 +128,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--lr", type=float, help="learning rate (default: 1e-3 for both optimizers)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--batch-size", type=int, help="mini-batch size (default: TrainConfig's, as in studies)"
+    )
     p.add_argument("--augment", action="store_true", help="shift/zoom/flip/rotate each batch")
     p.add_argument("--train-subset", type=int, metavar="N", help="train on N images only")
+    p.add_argument("--val-split", type=float, default=0.0, metavar="SHARE", help=_HELP["val_split"])
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help=_HELP["device"])
+    p.add_argument("--amp", action="store_true", help=_HELP["amp"])
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(func=_cmd_train)
 
@@ -130,13 +145,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config_kw = dict(
         optimizer=args.optimizer,
         lr=args.lr,
-        batch_size=args.batch_size,
         epochs=args.epochs,
         seed=args.seed,
         augment=args.augment,
         train_subset=args.train_subset,
         threads=args.threads,
+        device=args.device,
+        amp=args.amp,
+        val_split=args.val_split,
     )
+    if args.batch_size is not None:
+        config_kw["batch_size"] = args.batch_size
     import torch
 
     from lowbit import data, models, train
@@ -296,6 +315,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
         "  lowbit study sign-vs-linear --quick --out runs/svl\n"
         "  lowbit study low-resolution --quick --out runs/lr --workers 2\n"
         "  lowbit study my-grid.toml --out runs/mine --backend ray --export csv\n"
+        "  lowbit study low-resolution --out runs/lr --device cuda --workers 4\n"
+        "  RAY_ADDRESS=auto lowbit study low-resolution --out /shared/lr --backend ray "
+        "--device cuda --gpus-per-cell 0.25\n"
         "presets: sign-vs-linear, low-resolution (spec format: lowbit/study/spec.py)",
     )
     p.add_argument("spec", metavar="PRESET_OR_SPEC", help="a preset name or a .toml spec file")
@@ -305,6 +327,15 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("local", "ray"), default="local", help="executor")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores/workers)")
     p.add_argument("--data-dir", help="a folder to search first for datasets")
+    p.add_argument("--device", default="cpu", help=_HELP["device"])
+    p.add_argument("--amp", action="store_true", help=_HELP["amp"])
+    p.add_argument(
+        "--gpus-per-cell",
+        type=float,
+        metavar="G",
+        help="Ray backend: GPUs each cell asks for (default 1 with a cuda device; 0.25 puts four "
+        "cells on one GPU); each cell also asks for --threads CPUs",
+    )
     p.add_argument("--export", choices=("csv",), help="also write DIR/*.csv when done")
     p.add_argument("--dry-run", action="store_true", help="validate and list cells; run nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -333,6 +364,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         quick=args.quick,
         threads=args.threads,
+        device=args.device,
+        amp=args.amp,
+        gpus_per_cell=args.gpus_per_cell,
     )
     files = []
     if args.export == "csv":

@@ -535,6 +535,14 @@ class SignLinear(_SeedLinear):
     """
 
     SCALES = ("absmean", "none")
+    # Readings of the study's one-sentence description, as option sets (the first is the
+    # default). "bitnet": everything of BitLinear8 but the absmax8 step (the defaults above);
+    # "raw-sign": "adjusting sign-quantization to the weight" read as plain sign(W) in {-1, +1},
+    # input untouched (no norm, no centring, no scale).
+    READINGS: dict[str, dict[str, Any]] = {
+        "bitnet": {},
+        "raw-sign": {"norm": False, "center": False, "scale": "none"},
+    }
 
     def __init__(
         self,
@@ -603,6 +611,13 @@ class MisbornLinear(_SeedLinear):
 
     MASKS = ("grad", "weight")
     NORMS = ("standardize", "l2", "none")
+    # Readings of "weights learn only when the absolute value of gradient is less than 1", as
+    # option sets (the first is the default): the gradient mask as written, or the |W_n| <= 1
+    # hard-tanh STE of BinaryNet that ChatGPT typically writes for that sentence.
+    READINGS: dict[str, dict[str, Any]] = {
+        "grad-mask": {"mask": "grad"},
+        "weight-ste": {"mask": "weight"},
+    }
 
     def __init__(
         self,

@@ -4,6 +4,19 @@
 evaluates on ``data.test_x``/``test_y`` after every epoch. Each epoch yields one metrics dict::
 
     {"epoch": k (1-based), "train_loss", "train_acc", "test_loss", "test_acc", "wall_s"}
+    (+ "val_loss", "val_acc" with a validation split)
+
+Validation: ``val_split=0.1`` holds out 10% of the training images (after ``train_subset``), a
+fixed split drawn with seed 1 and the same for every training seed, and evaluates on them after
+every epoch. Choose hyperparameters (e.g. the N-level spread) and find the plateau on the
+validation curve, never on the test set.
+
+Devices: ``device`` is any torch device (``cpu``, ``cuda``, ``cuda:1``, ``mps``). The dataset is
+moved there once, before the first epoch, so batches, shuffling indices and augmentation (whose
+affine grid is sampled on the tensor's device) never cross the host bus; checkpoints are written
+from CPU copies, so a run resumes on another device. ``amp=True`` runs the forward pass under
+``torch.autocast`` with bfloat16 (on CPU too): matmuls and convolutions of the fp32 layers, and the
+fake-quantized ones, compute in bf16; the latent weights, the optimizer and the loss stay fp32.
 
 ``train_loss``/``train_acc`` are averages over the epoch's mini-batches as they were trained (the
 model changing underneath), ``test_*`` are measured after the epoch; accuracies are fractions.
@@ -80,7 +93,10 @@ class TrainConfig:
             every seed); None = all.
         threads: torch intra-op threads during ``fit``; None = leave torch's setting.
         eval_batch_size: batch size for evaluation (does not change results).
-        device: ``"cpu"`` (deterministic) or another torch device.
+        device: ``"cpu"`` (deterministic) or another torch device (``cuda``, ``cuda:N``,
+            ``mps``); checked against the machine when ``fit`` starts.
+        val_split: share of the training images held out as a validation set, in [0, 1).
+        amp: bfloat16 autocast for the forward pass (see the module docstring).
     """
 
     optimizer: str = "adam"
@@ -95,6 +111,8 @@ class TrainConfig:
     threads: int | None = None
     eval_batch_size: int = 1000
     device: str = "cpu"
+    val_split: float = 0.0
+    amp: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -119,8 +137,13 @@ class TrainConfig:
                 raise bad(name, "an integer >= 1")
         if not is_int(self.seed) or self.seed < 0:
             raise bad("seed", "an integer >= 0")
-        if not isinstance(self.augment, bool):
-            raise bad("augment", "True or False")
+        for name in ("augment", "amp"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+        if not (isinstance(self.val_split, (int, float)) and 0 <= self.val_split < 1):
+            raise bad("val_split", "a share in [0, 1)")
+        if not isinstance(self.device, str):
+            raise bad("device", "a device name such as 'cpu', 'cuda', 'cuda:1' or 'mps'")
         for name in ("train_subset", "threads"):
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < 1):
@@ -295,6 +318,46 @@ def _load_checkpoint(
 # --- the loop ------------------------------------------------------------------------------------
 
 
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``, checked against this machine; ConfigError naming the fix."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {name!r}: no CUDA device here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"device {name!r}: this machine has {count} CUDA device(s), "
+                f"cuda:0..cuda:{count - 1}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r}: training runs on cpu, cuda, cuda:N or mps")
+    return device
+
+
+def split_validation(
+    x: torch.Tensor, y: torch.Tensor, share: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train_x, train_y, val_x, val_y): ``round(share * n)`` images held out, drawn with a fixed
+    generator (seed 1) so every training seed sees the same split; both parts keep their order."""
+    n_val = round(share * len(y))
+    if share > 0 and not 0 < n_val < len(y):
+        raise ConfigError(
+            f"val_split={share} of {len(y)} training images leaves an empty split; "
+            "use a share between 1/n and 1 - 1/n"
+        )
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    val, train = pick[:n_val].sort().values, pick[n_val:].sort().values
+    return x[train], y[train], x[val], y[val]
+
+
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adam":
@@ -307,17 +370,29 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     )
 
 
+def _autocast(device: torch.device, amp: bool) -> Any:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, device: str = "cpu"
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1000,
+    device: str | torch.device = "cpu",
+    *,
+    amp: bool = False,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode, no gradients."""
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
         for xb, yb in batches(x, y, batch_size):
             xb, yb = xb.to(device), yb.to(device)
-            logits = model(xb)  # (B, classes)
+            with _autocast(device, amp):
+                logits = model(xb).float()  # (B, classes)
             loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == yb).sum())
     model.train(was_training)
@@ -371,7 +446,7 @@ def fit(
     ``on_epoch(metrics, model)`` is called after each epoch's evaluation and before that epoch's
     checkpoint is written. ``progress``: a tqdm bar (None = only when stderr is a terminal and
     ``$CI`` is unset)."""
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     model.to(device)
     optimizer = _make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
@@ -384,6 +459,14 @@ def fit(
         pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))
         pick = pick[: config.train_subset].sort().values
         train_x, train_y = train_x[pick], train_y[pick]
+    val_x = val_y = None
+    if config.val_split:
+        train_x, train_y, val_x, val_y = split_validation(train_x, train_y, config.val_split)
+    # the data moves to the device once; batches, indices and augmentation then stay there
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    if val_x is not None:
+        val_x, val_y = val_x.to(device), val_y.to(device)
 
     history: list[dict[str, Any]] = []
     rd = Path(run_dir) if run_dir is not None else None
@@ -392,6 +475,7 @@ def fit(
         data_info = {
             "name": data.name,
             "train_size": len(train_y),
+            "val_size": 0 if val_y is None else len(val_y),
             "test_size": len(data.test_y),
             "input_shape": list(data.input_shape),
             "classes": data.classes,
@@ -432,8 +516,12 @@ def fit(
             metrics, diverged = _train_epoch(
                 model, optimizer, train_x, train_y, config, epoch, generator, augment, progress
             )
+            if val_x is not None:
+                metrics["val_loss"], metrics["val_acc"] = evaluate(
+                    model, val_x, val_y, config.eval_batch_size, device, amp=config.amp
+                )
             metrics["test_loss"], metrics["test_acc"] = evaluate(
-                model, data.test_x, data.test_y, config.eval_batch_size, config.device
+                model, test_x, test_y, config.eval_batch_size, device, amp=config.amp
             )
             metrics["wall_s"] = round(time.perf_counter() - metrics.pop("_t0"), 3)
             if on_epoch is not None:
@@ -477,7 +565,7 @@ def _train_epoch(
     """One pass over ``(x, y)`` in a shuffled order; returns (metrics, diverged)."""
     t0 = time.perf_counter()
     model.train()
-    order = torch.randperm(len(y), generator=generator)
+    order = torch.randperm(len(y), generator=generator).to(x.device)
     n_batches = math.ceil(len(y) / config.batch_size)
     it = batches(x, y, config.batch_size, order)
     bar = None
@@ -490,9 +578,9 @@ def _train_epoch(
     try:
         for xb, yb in it:
             if augment is not None:
-                xb = augment(xb, generator)
-            xb, yb = xb.to(config.device), yb.to(config.device)
-            logits = model(xb)  # (B, classes)
+                xb = augment(xb, generator)  # on the data's device
+            with _autocast(x.device, config.amp):
+                logits = model(xb).float()  # (B, classes)
             loss = F.cross_entropy(logits, yb)
             value = loss.item()
             loss_sum += value * len(yb)

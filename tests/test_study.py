@@ -102,10 +102,11 @@ def test_epochs_by_size_rule_is_4_to_18():
 
 def test_dataset_fallback_and_presets():
     svl = S.load("sign-vs-linear").cells(lambda name: name == "fashion-mnist")
-    # mnist and cifar100 both fall back to fashion-mnist and collapse: 5 x 4 x 5 x 3 seeds
-    assert len(svl) == 300 and {c.config["dataset"] for c in svl} == {"fashion-mnist"}
+    # mnist and cifar100 both fall back to fashion-mnist and collapse:
+    # 7 variants (5 kinds, misborn and mybitlinear with 2 readings each) x 4 x 5 x 2 rules x 3
+    assert len(svl) == 840 and {c.config["dataset"] for c in svl} == {"fashion-mnist"}
     quick = S.load("sign-vs-linear", quick=True).cells(lambda name: True)
-    assert len(quick) == 200 and {c.config["seed"] for c in quick} == {0}
+    assert len(quick) == 2 * 280 and {c.config["seed"] for c in quick} == {0}
     assert {c.config["epochs"] for c in quick} == {2, 3, 4, 5}
     lr = S.load("low-resolution").cells(lambda name: False)
     assert len(lr) == 6 * 9 * 2 * 3
@@ -243,7 +244,10 @@ def test_report_and_csv_on_a_tiny_sweep(tmp_path):
     page = (rep / "index.html").read_text()
     assert all(n in md and n in page for n in names)
     assert "ternary" in md
-    assert "not tested" in md  # the grid lacks the paper's layers: said, not faked
+    # the grid lacks the paper's layers: said, not faked; one section numbering, in order
+    assert "networks absent" in md and "**inconclusive**" in md and "<b>inconclusive</b>" in page
+    heads = [ln.split(".")[0][3:] for ln in md.splitlines() if ln.startswith("## ")]
+    assert heads == [str(i) for i in range(1, len(heads) + 1)]
     assert md.count("| synthetic / mlp") == 4  # 2 networks x 2 variants, each n = 2
     assert pareto([(1, 50), (2, 40), (3, 60), (4, 60)]) == [(1, 50), (3, 60)]
 
@@ -268,6 +272,37 @@ def test_cli_study_dry_run_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "grid.widht: unknown key" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_sign_vs_linear_arms(tmp_path, capsys):
+    # the dry run lists the ReLU control beside the paper's rule, and every network runs at
+    # least two readings of misborn (and of mybitlinear); the readings build the layers they name
+    from lowbit.cli import main
+    from lowbit.nn import MisbornLinear, SignLinear
+
+    assert main(["study", "sign-vs-linear", "--dry-run", "--json", "--out", str(tmp_path)]) == 0
+    cells = json.loads(capsys.readouterr().out)
+    assert {c["activation"] for c in cells} == {"study", "relu"}
+    readings: dict[tuple, dict[str, set]] = {}
+    for c in cells:
+        net = (c["dataset"], c["depth"], c["width"], c["activation"], c["seed"])
+        readings.setdefault(net, {}).setdefault(c["layer"], set()).add(c["reading"])
+    assert all(len(r["misborn"]) >= 2 and len(r["mybitlinear"]) >= 2 for r in readings.values())
+    ds = type("DS", (), {"input_shape": (1, 8, 8), "classes": 4})
+    for c in cells:
+        if c["layer"] in ("misborn", "mybitlinear") and c["depth"] == 1 and c["width"] == 4:
+            layer = runner.build_model(c, ds)[1]
+            if c["reading"] == "weight-ste":
+                assert isinstance(layer, MisbornLinear) and layer.mask == "weight"
+            elif c["reading"] == "grad-mask":
+                assert layer.mask == "grad"
+            elif c["reading"] == "raw-sign":
+                assert isinstance(layer, SignLinear) and not layer.norm
+    cfg = {k: v for k, v in cells[0].items() if k != "id"}
+    old = {k: v for k, v in cfg.items() if k not in ("reading", "val_split")}
+    # unused new keys leave the ids of cells stored before they existed unchanged
+    assert S.cell_id({**old, "reading": None, "val_split": 0.0}) == S.cell_id(old)
+    assert S.cell_id(cfg) != S.cell_id(old)  # a used one (val_split 0.1 here) is part of it
 
 
 def test_readonly_store_rejects_missing_db(tmp_path):

@@ -3,6 +3,7 @@ record-and-replay path a Ray task on another host uses."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -57,7 +58,7 @@ def test_recorded_writes_replay_to_the_same_database(pool_db, tmp_path):
                 "threads": 1,
                 "driver_host": socket.gethostname() + "-other",
             }
-            cid, ops = runner._ray_task(task)
+            cid, ops, _ = runner._ray_task(task)
             assert cid == c.id and [op[0] for op in ops] == [
                 "start_run",
                 "add_epoch",
@@ -75,3 +76,35 @@ def test_ray_executor_matches_local_pool(pool_db, tmp_path):
     assert res.statuses == {"finished": 4}
     assert not ray.is_initialized()  # the instance the sweep started is shut down
     assert _contents(tmp_path) == _contents(pool_db)
+    # each cell asked for its CPUs (threads = cores // workers) and no GPU on a CPU device
+    assert len(res.resources) == 4
+    assert all(r.get("CPU") == max(1, os.cpu_count() // 2) for r in res.resources.values())
+    assert all("GPU" not in r for r in res.resources.values())
+
+
+def test_ray_cells_carry_gpu_requests(tmp_path):
+    # a local Ray declaring one (logical) GPU: cells asking for half a GPU each get exactly that;
+    # training itself stays on the CPU device, so no real GPU is needed
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        res = runner.run(
+            S.parse(DOC),
+            tmp_path,
+            workers=2,
+            backend="ray",
+            progress=False,
+            threads=1,
+            gpus_per_cell=0.5,
+        )
+    finally:
+        ray.shutdown()
+    assert res.statuses == {"finished": 4}
+    assert [r["GPU"] for r in res.resources.values()] == [0.5] * 4
+    assert [r["CPU"] for r in res.resources.values()] == [1.0] * 4
+
+
+def test_ray_resource_request():
+    assert runner.ray_resources(2, "cpu", None) == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert runner.ray_resources(1, "cuda:1", None) == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert runner.ray_resources(4, "cuda", 0.25) == {"num_cpus": 4.0, "num_gpus": 0.25}

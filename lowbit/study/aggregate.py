@@ -4,10 +4,16 @@ A *group* is a network and its training set-up with the layer kind removed (data
 depth, width, kernel size, augmentation, ...); a *variant* is the layer kind (``linear (fp32)``,
 ``ternary``, ``nlevel-5``, ...). One ``Agg`` row per (group, variant) holds the seeds' runs:
 
+    seeds                   the seeds, in the order of every per-seed list below
     final_acc, final_loss   last epoch's test accuracy (fraction) / loss, one per seed
+    final_linear_cos        last epoch's linear-classifier cosine (MLPs; None elsewhere)
+    best_val_epoch          epoch of the highest validation accuracy (None without validation)
     max_drop                largest epoch-to-epoch fall of test accuracy, one per seed
     loss_fluct              std over epochs of log10(test loss), one per seed
     curve_acc, curve_loss   (seeds, epochs) arrays, NaN-padded where a run is shorter
+    curves                  the same for every epoch metric: "train_acc", "val_loss", ...
+    epochs                  epochs each seed ran
+    classes                 the dataset's class count (None in databases that predate it)
     zero_share, flip_ratio  per epoch, averaged over the seeds and the layers (weighted by numel)
 
 Only runs whose status is finished or diverged count; others are listed in ``incomplete``.
@@ -24,13 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.study.spec import variant_label, weight_levels
 from lowbit.study.store import DONE, Store, default_path
+from lowbit.study.variants import variant_label, weight_levels
 
-VARIANT_KEYS = ("layer", "levels", "seed")
+VARIANT_KEYS = ("layer", "levels", "reading", "seed")
+CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: claims key per-seed values by the Agg itself
 class Agg:
     group: tuple
     group_config: dict[str, Any]
@@ -41,9 +48,12 @@ class Agg:
     final_loss: list[float] = field(default_factory=list)
     max_drop: list[float] = field(default_factory=list)
     loss_fluct: list[float] = field(default_factory=list)
+    final_linear_cos: list[float | None] = field(default_factory=list)
+    best_val_epoch: list[int | None] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
     diverged: int = 0
-    curve_acc: np.ndarray | None = None
-    curve_loss: np.ndarray | None = None
+    curves: dict[str, np.ndarray] = field(default_factory=dict)
+    classes: int | None = None
     zero_share: list[float | None] = field(default_factory=list)
     flip_ratio: list[float | None] = field(default_factory=list)
     size_bytes: float | None = None
@@ -57,6 +67,23 @@ class Agg:
     @property
     def n(self) -> int:
         return len(self.final_acc)
+
+    @property
+    def curve_acc(self) -> np.ndarray:
+        return self.curves["test_acc"]
+
+    @property
+    def curve_loss(self) -> np.ndarray:
+        return self.curves["test_loss"]
+
+    def by_seed(self, key: str = "final_acc") -> dict[int, float]:
+        """seed -> value of a per-seed list (non-finite and missing values left out)."""
+        vals = getattr(self, key)
+        return {
+            s: float(v)
+            for s, v in zip(self.seeds, vals, strict=True)
+            if v is not None and math.isfinite(v)
+        }
 
     def mean(self, key: str = "final_acc") -> float:
         vals = [v for v in getattr(self, key) if v is not None and math.isfinite(v)]
@@ -95,6 +122,10 @@ def group_label(cfg: dict[str, Any]) -> str:
     parts = [cfg["dataset"], cfg["model"]]
     if cfg.get("depth") is not None:
         parts.append(f"depth {cfg['depth']} width {cfg['width']}")
+    if cfg.get("activation") == "study":
+        parts.append("ReLU after fp32 layers only")
+    elif cfg.get("activation") is not None and cfg.get("model") == "mlp":
+        parts.append("ReLU everywhere")
     if cfg.get("kernel_size") not in (None, 3):
         parts.append(f"{cfg['kernel_size']}x{cfg['kernel_size']} filters")
     parts.append("augmented" if cfg.get("augment") else "no augmentation")
@@ -145,19 +176,25 @@ def load_study(out_dir: str | os.PathLike) -> Study:
         key = (group, variant_label(cfg))
         a = aggs.setdefault(key, Agg(group, gcfg, variant_label(cfg), weight_levels(cfg)))
         es = by_run[r["run_id"]]
-        acc = [e["test_acc"] if e["test_acc"] is not None else math.nan for e in es]
-        loss = [e["test_loss"] if e["test_loss"] is not None else math.nan for e in es]
+        series = {k: [_nan(e.get(k)) for e in es] for k in CURVE_KEYS}
+        acc, loss = series["test_acc"], series["test_loss"]
         a.seeds.append(cfg["seed"])
         a.final_acc.append(acc[-1])
         a.final_loss.append(loss[-1])
+        a.final_linear_cos.append(es[-1].get("linear_cos"))
+        val = series["val_acc"]
+        finite = [i for i, v in enumerate(val) if math.isfinite(v)]
+        a.best_val_epoch.append(max(finite, key=lambda i: val[i]) + 1 if finite else None)
+        a.epochs.append(len(es))
         drops = [acc[i - 1] - acc[i] for i in range(1, len(acc))]
         a.max_drop.append(max([0.0, *[d for d in drops if math.isfinite(d)]]))
         logs = [math.log10(v) for v in loss if math.isfinite(v) and v > 0]
         a.loss_fluct.append(float(np.std(logs)) if len(logs) > 1 else 0.0)
         a.diverged += r["status"] == "diverged"
         a.size_bytes, a.size_method, a.n_params = r["size_bytes"], r["size_method"], r["n_params"]
-        buf[key]["acc"].append(acc)
-        buf[key]["loss"].append(loss)
+        a.classes = r.get("classes")
+        for k in CURVE_KEYS:
+            buf[key][k].append(series[k])
         zs, fl = {}, {}
         for ep, rows in diag.get(r["run_id"], {}).items():
             w = sum(x["numel"] for x in rows)
@@ -168,14 +205,35 @@ def load_study(out_dir: str | os.PathLike) -> Study:
         buf[key]["zero"].append(zs)
         buf[key]["flip"].append(fl)
     for key, a in aggs.items():
-        a.curve_acc = _pad(buf[key]["acc"])
-        a.curve_loss = _pad(buf[key]["loss"])
+        a.curves = {k: _pad(buf[key][k]) for k in CURVE_KEYS}
         a.zero_share = _mean_over(buf[key]["zero"])
         a.flip_ratio = _mean_over(buf[key]["flip"])
     incomplete = [r for r in runs if r["status"] not in DONE]
     failed = [r for r in runs if r["status"] == "failed"]
-    ordered = sorted(aggs.values(), key=lambda a: (a.group, a.levels or 999, a.variant))
+    ordered = sorted(
+        aggs.values(),
+        key=lambda a: (network_key(a.group_config), a.levels or 999, a.variant),
+    )
     return Study(meta, ordered, runs, incomplete, failed)
+
+
+def network_key(cfg: dict[str, Any]) -> tuple:
+    """Sort key of a network: its config with numbers compared as numbers (width 64 < 256)."""
+
+    def value(v: Any) -> tuple:
+        if v is None:
+            return (0, 0, "")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return (1, v, "")
+        return (2, 0, str(v))
+
+    order = ("dataset", "model", "activation", "augment", "depth", "width")
+    keys = [k for k in order if k in cfg] + sorted(k for k in cfg if k not in order)
+    return tuple((k, value(cfg[k])) for k in keys)
+
+
+def _nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
 
 
 def json_key(v: Any) -> Any:

@@ -112,3 +112,42 @@ class Diagnostics:
         old = self._path(epoch - 2)
         if old is not None and old.exists():
             old.unlink()
+
+
+def linear_cosine(model: nn.Module, x: torch.Tensor) -> float | None:
+    """How far an MLP is from a linear classifier: the mean over images of
+
+        cos(f(x), A x + c),   A = W_L ... W_2 W_1,   c = W_L(... (W_2 b_1 + b_2) ...) + b_L
+
+    where ``W_k`` is the weight layer k's forward uses (the quantized one for quantized layers)
+    and every non-linearity (ReLU, input norms, input quantization) is left out of ``A x + c``.
+    1 means the logits point exactly along an affine map of the input: under the sign-vs-linear
+    paper's rule (ReLU only after fp32 layers) its quantized networks are such linear
+    classifiers (misborn, ternary exactly; mybitlinear up to a positive scale per image from its
+    norms; bitlinear8 up to its 8-bit rounding). x: (B, C, H, W) or (B, in_features).
+
+    None for a model that is not an ``nn.Sequential`` of Flatten, Linear (and its quantized
+    subclasses) and ReLU layers.
+    """
+    if not isinstance(model, nn.Sequential):
+        return None
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    if not linears or any(not isinstance(m, (nn.Linear, nn.ReLU, nn.Flatten)) for m in model):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            dev = linears[0].weight.device
+            x = x.to(dev)
+            logits = model(x).float()  # (B, classes)
+            a, c = None, None
+            for m in linears:
+                get = getattr(m, "quantized_weight", None)
+                w = (get() if get is not None else m.weight).float()  # (out, in)
+                b = m.bias.float() if m.bias is not None else torch.zeros(w.shape[0], device=dev)
+                a, c = (w, b) if a is None else (w @ a, w @ c + b)
+            affine = x.flatten(1).float() @ a.T + c  # (B, classes)
+            return float(torch.nn.functional.cosine_similarity(logits, affine, dim=1).mean())
+    finally:
+        model.train(was_training)

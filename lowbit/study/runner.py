@@ -17,8 +17,10 @@ Executors:
 * ``local`` — a process pool (spawn context) of ``workers`` processes (default: the core count),
   each with ``max(1, cores // workers)`` torch threads so the pool does not oversubscribe the
   cores. ``workers=1`` trains in the calling process.
-* ``ray`` — one Ray task per cell (``pip install 'lowbit[ray]'``). ``ray.init()`` starts a local
-  instance with ``workers`` CPUs, or joins the cluster at ``RAY_ADDRESS``. A task on the driver's
+* ``ray`` — one Ray task per cell (``pip install 'lowbit[ray]'``), each asking for ``threads``
+  CPUs and, with ``device="cuda"``, one GPU (``gpus_per_cell``: any fraction, so several cells
+  share a GPU). ``ray.init()`` starts a local instance with ``workers`` CPUs (and the local
+  GPUs), or joins the cluster at ``RAY_ADDRESS``. A task on the driver's
   host writes the database directly (as the local pool does); a task on another host records its
   writes and returns them, and the driver replays them in order — either way the database is the
   same. (Checkpoints stay on the host that trained the cell; resume across hosts needs ``DIR`` on
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -43,8 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import ConfigError
-from lowbit.study.spec import Cell, Spec, weight_levels
+from lowbit.study.spec import Cell, Spec
 from lowbit.study.store import DONE, Store, default_path
+from lowbit.study.variants import reading_options, weight_levels
 
 BACKENDS = ("local", "ray")
 
@@ -60,6 +64,7 @@ class StudyResult:
     statuses: dict[str, int]
     wall_s: float
     notes: list[str]
+    resources: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 # --- one cell ------------------------------------------------------------------------------------
@@ -110,16 +115,21 @@ def build_model(config: dict[str, Any], ds: Any) -> Any:
     for key in ("depth", "width", "kernel_size", "activation"):
         if config[key] is not None:
             kw[key] = config[key]
+    kw.update(reading_options(config))
     kw["input_shape"] = tuple(ds.input_shape)
     kw["classes"] = int(ds.classes)
     torch.manual_seed(config["seed"])
     return models.get(config["model"], **kw)
 
 
-def train_config(config: dict[str, Any]) -> Any:
+def train_config(config: dict[str, Any], device: str = "cpu", amp: bool = False) -> Any:
+    """The cell's TrainConfig; ``device`` and ``amp`` are the sweep's (not part of the cell)."""
     from lowbit.train import TrainConfig
 
     kw = dict(
+        device=device,
+        amp=amp,
+        val_split=config.get("val_split") or 0.0,
         optimizer=config["optimizer"],
         lr=config["lr"],
         batch_size=config["batch_size"],
@@ -184,14 +194,26 @@ class _Recorder:
         self.ops.append(("add_epoch", a, k))
 
 
-def execute_cell(cell_id: str, config: dict[str, Any], out_dir: str, sink: Any, *, data_dir=None):
+LINEARITY_IMAGES = 1000  # test images the linear-classifier cosine is measured on
+
+
+def execute_cell(
+    cell_id: str,
+    config: dict[str, Any],
+    out_dir: str,
+    sink: Any,
+    *,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    amp: bool = False,
+):
     """Train one cell, writing its run info, epochs and final status through ``sink``.
 
     Exceptions are recorded as ``failed`` with their traceback (and not re-raised)."""
     import torch
 
     from lowbit import __version__
-    from lowbit.study.diagnostics import Diagnostics
+    from lowbit.study.diagnostics import Diagnostics, linear_cosine
     from lowbit.train import fit
 
     run_dir = Path(out_dir) / "runs" / cell_id
@@ -201,20 +223,25 @@ def execute_cell(cell_id: str, config: dict[str, Any], out_dir: str, sink: Any, 
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "host": socket.gethostname(),
+        "device": device,
     }
     started = False
     try:
         ds = _dataset(config, data_dir)
         model = build_model(config, ds)
-        info.update(model_size(model, weight_levels(config)))
+        info.update(model_size(model, weight_levels(config)), classes=int(ds.classes))
         sink.start_run(cell_id, info)
         started = True
         diag = Diagnostics(model, run_dir)
 
+        probe = ds.test_x[:LINEARITY_IMAGES]
+
         def on_epoch(metrics: dict[str, Any], m: Any) -> None:
+            metrics["linear_cos"] = linear_cosine(m, probe)
             sink.add_epoch(cell_id, metrics, diag.collect(int(metrics["epoch"]), m))
 
-        result = fit(model, ds, train_config(config), run_dir=run_dir, on_epoch=on_epoch)
+        cfg = train_config(config, device, amp)
+        result = fit(model, ds, cfg, run_dir=run_dir, on_epoch=on_epoch)
         status = result.status if result.status in DONE else "failed"
         error = None if status in DONE else f"fit ended with status {result.status!r}"
         sink.end_run(cell_id, status, error)
@@ -237,19 +264,40 @@ def _init_worker(threads: int) -> None:
         pass
 
 
+def _execute(task: dict[str, Any], sink: Any) -> None:
+    execute_cell(
+        task["id"],
+        task["config"],
+        task["out"],
+        sink,
+        data_dir=task["data_dir"],
+        device=task.get("device", "cpu"),
+        amp=task.get("amp", False),
+    )
+
+
 def _local_task(task: dict[str, Any]) -> str:
     with Store(task["db"]) as store:
-        execute_cell(task["id"], task["config"], task["out"], store, data_dir=task["data_dir"])
+        _execute(task, store)
     return task["id"]
 
 
-def _ray_task(task: dict[str, Any]) -> tuple[str, list]:
+def _ray_task(task: dict[str, Any]) -> tuple[str, list, dict[str, float]]:
+    """(cell id, recorded writes, the resources Ray assigned to this task)."""
     _init_worker(task["threads"])
+    assigned: dict[str, float] = {}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            assigned = dict(ray.get_runtime_context().get_assigned_resources())
+    except ImportError:  # called directly (tests of the record-and-replay path)
+        pass
     if socket.gethostname() == task["driver_host"]:
-        return _local_task(task), []
+        return _local_task(task), [], assigned
     rec = _Recorder()
-    execute_cell(task["id"], task["config"], task["out"], rec, data_dir=task["data_dir"])
-    return task["id"], rec.ops
+    _execute(task, rec)
+    return task["id"], rec.ops, assigned
 
 
 def _progress(total: int, enabled: bool | None) -> Any:
@@ -301,7 +349,18 @@ def _run_local(tasks: list[dict], workers: int, store: Store, bar: Any) -> None:
                 pending = redo
 
 
-def _run_ray(tasks: list[dict], workers: int, store: Store, bar: Any) -> None:
+def ray_resources(threads: int, device: str, gpus_per_cell: float | None) -> dict[str, float]:
+    """What one cell asks Ray for: ``threads`` CPUs, and ``gpus_per_cell`` GPUs (default 1 for a
+    CUDA device, else 0; a fraction packs several cells on one GPU)."""
+    gpus = gpus_per_cell if gpus_per_cell is not None else float(device.startswith("cuda"))
+    return {"num_cpus": float(threads), "num_gpus": float(gpus)}
+
+
+def _run_ray(
+    tasks: list[dict], workers: int, store: Store, bar: Any, resources: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """Run the tasks as Ray tasks asking for ``resources`` each; returns cell id -> the
+    resources Ray assigned to it."""
     try:
         import ray
     except ImportError:
@@ -313,11 +372,16 @@ def _run_ray(tasks: list[dict], workers: int, store: Store, bar: Any) -> None:
         address = os.environ.get("RAY_ADDRESS")
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if not address:
-            kw["num_cpus"] = workers
+            kw["num_cpus"] = max(workers, math.ceil(resources["num_cpus"]))
+            if resources["num_gpus"]:
+                import torch
+
+                kw["num_gpus"] = torch.cuda.device_count()
         ray.init(address=address or None, **kw)
         started = True
+    assigned: dict[str, dict[str, float]] = {}
     try:
-        remote = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+        remote = ray.remote(max_retries=0, **resources)(_ray_task)
         host = socket.gethostname()
         refs = [remote.remote({**t, "driver_host": host}) for t in tasks]
         by_ref = dict(zip(refs, tasks, strict=True))
@@ -325,7 +389,7 @@ def _run_ray(tasks: list[dict], workers: int, store: Store, bar: Any) -> None:
             done, refs = ray.wait(refs, num_returns=1)
             for ref in done:
                 try:
-                    _, ops = ray.get(ref)
+                    cid, ops, assigned[by_ref[ref]["id"]] = ray.get(ref)
                     store.apply(ops)
                 except Exception:  # noqa: BLE001 - a task that died (not one that raised)
                     store.end_run(by_ref[ref]["id"], "failed", traceback.format_exc())
@@ -333,6 +397,7 @@ def _run_ray(tasks: list[dict], workers: int, store: Store, bar: Any) -> None:
     finally:
         if started:
             ray.shutdown()
+    return assigned
 
 
 # --- the sweep -----------------------------------------------------------------------------------
@@ -356,14 +421,26 @@ def run(
     progress: bool | None = None,
     quick: bool = False,
     threads: int | None = None,
+    device: str = "cpu",
+    amp: bool = False,
+    gpus_per_cell: float | None = None,
 ) -> StudyResult:
     """Run every unfinished cell of ``spec``; results go to ``out_dir/results.sqlite``.
 
     ``threads``: torch threads per worker (default ``max(1, cores // workers)``). On a machine
     other jobs share, 1 avoids threads spinning at barriers while their siblings are descheduled.
+    ``device``/``amp``: where and how every cell trains (``TrainConfig``; recorded per run, not
+    part of a cell's id). ``gpus_per_cell``: the Ray backend's GPU request per cell (default 1
+    with a CUDA device, else 0; fractions share a GPU); each cell also asks for ``threads`` CPUs.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    from lowbit.train import resolve_device
+
+    if backend == "local" or not os.environ.get("RAY_ADDRESS"):
+        resolve_device(device)  # the machine that trains is this one: check it has the device
+    if gpus_per_cell is not None and not gpus_per_cell >= 0:
+        raise ConfigError(f"--gpus-per-cell must be >= 0, got {gpus_per_cell}")
     cores = os.cpu_count() or 1
     workers = cores if workers is None else workers
     if workers < 1:
@@ -407,14 +484,18 @@ def run(
                 "db": str(store.path),
                 "data_dir": data_dir,
                 "threads": threads,
+                "device": device,
+                "amp": amp,
             }
             for c in todo
         ]
+        assigned: dict[str, dict[str, float]] = {}
         with _progress(len(tasks), progress) as bar:
             if backend == "local":
                 _run_local(tasks, min(workers, max(1, len(tasks))), store, bar)
             else:
-                _run_ray(tasks, workers, store, bar)
+                request = ray_resources(threads, device, gpus_per_cell)
+                assigned = _run_ray(tasks, workers, store, bar, request)
         final = store.status()
     counts: dict[str, int] = {}
     for c in cells:
@@ -427,4 +508,5 @@ def run(
         statuses=counts,
         wall_s=time.time() - t0,
         notes=notes,
+        resources=assigned,
     )

@@ -32,10 +32,15 @@ A spec has four tables; only ``[grid]`` is required::
     set = { epochs = 1 }
 
 Each cell's *resolved* config holds every key of ``GRID_KEYS``; keys a model does not use are None
-(depth/width only for ``mlp``, kernel_size only for ``cvnn*``, levels only for ``nlevel``), so two
-grid points that train the same network collapse into one cell. A cell's id is the first 16 hex
-digits of sha256 over its config as sorted, compact JSON: stable across runs, machines and
-spec-file ordering.
+(depth/width only for ``mlp``, kernel_size only for ``cvnn*``, levels only for ``nlevel``, reading
+only for the layers with readings, see ``lowbit.study.variants``), so two grid points that train
+the same network collapse into one cell. ``reading = ["default", "weight-ste", "raw-sign"]`` runs
+each seed layer under each of its readings (a reading of another kind falls back to the kind's
+default); ``val_split = 0.1`` holds out 10% of the training images as a validation set
+(``TrainConfig.val_split``); ``batch_size`` and ``seed`` default to ``TrainConfig``'s. A cell's
+id is the first 16 hex digits of sha256 over its config as sorted, compact JSON: stable across
+runs, machines and spec-file ordering (``reading`` and ``val_split`` are left out of the hash while
+unused, so cells stored before those keys existed keep their ids).
 
 Size rule for ``epochs = "by-size"`` (the sign-vs-linear preset; the paper trained "4 to 18 epochs
 depending on the size"): ``size = (log2(width / w_min) + (depth - d_min)) / (log2(w_max / w_min) +
@@ -58,6 +63,13 @@ from typing import Any
 
 from lowbit import bnn, data, models, train
 from lowbit.errors import ConfigError
+from lowbit.study.claims import CLAIMS
+from lowbit.study.variants import (
+    DEFAULT_READING,
+    READING_NAMES,
+    resolve_reading,
+    variant_label,
+)
 
 # The study accepts what the library accepts: one list of each, kept by its own module.
 MODELS = tuple(n for n in models.NAMES if n != "vit")  # the generic vit needs kwargs a grid lacks
@@ -67,25 +79,14 @@ DATASETS = data.NAMES
 OPTIMIZERS = train.OPTIMIZERS
 ACTIVATIONS = models.ACTIVATIONS
 
-# Weight levels each layer kind stores (None = fp32). bitlinear8, mybitlinear and misborn all use
-# binary weights (kyegomez's 0.2.5 BitLinear included, see SEEDS.md).
-LAYER_LEVELS: dict[str, int | None] = {
-    "linear": None,
-    "bitlinear8": 2,
-    "mybitlinear": 2,
-    "misborn": 2,
-    "sign": 2,
-    "ternary": 3,
-    "ternary-median": 3,
-    **{m: 2 for m in bnn.BINARY_METHODS},
-}
-
 # key -> (accepted python types, default, allowed values or None)
 _INT = (int,)
 _NUM = (int, float)
+_TRAIN = train.TrainConfig()  # the library's training defaults are the study's
 GRID_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "model": ((str,), "mlp", MODELS),
     "layer": ((str,), "linear", LAYERS),
+    "reading": ((str,), DEFAULT_READING, READING_NAMES),
     "levels": (_INT, 3, None),
     "depth": (_INT, 3, None),
     "width": (_INT, 256, None),
@@ -97,11 +98,15 @@ GRID_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "lr": (_NUM, 1e-3, None),
     "momentum": (_NUM, 0.92, None),
     "epochs": (_INT + (str,), 5, None),
-    "batch_size": (_INT, 256, None),
-    "seed": (_INT, 0, None),
+    "batch_size": (_INT, _TRAIN.batch_size, None),
+    "seed": (_INT, _TRAIN.seed, None),
     "train_subset": (_INT, 0, None),
     "test_subset": (_INT, 0, None),
+    "val_split": (_NUM, 0.0, None),
 }
+# Keys added after studies were first stored: left out of a cell's id while at this value, so a
+# cell that does not use them keeps the id it had before they existed (and resumes).
+_ID_OMITTED_AT = {"reading": None, "val_split": 0.0}
 _STUDY_KEYS = {"name": (str,), "title": (str,), "fallback_dataset": (str,), "claims": (list,)}
 _TOP_KEYS = ("study", "grid", "epochs_by_size", "override", "quick")
 
@@ -140,21 +145,9 @@ class Spec:
 
 def cell_id(config: dict[str, Any]) -> str:
     """Stable hash of a resolved config: sha256 of sorted compact JSON, 16 hex digits."""
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    kept = {k: v for k, v in config.items() if k not in _ID_OMITTED_AT or v != _ID_OMITTED_AT[k]}
+    blob = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def variant_label(config: dict[str, Any]) -> str:
-    if config["layer"] == "nlevel":
-        return f"nlevel-{config['levels']}"
-    return "linear (fp32)" if config["layer"] == "linear" else config["layer"]
-
-
-def weight_levels(config: dict[str, Any]) -> int | None:
-    """Number of weight values of a cell's quantized layers (None for fp32)."""
-    if config["layer"] == "nlevel":
-        return config["levels"]
-    return LAYER_LEVELS[config["layer"]]
 
 
 def _check_value(where: str, key: str, value: Any) -> Any:
@@ -177,6 +170,8 @@ def _check_value(where: str, key: str, value: Any) -> Any:
         raise ConfigError(f"{where}.epochs: must be >= 1, got {value}")
     if key == "lr" and not value > 0:
         raise ConfigError(f"{where}.lr: must be > 0, got {value}")
+    if key == "val_split" and not 0 <= value < 1:
+        raise ConfigError(f"{where}.val_split: must be in [0, 1) (a share of the training set)")
     return value
 
 
@@ -269,8 +264,6 @@ def parse(doc: dict[str, Any], *, quick: bool = False, source: str = "") -> Spec
     claims = study.get("claims", [])
     if not all(isinstance(c, str) for c in claims):
         raise ConfigError("study.claims: expected a list of strings")
-    from lowbit.study.claims import CLAIMS  # here: claims imports numpy, specs need not
-
     for c in claims:
         if c not in CLAIMS:
             raise ConfigError(f"study.claims: unknown claim {c!r}; known: {', '.join(CLAIMS)}")
@@ -323,6 +316,7 @@ def _resolve(raw: dict[str, Any], spec: Spec, available: Callable[[str], bool] |
         cfg["kernel_size"] = None
     if cfg["layer"] != "nlevel":
         cfg["levels"] = None
+    cfg["reading"] = resolve_reading(cfg["layer"], cfg["reading"])
     if cfg["optimizer"] != "sgd":
         cfg["momentum"] = None
     if available is not None and cfg["dataset"] != "synthetic" and not available(cfg["dataset"]):
@@ -335,6 +329,7 @@ def _resolve(raw: dict[str, Any], spec: Spec, available: Callable[[str], bool] |
     if cfg["epochs"] == "by-size":
         cfg["epochs"] = _epochs_by_size(cfg, spec)
     cfg["lr"] = float(cfg["lr"])
+    cfg["val_split"] = float(cfg["val_split"])
     if cfg["momentum"] is not None:
         cfg["momentum"] = float(cfg["momentum"])
     return cfg

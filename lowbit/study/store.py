@@ -5,9 +5,10 @@ Schema (one row per ...)::
     meta    (key PK, value)                         study name, spec, notes (JSON values)
     runs    (run_id PK, config, status, error, started, ended, attempts, lowbit_version,
              git_rev, torch_version, python_version, host, n_params, n_quant_weights,
-             size_bytes, size_method)               ... cell
-    epochs  (run_id, epoch) PK, train_loss, train_acc, test_loss, test_acc, wall_s
-                                                    ... finished epoch of a cell
+             size_bytes, size_method, device, classes)
+                                                    ... cell
+    epochs  (run_id, epoch) PK, train_loss, train_acc, test_loss, test_acc, wall_s,
+             val_loss, val_acc, linear_cos          ... finished epoch of a cell
     layers  (run_id, epoch, layer) PK, levels, numel, scale, flip_ratio, zero_share, shares
                                                     ... quantized layer and epoch
 
@@ -50,12 +51,15 @@ CREATE TABLE IF NOT EXISTS runs (
     n_params INTEGER,
     n_quant_weights INTEGER,
     size_bytes REAL,
-    size_method TEXT
+    size_method TEXT,
+    device TEXT,
+    classes INTEGER
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     epoch INTEGER NOT NULL,
     train_loss REAL, train_acc REAL, test_loss REAL, test_acc REAL, wall_s REAL,
+    val_loss REAL, val_acc REAL, linear_cos REAL,
     PRIMARY KEY (run_id, epoch)
 );
 CREATE TABLE IF NOT EXISTS layers (
@@ -74,7 +78,16 @@ CREATE TABLE IF NOT EXISTS layers (
 
 STATUSES = ("pending", "running", "finished", "diverged", "failed")
 DONE = ("finished", "diverged")
-EPOCH_FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc", "wall_s")
+EPOCH_FIELDS = (
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "wall_s",
+    "val_loss",
+    "val_acc",
+    "linear_cos",
+)
 LAYER_FIELDS = ("layer", "levels", "numel", "scale", "flip_ratio", "zero_share", "shares")
 RUN_INFO_FIELDS = (
     "lowbit_version",
@@ -86,7 +99,15 @@ RUN_INFO_FIELDS = (
     "n_quant_weights",
     "size_bytes",
     "size_method",
+    "device",
+    "classes",
 )
+# Columns later versions added: a database made before them gets them (NULL) when opened for
+# writing, so a study resumes across the upgrade.
+_ADDED_COLUMNS = {
+    "runs": ("device TEXT", "classes INTEGER"),
+    "epochs": ("val_loss REAL", "val_acc REAL", "linear_cos REAL"),
+}
 
 
 def _retry(fn, *args: Any, attempts: int = 40) -> Any:
@@ -121,6 +142,11 @@ class Store:
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt)
+                for table, columns in _ADDED_COLUMNS.items():
+                    have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                    for col in columns:
+                        if col.split()[0] not in have:
+                            db.execute(f"ALTER TABLE {table} ADD COLUMN {col}")
         self.db.row_factory = sqlite3.Row
 
     def close(self) -> None:
@@ -198,7 +224,7 @@ class Store:
             db.execute(
                 "INSERT OR REPLACE INTO epochs(run_id, epoch, "
                 + ", ".join(EPOCH_FIELDS)
-                + ") VALUES (?, ?, ?, ?, ?, ?, ?)",
+                + f") VALUES (?, ?{', ?' * len(EPOCH_FIELDS)})",
                 (run_id, epoch, *(_num(metrics.get(f)) for f in EPOCH_FIELDS)),
             )
             db.execute("DELETE FROM layers WHERE run_id = ? AND epoch = ?", (run_id, epoch))
