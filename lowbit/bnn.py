@@ -39,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit import quantizers
@@ -109,7 +110,10 @@ class RPReLU(LearnableBias):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = super().forward(x)
-        u = torch.where(u >= 0, u, u * self._shaped(self.slope, x))
+        if self.channel_dim == 1 or x.dim() == 2:
+            u = F.prelu(u, self.slope)  # one op; its slope runs along dim 1, the channels here
+        else:
+            u = torch.where(u >= 0, u, u * self.slope)
         return u + self._shaped(self.zeta, x)
 
 

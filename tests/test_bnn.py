@@ -142,3 +142,11 @@ def test_summary_counts_bops_beside_macs() -> None:
         assert "BOPs          8,192" in str(s)
         # a binary layer stores its 1-bit codes, scale, and the threshold (64 fp32 values)
         assert rows["blocks.0.layer"].params == 64 * 64 + 64
+
+
+def test_rprelu_channel_last_3d_matches_the_formula() -> None:
+    m = bnn.RPReLU(3)
+    with torch.no_grad():
+        m.slope.copy_(torch.tensor([0.5, 0.1, 2.0]))
+    x = torch.randn(2, 4, 3)
+    assert torch.equal(m(x), torch.where(x >= 0, x, x * m.slope))
