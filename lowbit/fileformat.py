@@ -38,8 +38,8 @@ from torch import nn
 
 from lowbit import pack, schema
 from lowbit.errors import FormatError
-from lowbit.packed import ACTIVATIONS, PackedLayer, empty_packed, packable, weight_quantizer
-from lowbit.quantizers import binary_threshold
+from lowbit.packed import PackedLayer, empty_packed, packable, weight_quantizer
+from lowbit.quantizers import ACTIVATION_MODES, binary_threshold
 
 FORMAT_VERSION = 1
 
@@ -52,12 +52,14 @@ class _Item:
 
 
 def _tensor_item(name: str, t: torch.Tensor) -> _Item:
-    def get() -> Any:
-        c = t.detach().to("cpu").contiguous()
-        return c.reshape(-1).view(torch.uint8).numpy() if c.numel() else b""
-
     nbytes = t.numel() * t.element_size()
-    return _Item(name, pack.dtype_name(t.dtype), tuple(t.shape), nbytes, get)
+    return _Item(
+        name,
+        pack.dtype_name(t.dtype),
+        tuple(t.shape),
+        nbytes,
+        lambda: pack.tensor_entry(name, t).data,
+    )
 
 
 def _packed_layer(module: nn.Module) -> dict[str, Any]:
@@ -129,8 +131,7 @@ def plan(model: nn.Module, layout: str = "dense") -> tuple[dict[str, Any], list[
         packed[fqn]["codec"] = codec.to_json()
     for name, t in _plain_tensors(model, packed).items():
         items.append(_tensor_item(name, t))
-    # Wider dtypes first keeps every tensor aligned to its element size in the file.
-    items.sort(key=lambda it: (-pack.DTYPES[it.dtype][1], it.name))
+    items.sort(key=lambda it: pack.storage_order(it.name, it.dtype))
     meta = {
         "format": "lowbit",
         "format_version": FORMAT_VERSION,
@@ -209,7 +210,7 @@ def _read_metadata(path: Path) -> tuple[dict[str, Any], dict[str, pack.Entry]]:
     if not isinstance(meta, dict) or meta.get("format") != "lowbit":
         raise _fail(path, "metadata does not describe a lowbit model")
     version = meta.get("format_version")
-    if isinstance(version, bool) or version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not true, 1.0 or "1"
         raise _fail(
             path,
             f"format version {version!r} is not supported by lowbit "
@@ -271,10 +272,9 @@ def _registry_model(path: Path, desc: dict[str, Any], packed: dict[str, Any]) ->
         if source is None or not packable(source) or isinstance(source, PackedLayer):
             raise _fail(path, f"layer {fqn!r}: not a quantized layer of model {name!r}")
         mode = info.get("activations")
-        if mode not in ACTIVATIONS:
-            raise _fail(path, f"layer {fqn!r}: activations must be one of {ACTIVATIONS}")
-        parent, _, child = fqn.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, empty_packed(source, mode))
+        if mode not in ACTIVATION_MODES:
+            raise _fail(path, f"layer {fqn!r}: activations must be one of {ACTIVATION_MODES}")
+        model.set_submodule(fqn, empty_packed(source, mode))
     return model
 
 
@@ -316,6 +316,15 @@ def _check_packed_entry(path: Path, name: str, layer: PackedLayer, info: Any) ->
     return codec
 
 
+def _check_values(path: Path, name: str, t: torch.Tensor) -> None:
+    """Refuse values no trained model has: NaN or infinite floats (weights, biases, norms'
+    statistics) and negative BatchNorm variances."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise _fail(path, f"tensor {name!r}: NaN or infinite values")
+    if name.rpartition(".")[2] == "running_var" and bool((t < 0).any()):
+        raise _fail(path, f"tensor {name!r}: a BatchNorm variance is negative")
+
+
 def load(path: str | Path) -> nn.Module:
     """Read a .lowbit file into a packed model (eval mode), ready to run.
 
@@ -351,6 +360,8 @@ def load(path: str | Path) -> nn.Module:
             )
     # Everything is consistent: read, unpack, check the values, then fill the model.
     state = {name: entry.tensor() for name, entry in entries.items() if name not in codecs}
+    for name, t in state.items():
+        _check_values(path, name, t)
     for name, (codec, layer) in codecs.items():
         try:
             codes = codec.unpack(entries[name].data, math.prod(layer.weight_shape))

@@ -32,25 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit import quantizers
-from lowbit.kernels import reference
+from lowbit import integer, quantizers
 from lowbit.quantizers import (
     ACTIVATION_NAMES,
+    FIXED_LEVELS,
     GRANULARITIES,
     STES,
     AbsMax8,
     BinaryActivation,
     Quantizer,
     RSign,
+    check_choice,
 )
 
 QuantizerLike = str | Quantizer | AbsMax8 | BinaryActivation | RSign | None
-
-
-def _check_choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
-    """ValueError naming the option, the valid values and the value given."""
-    if value not in choices:
-        raise ValueError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _describe(q: Quantizer | AbsMax8 | None) -> str:
@@ -108,13 +103,16 @@ class _QuantMixin:
         integers the kernels recover exactly."""
         return x if type(self) in (QuantLinear, QuantConv2d) else self.quantize_input(x)
 
-    def _integer_inference(self) -> bool:
-        """Without autograd, a layer with absmax8 inputs and a weight quantizer computes in the
-        int8 kernels' exact integer arithmetic (``lowbit.kernels.reference``): the trained model
-        then gives bit for bit what its packed twin gives, instead of float rounding away from
-        it (which flips an 8-bit activation now and then). Training keeps the float path."""
+    @property
+    def integer_inference(self) -> bool:
+        """Whether the forward computes in exact integer arithmetic (``lowbit.integer``): in eval
+        mode, for a layer with absmax8 inputs and a weight quantizer. The trained model then
+        gives bit for bit what its packed twin gives, instead of float rounding away from it
+        (which flips an 8-bit activation now and then). Train mode keeps the float fake-quant
+        forward and its straight-through gradients. Chosen by ``train()`` / ``eval()`` only,
+        never by grad mode: the same input gives the same output with or without autograd."""
         return (
-            not torch.is_grad_enabled()
+            not self.training  # type: ignore[attr-defined]
             and isinstance(self.input_quantizer, AbsMax8)
             and isinstance(self.weight_quantizer, Quantizer)
         )
@@ -161,10 +159,10 @@ class QuantLinear(_QuantMixin, nn.Linear):
             w_b, alpha = self.binary_weight()
             y = F.linear(self.quantize_input(x), w_b) * alpha
             return y if self.bias is None else y + self.bias
-        if self._integer_inference():
+        if self.integer_inference:
             codes, scale = self._codes()
             levels = self.weight_quantizer.levels  # type: ignore[union-attr]
-            return reference.linear(self.int8_input(x), codes, scale, levels, self.bias, "int8")
+            return integer.linear(self.int8_input(x), codes, scale, levels, self.bias)
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -252,9 +250,9 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_binary():
             return self._binary_forward(x)
-        if self._integer_inference() and self.groups == 1 and self.padding_mode == "zeros":
+        if self.integer_inference and self.groups == 1 and self.padding_mode == "zeros":
             codes, scale = self._codes()
-            return reference.conv2d(
+            return integer.conv2d(
                 self.int8_input(x),
                 codes,
                 scale,
@@ -264,7 +262,6 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
                 stride=self.stride,
                 padding=self.padding,
                 dilation=self.dilation,
-                activations="int8",
             )
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
@@ -330,8 +327,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return out
 
 
-_FIXED_LEVELS = {"sign": 2, "ternary": 3, "ternary-median": 3}
-_WEIGHT_QUANTIZERS = ("nlevel", *_FIXED_LEVELS)
+_WEIGHT_QUANTIZERS = ("nlevel", *FIXED_LEVELS)
 
 
 @dataclass(frozen=True)
@@ -362,12 +358,9 @@ class QATConfig:
     activations: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.levels, bool) or not isinstance(self.levels, int):
-            raise ValueError(f"QATConfig.levels must be an integer in 2..256, got {self.levels!r}")
-        if not 2 <= self.levels <= 256:
-            raise ValueError(f"QATConfig.levels must be in 2..256, got {self.levels}")
-        _check_choice("QATConfig.quantizer", self.quantizer, _WEIGHT_QUANTIZERS)
-        fixed = _FIXED_LEVELS.get(self.quantizer)
+        quantizers.check_levels(self.levels, "QATConfig.levels")
+        check_choice("QATConfig.quantizer", self.quantizer, _WEIGHT_QUANTIZERS)
+        fixed = FIXED_LEVELS.get(self.quantizer)
         if fixed is not None and self.levels != fixed:
             raise ValueError(
                 f"QATConfig.quantizer={self.quantizer!r} has {fixed} levels but levels="
@@ -377,10 +370,10 @@ class QATConfig:
             raise ValueError("QATConfig.spread only applies to quantizer='nlevel'")
         if self.spread is not None and not self.spread > 0:
             raise ValueError(f"QATConfig.spread must be > 0, got {self.spread!r}")
-        _check_choice("QATConfig.granularity", self.granularity, GRANULARITIES)
-        _check_choice("QATConfig.ste", self.ste, STES)
+        check_choice("QATConfig.granularity", self.granularity, GRANULARITIES)
+        check_choice("QATConfig.ste", self.ste, STES)
         if self.activations is not None:
-            _check_choice("QATConfig.activations", self.activations, ACTIVATION_NAMES)
+            check_choice("QATConfig.activations", self.activations, ACTIVATION_NAMES)
 
     def weight_quantizer(self) -> Quantizer:
         kw: dict[str, Any] = {"granularity": self.granularity, "ste": self.ste}
@@ -409,22 +402,35 @@ def quantize_(model: nn.Module, config: QATConfig, filter_fn: FilterFn | None = 
     through ``.weight`` directly) are left alone. Returns ``model`` for chaining.
     """
     twins = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
-    for fqn, module in list(model.named_modules()):
-        twin = twins.get(type(module))
-        if twin is None or (filter_fn is not None and not filter_fn(module, fqn)):
-            continue
-        if not fqn:
-            raise ValueError(
-                "quantize_ cannot replace the root module itself; wrap it in a container"
-            )
-        new = twin.from_float(
+
+    def twin(module: nn.Module) -> nn.Module:
+        return twins[type(module)].from_float(
             module,
             weight_quantizer=config.weight_quantizer(),
             input_quantizer=config.activations,  # resolved per layer (rsign's channels)
         )
-        parent_name, _, child_name = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, new)
+
+    return replace_modules(model, lambda m: type(m) in twins, twin, filter_fn, "quantize_")
+
+
+def replace_modules(
+    model: nn.Module,
+    selects: Callable[[nn.Module], bool],
+    make: Callable[[nn.Module], nn.Module],
+    filter_fn: FilterFn | None,
+    caller: str,
+) -> nn.Module:
+    """In place: every module of ``model`` that ``selects`` and ``filter_fn(module, fqn)``
+    accepts is replaced by ``make(module)`` (the module swap of ``quantize_`` and ``convert_``;
+    ``caller`` names the transform in errors). Returns ``model``."""
+    for fqn, module in list(model.named_modules()):
+        if not selects(module) or (filter_fn is not None and not filter_fn(module, fqn)):
+            continue
+        if not fqn:
+            raise ValueError(
+                f"{caller} cannot replace the root module itself; wrap it in a container"
+            )
+        model.set_submodule(fqn, make(module))
     return model
 
 
@@ -557,7 +563,7 @@ class SignLinear(_SeedLinear):
         scale: str = "absmean",
         ste: str = "identity",
     ) -> None:
-        _check_choice("SignLinear scale", scale, self.SCALES)
+        check_choice("SignLinear scale", scale, self.SCALES)
         if scale == "absmean":
             wq: Quantizer = quantizers.get("sign", center=center, ste=ste)  # type: ignore[assignment]
         else:
@@ -630,8 +636,8 @@ class MisbornLinear(_SeedLinear):
         mask: str = "grad",
         norm: str = "standardize",
     ) -> None:
-        _check_choice("MisbornLinear mask", mask, self.MASKS)
-        _check_choice("MisbornLinear norm", norm, self.NORMS)
+        check_choice("MisbornLinear mask", mask, self.MASKS)
+        check_choice("MisbornLinear norm", norm, self.NORMS)
         wq = Quantizer(levels=2, center=norm == "standardize", name="sign", fixed_scale=2.0)
         QuantLinear.__init__(
             self, in_features, out_features, bias, device=device, dtype=dtype, weight_quantizer=wq

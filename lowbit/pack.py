@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ import torch
 
 from lowbit.errors import FormatError
 from lowbit.files import atomic_open
+from lowbit.quantizers import MAX_LEVELS, check_levels
 
 LAYOUTS = ("dense", "byte")
 MAX_BLOCK_BITS = 64
@@ -157,8 +159,7 @@ class Codec:
 @cache
 def codec(levels: int, layout: str = "dense") -> Codec:
     """The codec of ``layout`` ("dense" or "byte") for ``levels`` in 2..256."""
-    if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
-        raise ValueError(f"levels must be an integer in 2..256, got {levels!r}")
+    check_levels(levels)
     if layout == "byte":
         return Codec(levels, layout, _max_codes(levels, 8), 8)
     if layout != "dense":
@@ -179,7 +180,7 @@ def codec(levels: int, layout: str = "dense") -> Codec:
 
 def efficiency(layout: str = "dense") -> dict[int, float]:
     """(stored bits per code) / log2 N for every N in 2..256."""
-    return {n: codec(n, layout).efficiency for n in range(2, 257)}
+    return {n: codec(n, layout).efficiency for n in range(2, MAX_LEVELS + 1)}
 
 
 # --- bit stream ----------------------------------------------------------------------------------
@@ -287,8 +288,10 @@ def _trailing_bits(p: np.ndarray, used_bits: int) -> bool:
 #               "data_offsets": [begin, end]}, ...}          offsets relative to the data start
 #
 # lowbit writes and reads it itself rather than through the safetensors package so that the file
-# size is known exactly before writing (``container_size``) and every declared size is checked
-# against the bytes actually present before anything is allocated.
+# size is known exactly before writing (``container_size``, which ``lowbit summary`` predicts) and
+# every declared size is checked against the file's size before anything is allocated. Every
+# container lowbit writes goes through here: .lowbit files, training checkpoints
+# (``write_tensors``), the study's per-epoch codes.
 
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
@@ -305,6 +308,9 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 _DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 MAX_HEADER_BYTES = 64 << 20
 """Largest JSON header accepted on reading (a model description is a few kB)."""
+MAX_TENSORS = 1 << 16
+"""Most tensors a container may hold on reading (a seed model has a few dozen; a training
+checkpoint three per parameter)."""
 
 
 @dataclass(frozen=True)
@@ -325,6 +331,32 @@ class Entry:
         dtype = DTYPES[self.dtype][0]
         raw = np.frombuffer(self.data, dtype=np.uint8).copy()
         return torch.from_numpy(raw).view(dtype).reshape(self.shape)
+
+
+def tensor_entry(name: str, t: torch.Tensor) -> Entry:
+    """The entry of tensor ``t`` (copied to CPU, contiguous, its bytes as stored)."""
+    c = t.detach().to("cpu").contiguous()
+    data = c.reshape(-1).view(torch.uint8).numpy() if c.numel() else b""
+    return Entry(name, dtype_name(c.dtype), tuple(c.shape), data)
+
+
+def storage_order(name: str, dtype: str) -> tuple[int, str]:
+    """The order tensors are stored in: wider dtypes first (every tensor then starts at a
+    multiple of its element size, as safetensors readers expect), then by name."""
+    return (-DTYPES[dtype][1], name)
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> int:
+    """Write named tensors and string metadata as a container (atomically); returns its size."""
+    entries = [tensor_entry(k, v) for k, v in tensors.items()]
+    entries.sort(key=lambda e: storage_order(e.name, e.dtype))
+    return write_container(path, entries, metadata)
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, {name: tensor}) of a container written by ``write_tensors`` (strict reader)."""
+    metadata, entries = read_container(path)
+    return metadata, {name: e.tensor() for name, e in entries.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -373,25 +405,32 @@ def read_container(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, E
     """Read and validate a safetensors container: (metadata, {name: Entry}).
 
     Raises ``FormatError`` (naming the file and, where it applies, the tensor) unless: the header
-    length fits the file, the header is a JSON object of well-formed entries, every dtype is known,
-    every ``shape`` product times the dtype size equals its ``data_offsets`` span, and the spans
-    tile the data section exactly (no gaps, overlaps or trailing bytes)."""
+    length fits the file, the header is a JSON object of at most ``MAX_TENSORS`` well-formed
+    entries, every dtype is known, every ``shape`` product times the dtype size equals its
+    ``data_offsets`` span, and the spans tile the data section exactly (no gaps, overlaps or
+    trailing bytes). Only the header is read; the entries' data are views of the file mapped
+    read-only into memory, so a large or forged file costs no memory until a tensor is used."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
     def bad(msg: str) -> FormatError:
         return FormatError(f"{path}: {msg}")
 
-    if len(raw) < 8:
-        raise bad(f"truncated: {len(raw)} bytes, not even a header length")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > len(raw) - 8 or n > MAX_HEADER_BYTES:
-        raise bad(f"header of {n} bytes declared but the file has {len(raw) - 8} after its length")
     try:
-        header = json.loads(raw[8 : 8 + n].decode("utf-8"))
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise bad(f"truncated: {size} bytes, not even a header length")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > MAX_HEADER_BYTES:
+                raise bad(
+                    f"header of {n} bytes declared but the file has {size - 8} after its length"
+                )
+            text = f.read(n)
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else b""
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        header = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(
             f"header is not valid JSON ({type(exc).__name__}): corrupt or not a .lowbit file"
@@ -399,11 +438,13 @@ def read_container(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, E
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     metadata = header.pop("__metadata__", {})
+    if len(header) > MAX_TENSORS:
+        raise bad(f"{len(header)} tensors: more than the {MAX_TENSORS} a file may hold")
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise bad("__metadata__ must map strings to strings")
-    data = memoryview(raw)[8 + n :]
+    data = memoryview(mapped)[8 + n :]
     spans: list[tuple[int, int, str]] = []
     entries: dict[str, Entry] = {}
     for name, info in header.items():
@@ -412,8 +453,8 @@ def read_container(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, E
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in DTYPES:
             raise bad(f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
-            raise bad(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if not isinstance(shape, list) or len(shape) > 32 or not all(_is_count(s) for s in shape):
+            raise bad(f"tensor {name!r}: shape must be a list of up to 32 non-negative integers")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2

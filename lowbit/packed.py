@@ -3,9 +3,9 @@
 ``convert_(model)`` replaces, in place, every ``QuantLinear``/``QuantConv2d`` (and their
 subclasses, e.g. the seed-study layers) by a ``PackedLinear``/``PackedConv2d`` that holds only
 
-    codes   the integer weight codes, in the kernel backend's layout (``lowbit.kernels.prepare``,
-            run once at construction; the latent fp32 weights are dropped)
-    scale   () or (out,) float32, the step between levels
+    codes   (out, K) uint8 buffer, the integer weight codes 0..N-1 (the latent fp32 weights
+            are dropped; the kernels' compute layout is a cache derived from codes and scale)
+    scale   () or (out,) float32 buffer, the step between levels
     bias    (out,) float32 or None
 
 and computes ``y = kernels.linear(t(x), W, b)`` (``kernels.conv2d`` for convolutions), with
@@ -17,8 +17,8 @@ re-implemented: BitLinear8's norm + absmax8, SignLinear's norm). Activation mode
   ``int8_input`` (x itself where the transform is just absmax8, which the kernel applies; else
   the already quantized ``t(x)``, whose integers ``round(x_hat * 127 / max|x_hat|)`` gives back)
   and the dot products are exact integers. The source layer computes the same integer
-  arithmetic at inference (``QuantLinear._integer_inference``), so packed and trained outputs
-  are bit-identical.
+  arithmetic in eval mode (``QuantLinear.integer_inference``, ``lowbit.integer``), so packed and
+  trained outputs are bit-identical.
 * ``"fp32"`` otherwise (weight-only quantization): ``t`` is ``quantize_input``; the output
   equals the fake-quant model's up to float summation order (tests bound it).
 * ``"binary"`` for binary layers (a binary input quantizer and 2 levels, ``QuantLinear.is_binary``):
@@ -26,7 +26,9 @@ re-implemented: BitLinear8's norm + absmax8, SignLinear's norm). Activation mode
   ``threshold`` (rsign's per-channel threshold, zeros for sign / approx-sign) and compute
   ``(x_b @ w_b.T) * scale / 2 + b``, bit-identical to the trained layer.
 
-Saving and loading packed models: ``lowbit.fileformat``.
+Eager calls run the kernels directly; under torch.compile, torch.export and jit.trace the layer
+calls the ops ``torch.ops.lowbit.packed_linear`` / ``packed_conv2d`` on its buffers, so traced
+graphs hold one op per layer. Saving and loading packed models: ``lowbit.fileformat``.
 """
 
 from __future__ import annotations
@@ -40,11 +42,16 @@ from torch import nn
 
 from lowbit import kernels
 from lowbit.kernels import binary, reference
-from lowbit.nn import QuantConv2d, QuantLinear
-from lowbit.quantizers import AbsMax8, Quantizer, binary_threshold
-
-ACTIVATIONS = ("fp32", "int8", "binary")
-
+from lowbit.nn import QuantConv2d, QuantLinear, replace_modules
+from lowbit.quantizers import (
+    GRANULARITIES,
+    AbsMax8,
+    Quantizer,
+    binary_threshold,
+    check_activation_mode,
+    check_choice,
+    check_levels,
+)
 
 # --- layers --------------------------------------------------------------------------------------
 
@@ -122,12 +129,9 @@ class PackedLayer(nn.Module):
         source: nn.Module | None,
         device: Any,
     ) -> None:
-        if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 256:
-            raise ValueError(f"levels must be an integer in 2..256, got {levels!r}")
-        if granularity not in ("tensor", "channel"):
-            raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
-        if activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}")
+        check_levels(levels)
+        check_choice("granularity", granularity, GRANULARITIES)
+        check_activation_mode(activations)
         if activations == "binary" and levels != 2:
             raise ValueError(f"binary activations need 2-level weights, got levels={levels}")
         self.levels, self.granularity, self.activations = levels, granularity, activations
@@ -487,17 +491,12 @@ def convert_(
     ``filter_fn(module, fqn)``) by its PackedLinear/PackedConv2d. ``activations`` forces a mode
     for every converted layer (default: "int8" where the layer was trained with absmax8 inputs,
     else "fp32"). Returns ``model``."""
-    for fqn, module in list(model.named_modules()):
-        if not packable(module) or isinstance(module, PackedLayer):
-            continue
-        if filter_fn is not None and not filter_fn(module, fqn):
-            continue
-        if not fqn:
-            raise ValueError(
-                "convert_ cannot replace the root module itself; wrap it in a container"
-            )
+
+    def packed(module: nn.Module) -> nn.Module:
         kind = PackedLinear if isinstance(module, QuantLinear) else PackedConv2d
-        new = kind.from_quant(module, activations)
-        parent_name, _, child = fqn.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return model
+        return kind.from_quant(module, activations)
+
+    def selects(module: nn.Module) -> bool:
+        return packable(module) and not isinstance(module, PackedLayer)
+
+    return replace_modules(model, selects, packed, filter_fn, "convert_")

@@ -84,6 +84,33 @@ EPS = 1e-8
 GRANULARITIES = ("tensor", "channel")
 STES = ("identity", "clipped")
 SCALE_STATS = ("absmean", "absmedian")
+MAX_LEVELS = 256
+"""Level counts are 2..MAX_LEVELS (codes fit a uint8)."""
+FIXED_LEVELS = {"sign": 2, "ternary": 3, "ternary-median": 3}
+"""The quantizers whose level count is part of their definition; ``nlevel`` takes any."""
+ACTIVATION_MODES = ("fp32", "int8", "binary")
+"""How a packed layer takes its input: float32 as given, absmax8 integers per token (the
+input quantizer ``absmax8``; exact integer dot products, ``lowbit.integer``), or binarized to
+±1 against a threshold (the binary activations below; XNOR-popcount, ``lowbit.kernels.binary``)."""
+
+
+def check_levels(levels: Any, what: str = "levels") -> int:
+    """``levels`` if it is an integer in 2..MAX_LEVELS, else ValueError naming ``what``."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= MAX_LEVELS:
+        raise ValueError(f"{what} must be an integer in 2..{MAX_LEVELS}, got {levels!r}")
+    return levels
+
+
+def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> Any:
+    """``value`` if it is one of ``choices``, else ValueError naming the option and the choices."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def check_activation_mode(mode: Any) -> str:
+    """``mode`` if it is one of ``ACTIVATION_MODES``, else ValueError."""
+    return check_choice("activations", mode, ACTIVATION_MODES)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -165,19 +192,14 @@ class Quantizer:
     fixed_scale: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.levels, int) or not 2 <= self.levels <= 256:
-            raise ValueError(f"levels must be an integer in 2..256, got {self.levels!r}")
+        check_levels(self.levels)
         if not self.spread > 0:
             raise ValueError(f"spread (lambda) must be > 0, got {self.spread!r}")
         if self.fixed_scale is not None and not self.fixed_scale > 0:
             raise ValueError(f"fixed_scale must be > 0, got {self.fixed_scale!r}")
-        for field, value, valid in (
-            ("stat", self.stat, SCALE_STATS),
-            ("granularity", self.granularity, GRANULARITIES),
-            ("ste", self.ste, STES),
-        ):
-            if value not in valid:
-                raise ValueError(f"{field} must be one of {', '.join(valid)}; got {value!r}")
+        check_choice("stat", self.stat, SCALE_STATS)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("ste", self.ste, STES)
 
     @property
     def bits(self) -> float:
@@ -413,29 +435,34 @@ def default_spread(levels: int) -> float:
     return half / r
 
 
+def check_fixed_levels(name: str, levels: Any) -> None:
+    """ValueError unless quantizer ``name`` can have ``levels`` levels (``FIXED_LEVELS``)."""
+    fixed = FIXED_LEVELS.get(name)
+    if fixed is not None and levels != fixed:
+        raise ValueError(
+            f"{name} has exactly {fixed} levels, got levels={levels!r}; use 'nlevel' for "
+            "other level counts"
+        )
+
+
 def _sign(levels: int = 2, center: bool = True, **kw: Any) -> Quantizer:
-    if levels != 2:
-        raise ValueError(f"sign has exactly 2 levels, got levels={levels}")
+    check_fixed_levels("sign", levels)
     return Quantizer(levels=2, spread=0.5, center=center, name="sign", **kw)
 
 
 def _ternary(levels: int = 3, **kw: Any) -> Quantizer:
-    if levels != 3:
-        raise ValueError(f"ternary has exactly 3 levels, got levels={levels}")
+    check_fixed_levels("ternary", levels)
     return Quantizer(levels=3, spread=1.0, name="ternary", **kw)
 
 
 def _ternary_median(levels: int = 3, **kw: Any) -> Quantizer:
-    if levels != 3:
-        raise ValueError(f"ternary-median has exactly 3 levels, got levels={levels}")
+    check_fixed_levels("ternary-median", levels)
     return Quantizer(levels=3, spread=1.0, stat="absmedian", name="ternary-median", **kw)
 
 
 def _nlevel(levels: int = 3, spread: float | None = None, **kw: Any) -> Quantizer:
     if spread is None:
-        if not isinstance(levels, int) or not 2 <= levels <= 256:
-            raise ValueError(f"levels must be an integer in 2..256, got {levels!r}")
-        spread = default_spread(levels)
+        spread = default_spread(check_levels(levels))
     return Quantizer(levels=levels, spread=spread, name="nlevel", **kw)
 
 

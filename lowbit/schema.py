@@ -23,14 +23,21 @@ from torch import nn
 
 from lowbit.nn import BitLinear8, MisbornLinear, QuantConv2d, QuantLinear, SignLinear
 from lowbit.packed import (
-    ACTIVATIONS,
     PackedConv2d,
     PackedLayer,
     PackedLinear,
     empty_packed,
     packable,
 )
-from lowbit.quantizers import ACTIVATION_NAMES, AbsMax8, BinaryActivation, RSign
+from lowbit.quantizers import (
+    ACTIVATION_MODES,
+    ACTIVATION_NAMES,
+    GRANULARITIES,
+    AbsMax8,
+    BinaryActivation,
+    RSign,
+    check_levels,
+)
 
 MAX_DEPTH = 64
 MAX_NODES = 1 << 14
@@ -100,7 +107,6 @@ def _v_padding(v: Any) -> Any:
 
 
 _SIZE, _COUNT, _BOOL = _v_int(1), _v_int(0), _v_bool
-_LEVELS = _v_int(2, 256)
 
 
 _CONV_ARGS = {
@@ -129,10 +135,10 @@ _BN_ARGS = {
     "track_running_stats": _BOOL,
 }
 _PACKED_COMMON = {
-    "levels": _LEVELS,
+    "levels": check_levels,
     "bias": _BOOL,
-    "granularity": _v_choice("tensor", "channel"),
-    "activations": _v_choice(*ACTIVATIONS),
+    "granularity": _v_choice(*GRANULARITIES),
+    "activations": _v_choice(*ACTIVATION_MODES),
 }
 
 # type name -> (class, {argument: validator}); arguments are read from the module's attributes

@@ -59,11 +59,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
+from lowbit import pack
 from lowbit.data import Augment, Dataset, batches
 from lowbit.errors import ConfigError, FormatError
 from lowbit.files import atomic_write
@@ -271,7 +269,7 @@ def _save_checkpoint(
         "optim_extra": json.dumps(extra),
         "model_spec": json.dumps(getattr(model, "lowbit_spec", None), default=str),
     }
-    atomic_write(path, st_save(tensors, metadata=metadata))
+    pack.write_tensors(path, tensors, metadata)
 
 
 def _load_checkpoint(
@@ -281,16 +279,10 @@ def _load_checkpoint(
     generator: torch.Generator,
 ) -> list[dict[str, Any]]:
     """Restore everything ``_save_checkpoint`` wrote; returns the history."""
-    raw = path.read_bytes()
     try:
-        tensors = st_load(raw)
-        from safetensors import safe_open  # metadata is only exposed through safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        msg = f"{path}: not a readable checkpoint ({exc}); delete it to restart"
-        raise FormatError(msg) from exc
+        meta, tensors = pack.read_tensors(path)
+    except FormatError as exc:
+        raise FormatError(f"{exc}; delete it to restart") from exc
     if meta.get("format") != "lowbit-checkpoint":
         raise FormatError(f"{path}: not a lowbit checkpoint; delete it or use another run dir")
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}

@@ -44,7 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit.errors import ConfigError
 from lowbit.kernels import native, reference
-from lowbit.kernels.reference import ACTIVATION_MODES
+from lowbit.quantizers import check_levels
 
 BACKENDS = ("auto", "reference", *native.ISAS)
 
@@ -169,8 +169,7 @@ def prepare(
         raise ValueError(
             f"codes must be a 2-D uint8 tensor, got {tuple(codes.shape)} {codes.dtype}"
         )
-    if not 2 <= levels <= 256:
-        raise ValueError(f"levels must be in 2..256, got {levels}")
+    check_levels(levels)
     # a copy: the prepared weight owns every tensor its C arguments point into
     scale = scale.detach().to(torch.float32, copy=True).contiguous()
     if scale.numel() not in (1, codes.shape[0]):
@@ -247,9 +246,7 @@ def linear(
     threads: int | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b: x (..., K) -> (..., N_out) float32 (x is read as float32)."""
-    if activations not in ACTIVATION_MODES:
-        modes = ", ".join(ACTIVATION_MODES)
-        raise ValueError(f"activations must be one of {modes}, got {activations!r}")
+    reference.check_dense_mode(activations)
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
@@ -321,9 +318,7 @@ def conv2d(
     never copied out where C_in is a multiple of 64 (see the C file), and the result is a
     channels-last (B, N_out, H', W') tensor. ``activations="int8"`` quantizes each image with
     one absmax multiplier (``reference.conv2d``), exact integer dot products."""
-    if activations not in ACTIVATION_MODES:
-        modes = ", ".join(ACTIVATION_MODES)
-        raise ValueError(f"activations must be one of {modes}, got {activations!r}")
+    reference.check_dense_mode(activations)
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
     if weight.backend == "reference" or x.device.type != "cpu" or x.dim() != 4:

@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lowbit.files import atomic_write
+from lowbit import pack
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -72,7 +70,7 @@ class Diagnostics:
             return self._codes[epoch - 1]
         p = self._path(epoch - 1)
         if p is not None and p.is_file():
-            return load_file(str(p))
+            return pack.read_tensors(p)[1]
         return None
 
     def collect(self, epoch: int, model: nn.Module) -> list[dict[str, Any]]:
@@ -108,7 +106,7 @@ class Diagnostics:
         if p is None or not codes:
             return
         p.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(p, safetensors_bytes(codes))
+        pack.write_tensors(p, codes, {})
         old = self._path(epoch - 2)
         if old is not None and old.exists():
             old.unlink()

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit import bnn, data, models, train
+from lowbit import bnn, data, models, quantizers, train
 from lowbit.errors import ConfigError
 from lowbit.study.claims import CLAIMS
 from lowbit.study.variants import (
@@ -160,8 +160,11 @@ def _check_value(where: str, key: str, value: Any) -> Any:
         raise ConfigError(f'{where}.epochs: expected an integer or "by-size", got {value!r}')
     if allowed is not None and value not in allowed:
         raise ConfigError(f"{where}.{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
-    if key == "levels" and not 2 <= value <= 256:
-        raise ConfigError(f"{where}.levels: {value} is outside 2..256")
+    if key == "levels":
+        try:
+            quantizers.check_levels(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
     if key in ("depth", "width", "batch_size") and value < 1:
         raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
     if key in ("train_subset", "test_subset", "seed") and value < 0:

@@ -19,6 +19,7 @@ from typing import Any
 
 from lowbit import bnn
 from lowbit.nn import MisbornLinear, SignLinear
+from lowbit.quantizers import FIXED_LEVELS
 
 # Weight levels each layer kind stores (None = fp32). bitlinear8, mybitlinear and misborn all use
 # binary weights (kyegomez's 0.2.5 BitLinear included, see SEEDS.md).
@@ -27,9 +28,7 @@ LAYER_LEVELS: dict[str, int | None] = {
     "bitlinear8": 2,
     "mybitlinear": 2,
     "misborn": 2,
-    "sign": 2,
-    "ternary": 3,
-    "ternary-median": 3,
+    **FIXED_LEVELS,
     **{m: 2 for m in bnn.BINARY_METHODS},  # the binary models' methods (lowbit.bnn)
 }
 
