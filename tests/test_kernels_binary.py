@@ -169,3 +169,13 @@ def test_prepare_rejects_bad_input() -> None:
     w = binary.prepare(torch.zeros(2, 9, dtype=torch.uint8), torch.tensor(1.0))
     with pytest.raises(ValueError, match="expects 9"):
         binary.linear(torch.zeros(1, 8), w)
+
+
+@needs_native
+def test_empty_batches() -> None:
+    codes, scale, bias, _ = _case(1, 5, 70, 0, True)
+    w = binary.prepare(codes, scale)
+    assert binary.linear(torch.zeros(0, 70), w, bias).shape == (0, 5)
+    wc = binary.prepare(torch.zeros(4, 27, dtype=torch.uint8), scale[:4], conv=(3, (3, 3)))
+    y = binary.conv2d(torch.zeros(0, 3, 5, 5), wc, kernel_size=(3, 3))
+    assert y.shape == (0, 4, 3, 3)

@@ -324,6 +324,7 @@ static void bgemm_chunk(const void *ctx, int64_t chunk) {
 }
 
 static void run_bgemm(bgemm_job *j, int nthreads) {
+    if (j->m <= 0 || j->n <= 0) return;
     const int64_t nblocks = (j->n + BROWS - 1) / BROWS;
     j->token_chunks = (j->m + TOKENS - 1) / TOKENS;
     /* enough chunks for the threads to balance, each a run of blocks sharing its tokens */
