@@ -29,6 +29,7 @@ import copy
 import datetime
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -65,14 +66,16 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor
 
 @torch.inference_mode()
 def latency(named: dict[str, nn.Module], x: torch.Tensor, images: int) -> dict[str, float]:
-    """Median seconds per batch-1 forward, the models interleaved image by image (rotating)."""
+    """Median seconds per batch-1 forward, the models interleaved image by image in a fresh
+    random order each image (a fixed rotation biases each model by its predecessor's cache
+    traffic, and whatever runs right after torch shares the cores with its spinning workers)."""
     times: dict[str, list[float]] = {k: [] for k in named}
     order = list(named.items())
+    shuffle = random.Random(0).shuffle
     for i in range(images + 3):
         xi = x[i : i + 1]
-        # rotate the order image by image: whatever runs right after torch (whose OpenMP
-        # workers keep spinning for a while after each op) shares the cores with them
-        for name, m in order[i % len(order) :] + order[: i % len(order)]:
+        shuffle(order)
+        for name, m in order:
             t = time.perf_counter()
             m(xi)
             if i >= 3:  # warm-up

@@ -2,12 +2,16 @@
 
 Claim checked: ternary 4096x4096 batch 1 >= 10x fp32 F.linear and >= 5x bf16, >= 100 G ternary
 MAC/s per core cache-resident, binary >= ternary speed, 5 levels >= 5x fp32, ternary batch 32
->= 2x fp32. Hardware: whatever runs it (the header of the output records CPU, cores, torch,
-python, date and load). Each figure is the median of >= 9 interleaved rounds.
+>= 2x fp32; weight-only (fp32 activations, the lookup-table kernel): ternary 4096x4096 batch 1
+>= 10x fp32 and within 1.3x of int8, binary at least as fast as ternary, 5 levels >= 5x fp32,
+batch 32 >= 3x fp32. Hardware: whatever runs it (the header of the output records CPU, cores,
+torch, python, date and load). Each figure is the median of >= 9 interleaved rounds, the
+contenders in a fresh random order each round.
 
-    python benchmarks/kernels.py [--quick] [--shapes SHAPES.csv]
+    python benchmarks/kernels.py [--quick] [--shapes SHAPES.csv] [--out docs/results/kernels.md]
 
-writes ``benchmarks/results/<cpu>-torch<version>.csv`` and ``docs/results/kernels.md``.
+writes ``benchmarks/results/<cpu>-torch<version>.csv`` (next to ``--out``'s name when given)
+and ``docs/results/kernels.md``.
 Same as ``lowbit bench kernels --out ...``.
 """
 
@@ -28,6 +32,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a few shapes, levels 2/3/5")
     p.add_argument("--shapes", default=None, help="default: lowbit/kernels/shapes.csv")
     p.add_argument("--no-stream", action="store_true", help="skip the weights-streaming regime")
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "kernels.md"))
     args = p.parse_args()
     info, rows = bench.run(
         args.shapes,
@@ -35,10 +40,13 @@ def main() -> int:
         stream=not args.no_stream,
         progress=lambda s: print(s, file=sys.stderr),
     )
-    csv_path = ROOT / "benchmarks" / "results" / bench.default_csv_name(info)
+    md = Path(args.out).resolve()
+    name = bench.default_csv_name(info)
+    if md.stem != "kernels":
+        name = name.replace(".csv", f"-{md.stem}.csv")
+    csv_path = ROOT / "benchmarks" / "results" / name
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     bench.write_csv(csv_path, info, rows)
-    md = ROOT / "docs" / "results" / "kernels.md"
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text(
         bench.markdown(info, rows) + f"\nFull results: `{csv_path.relative_to(ROOT)}`.\n"

@@ -4,7 +4,8 @@ the same MLP built from ``nn.Linear`` (PERF.md; naive eager fake-quant costs 1.2
 Step = zero_grad + forward + cross-entropy + backward + Adam step; MLP depth 3, width 1024
 (784 -> 1024 -> 1024 -> 1024 -> 10, every layer of the same kind), batch 256, Fashion-MNIST
 shapes (random data: the values do not change the cost). Variants, timed interleaved in one run
-(round-robin, ``--steps`` steps per timing, ``--repeats`` timings each), medians reported:
+(a fresh random order each round, ``--steps`` steps per timing, ``--repeats`` timings each),
+medians reported:
 
 * ``linear``: ``nn.Linear`` everywhere (the baseline),
 * ``ternary``: ``lowbit.QuantLinear(weight_quantizer="ternary")``,
@@ -19,6 +20,7 @@ shapes (random data: the values do not change the cost). Variants, timed interle
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -106,7 +108,7 @@ def main() -> int:
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     ratios: dict[str, list[float]] = {v: [] for v in args.variants}
     for r in range(args.repeats):
-        order = args.variants if r % 2 == 0 else args.variants[::-1]  # no fixed position bias
+        order = random.Random(r).sample(args.variants, len(args.variants))  # fresh each round
         round_times = {v: steppers[v].time(args.steps) for v in order}
         for v, t in round_times.items():
             times[v].append(t)
@@ -119,9 +121,10 @@ def main() -> int:
         "",
         f"Script: `benchmarks/qat_step.py` — MLP depth {args.depth} width {args.width} "
         f"(784 -> {args.width} x{args.depth} -> 10), batch {args.batch}, step = zero_grad + "
-        "forward + cross-entropy + backward + Adam step. Variants timed round-robin "
-        f"(order alternating), {args.steps} steps per timing, {args.repeats} timings each after "
-        f"{args.warmup} warm-up steps; torch threads = {args.threads}.",
+        "forward + cross-entropy + backward + Adam step. Variants timed interleaved "
+        f"(a fresh random order each round), {args.steps} steps per timing, "
+        f"{args.repeats} timings each after {args.warmup} warm-up steps; torch threads = "
+        f"{args.threads}.",
         "",
         environment.markdown(info) + f"- load average at end: {end_load}",
         "",

@@ -77,6 +77,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 EPS = 1e-8
 """Smallest scale: guards all-zero tensors against division by zero."""
@@ -237,7 +238,25 @@ class Quantizer:
         return s.clamp_(-self.half_range, self.half_range)
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize: forward value ``scale * level``, straight-through gradient to ``w``."""
+        """Fake-quantize: forward value ``scale * level``, straight-through gradient to ``w``.
+
+        The value is computed once per version of a leaf ``w`` (a parameter): a weight not
+        updated since the last call (same tensor, storage and ``_version``; every in-place op
+        bumps the version, the optimizer's included) reuses it, so a step that runs a layer
+        several times, or an evaluation pass, quantizes once. Writes through ``w.data`` bypass
+        the version counter: after ``p.data.copy_(...)`` call ``clear_cache()``."""
+        w_hat, mask, cached = self._quantized(w)
+        if not w.requires_grad:
+            return w_hat.clone() if cached else w_hat  # the caller may write into it
+        return straight_through(w, w_hat, mask)
+
+    def _quantized(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(w_hat, the clipped-STE mask or None, whether the cache holds them)."""
+        key = _cache_key(w, self)
+        if key is not None:
+            hit = _quantized_cache.get(w)
+            if hit is not None and hit[0] == key:
+                return hit[1], hit[2], True
         scale = self.scale(w)
         with torch.no_grad():
             w_hat = self._levels(w, scale).mul_(scale)
@@ -245,9 +264,9 @@ class Quantizer:
             if self.ste == "clipped":
                 c = _center(w, self.granularity) if self.center else 0.0
                 mask = ((w - c).abs() <= scale * (self.levels / 2)).to(w.dtype)
-        if not w.requires_grad:
-            return w_hat
-        return straight_through(w, w_hat, mask)
+        if key is not None:
+            _quantized_cache[w] = (key, w_hat, mask)
+        return w_hat, mask, key is not None
 
     def codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer codes (uint8, same shape as ``w``, values 0..N-1) and the scale."""
@@ -259,6 +278,28 @@ class Quantizer:
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``scale * (codes - (N-1)/2)``: equals ``self(w)`` exactly for ``codes(w)``'s output."""
         return (codes.to(scale.dtype) - self.half_range) * scale
+
+
+# latent weight -> (key, w_hat, mask): the last fake-quantized value of each weight tensor, held
+# weakly (the entry dies with the tensor) and valid while the key matches (see _cache_key)
+_quantized_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _cache_key(w: torch.Tensor, quantizer: Quantizer) -> tuple | None:
+    """What a cached value depends on: the tensor's version counter (bumped by every in-place
+    update, the optimizer's included), its storage, shape and dtype, and the quantizer; None
+    (no caching) for anything but a parameter (a derived tensor is new at every call) and
+    under tracing."""
+    if not isinstance(w, torch.nn.Parameter):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    return (w._version, w.data_ptr(), tuple(w.shape), w.dtype, w.device, quantizer)
+
+
+def clear_cache() -> None:
+    """Forget every cached fake-quantized weight (needed only after writes through ``.data``)."""
+    _quantized_cache.clear()
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ rescale); fp32 activations agree within float32 summation error.
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 
@@ -78,6 +79,77 @@ def test_large_batch_threads_and_shapes(levels: int) -> None:
     # leading dimensions are kept, like F.linear
     y = kernels.linear(x.reshape(1, 67, 1100), w, bias, "int8")
     assert y.shape == (1, 67, 131) and torch.equal(y[0], want)
+
+
+LUT_ISAS = tuple(isa for isa in ISAS if isa in native.LUT_ISAS)
+
+
+def _lut_bound(x: torch.Tensor, scale: torch.Tensor, bias, levels: int, k: int) -> torch.Tensor:
+    """The error bound the C header states for the lookup-table kernel, (M, N_out):
+    (g + G + P + 4) u |s| A sum_k |x| + |b| u, A = sum_p 2^p (D-1)/2 + |corr|."""
+    base, group, planes = native.lut_shape(levels)
+    corr = abs((2**planes - levels) / 2) if base == 2 else 0.0
+    a = (2**planes - 1) * (base - 1) / 2 + corr
+    u = 2.0**-24
+    terms = group + math.ceil(k / group) + planes + 4
+    s = scale.double().abs().reshape(1, -1) if scale.dim() else scale.double().abs()
+    b = 0.0 if bias is None else bias.double().abs().reshape(1, -1) * u
+    return terms * u * a * s * x.double().abs().sum(1, keepdim=True) + b
+
+
+@needs_native
+@pytest.mark.parametrize("isa", LUT_ISAS)
+@pytest.mark.parametrize("levels", range(2, 18))
+def test_lut_kernel_within_its_stated_bound(isa: str, levels: int) -> None:
+    gen = torch.Generator().manual_seed(levels)
+    for i in range(4):
+        m, n, k = (int(v) for v in torch.randint(1, 90, (3,), generator=gen))
+        m, k = (m if i else 1), k * (7 if i % 2 else 1)  # batch 1, and K beyond one word
+        codes, scale, bias, x = _case(levels, m, n, k, seed=31 * levels + i, per_channel=i < 2)
+        bias = bias if i != 3 else None
+        w = kernels.prepare(codes, scale, levels, isa=isa)
+        got = kernels.linear(x, w, bias, "fp32")
+        assert w.lut is not None and w.lut.dtype == torch.int32
+        exact = x.double() @ reference.dequantize(codes, scale.double(), levels).double().T
+        exact = exact if bias is None else exact + bias.double()
+        err = (got.double() - exact).abs()
+        assert err.le(_lut_bound(x, scale, bias, levels, k)).all(), (isa, levels, m, n, k)
+        for threads in (1, 2, 3):  # the split over threads does not change any row's sum
+            assert torch.equal(kernels.linear(x, w, bias, "fp32", threads=threads), got)
+
+
+@needs_native
+@pytest.mark.skipif("avx512" not in ISAS, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("levels", LEVELS)
+def test_lut_avx512_equals_the_portable_loop_bit_for_bit(levels: int) -> None:
+    for i, (m, n, k) in enumerate(SHAPES):
+        codes, scale, bias, x = _case(levels, m, n, k, seed=levels + i)
+        fast = kernels.prepare(codes, scale, levels, isa="avx512")
+        slow = kernels.prepare(codes, scale, levels, isa="portable")
+        assert torch.equal(kernels.linear(x, fast, bias), kernels.linear(x, slow, bias))
+
+
+@needs_native
+@pytest.mark.parametrize("levels", LEVELS)
+def test_lut_index_layout(levels: int) -> None:
+    """Decode the index layout as the C header draws it: (blocks, P, W, 16) words, six 5-bit
+    base-D group indices a word, digit p of a code = bit p (D = 2) or the code (one plane)."""
+    n, k = 21, 40
+    codes, _, _, _ = _case(levels, 1, n, k, seed=levels)
+    base, group, planes = native.lut_shape(levels)
+    groups = math.ceil(k / group)
+    lut = native.lut_pack(codes, levels).view(-1, planes, math.ceil(groups / 6), 16)
+    back = torch.zeros(lut.shape[0] * 16, k, dtype=torch.int64)
+    for p in range(planes):
+        w = lut[:, p].long() & 0xFFFFFFFF  # (blocks, W, 16)
+        for i in range(groups):
+            e = (w[:, i // 6, :] >> (5 * (i % 6))) & 31  # (blocks, 16)
+            for q in range(group):
+                if i * group + q < k:
+                    digit = (e // base**q) % base
+                    back[:, i * group + q] += digit.reshape(-1) * (2**p if base == 2 else 1)
+    assert torch.equal(back[:n], codes.long()) and not back[n:].any()
+    assert (lut.long() & 0xFFFFFFFF).lt(1 << 30).all()  # bits 30-31 stay zero
 
 
 @needs_native

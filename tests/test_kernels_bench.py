@@ -83,3 +83,8 @@ def test_packed_bytes_count_the_weight_not_the_block_padding() -> None:
     assert bench._packed_bytes(4096, 4096, 3) == 4096 * 4096 // 4
     assert bench._packed_bytes(3, 4096, 17) == 3 * 4096 * 5 // 8
     assert bench._packed_bytes(1, 300, 3) == 512 // 4
+    # the lookup-table layout (fp32 activations): ternary 5 bits for 3 weights, six 5-bit
+    # indices a 32-bit word: ceil(ceil(4096 / 3) / 6) = 228 words a row
+    lut = native.best_isa() in native.LUT_ISAS
+    want = 4096 * 228 * 4 if lut else 4096 * 4096 // 4
+    assert bench._packed_bytes(4096, 4096, 3, "fp32") == want

@@ -287,3 +287,29 @@ def test_activation_registry_errors() -> None:
         quantizers.BinaryActivation(ste="identity")
     assert quantizers.is_binary(quantizers.get_activation("sign"))
     assert not quantizers.is_binary(quantizers.get_activation("absmax8"))
+
+
+def test_a_parameter_is_quantized_once_per_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = quantizers.get("ternary")
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    calls = []
+    real_scale = quantizers.Quantizer.scale
+    monkeypatch.setattr(
+        quantizers.Quantizer, "scale", lambda self, t: calls.append(1) or real_scale(self, t)
+    )
+    first, second = q(w), q(w)
+    assert len(calls) == 1 and torch.equal(first, second)
+    (first.sum() + 2 * second.sum()).backward()  # the straight-through gradient, both calls
+    assert torch.equal(w.grad, torch.full_like(w, 3.0))
+    torch.optim.SGD([w], lr=0.5).step()  # in place: a new version
+    third = q(w)
+    assert len(calls) == 2 and torch.equal(third, q(w.detach().clone()))
+    w.data = torch.randn(16, 8)  # new storage, same version counter
+    assert torch.equal(q(w), q(w.detach().clone()))
+    with torch.no_grad():
+        w.mul_(-1)
+    assert torch.equal(q(w), q(w.detach().clone()))
+    frozen = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
+    out = q(frozen)
+    out.zero_()  # the caller owns what it gets: the cache is not written through
+    assert torch.equal(q(frozen), q(frozen.detach().clone())) and q(frozen).abs().sum() > 0

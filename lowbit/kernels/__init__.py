@@ -12,15 +12,20 @@ Backends (``backend()`` names the one ``prepare`` picks on this machine):
 
 * ``native-avx512``: the compiled library (``native``, layout and math in
   ``csrc/lowbit_kernels.c``): weights in 1/2/4-bit lanes (5 bits for 17 levels), AVX-512 VNNI
-  ``vpdpbusd`` dot products of the unsigned codes with int8 activations, or a ``vpermps``
-  level table + FMA for fp32 activations; ``native-avx2`` and ``native-portable`` are the same
-  algorithm in C compiled for AVX2 and for plain x86-64 (runtime dispatch by CPU features).
+  ``vpdpbusd`` dot products of the unsigned codes with int8 activations; for fp32 activations
+  (weight-only layers) a lookup-table kernel without multiplications: per token, the sums of
+  every weight pattern of a small group are tabled and each group of 16 rows is one ``vpermt2ps``
+  + add, on a second layout of table indices derived from the codes on first use
+  (``PreparedWeight.lut``). ``native-avx2`` and ``native-portable`` run the int8 algorithm in C
+  compiled for AVX2 and for plain x86-64 (runtime dispatch by CPU features); for fp32, portable
+  runs the table loop in plain C and AVX2 a ``vpermps`` level table + FMA on the lane layout.
   Used for levels 2..17 on CPU float tensors.
 * ``reference``: ``reference.linear`` (pure torch). Used for levels > 17, non-CPU tensors, and
   wherever the library was not built (then one ``RuntimeWarning`` says so, once per process).
 
 Results: ``activations="int8"`` equals the reference exactly (integer dot products, the same
-float64 rescale); ``activations="fp32"`` equals it up to float32 summation order.
+float64 rescale); ``activations="fp32"`` equals it up to float32 summation order (the lookup
+tables: within the bound stated in the C file's header, tested).
 
 The environment variable ``LOWBIT_KERNELS`` forces a backend: ``reference``, ``portable``,
 ``avx2`` or ``avx512`` (default ``auto``, the best the CPU supports); ``prepare(..., isa=...)``
@@ -81,6 +86,7 @@ class PreparedWeight:
         self.kp = kp
         self.conv = conv  # (C_in, (kh, kw)): columns packed tap-major for the conv kernel
         self._shape = tuple(codes.shape) if shape is None else tuple(shape)
+        self._lut: torch.Tensor | None = None
         # the C call's weight arguments, resolved once (the tensors live as long as self)
         self.call_args: tuple = ()
         if data is not None:
@@ -103,6 +109,15 @@ class PreparedWeight:
             return self._codes
         codes = native.unpack(self.data, self.bits, *self._shape)
         return codes if self.conv is None else native.channel_major(codes, *self.conv)
+
+    @property
+    def lut(self) -> torch.Tensor | None:
+        """The lookup-table kernel's index layout (``native.lut_pack`` of the packed codes),
+        built on the first fp32-activation call; None where the ISA has no such kernel."""
+        if self._lut is None and self.data is not None and self.isa in native.LUT_ISAS:
+            codes = native.unpack(self.data, self.bits, *self._shape)  # tap-major for a conv
+            self._lut = native.lut_pack(codes, self.levels, self.conv)
+        return self._lut
 
     def __repr__(self) -> str:
         n, k = self._shape
@@ -259,7 +274,9 @@ def linear(
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
     y = x.new_empty((*x.shape[:-1], n))
-    native.call(weight.call_args, x, x.numel() // k if k else 0, bias, y, activations, threads)
+    lut = weight.lut if activations == "fp32" else None
+    m = x.numel() // k if k else 0
+    native.call(weight.call_args, x, m, bias, y, activations, threads, lut)
     return y
 
 
@@ -342,6 +359,7 @@ def conv2d(
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
     x = x.contiguous(memory_format=torch.channels_last)
+    lut = weight.lut if activations == "fp32" else None
     return native.conv2d(
-        weight.call_args, x, bias, kernel_size, stride, padding, dilation, activations, threads
+        weight.call_args, x, bias, kernel_size, stride, padding, dilation, activations, threads, lut
     )

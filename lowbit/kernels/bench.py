@@ -7,8 +7,10 @@ package), batch and level count it times
   fp32 activations, for levels 2, 3, 5, 9, 17;
 * the baselines ``F.linear`` / ``F.conv2d`` with fp32 weights and with bf16 weights + inputs.
 
-All variants of one (shape, batch) run round-robin, one call each per round, so a noisy
-neighbour slows them alike; the figure is the median over rounds. Two weight regimes:
+All variants of one (shape, batch) are interleaved, one call each per round in a fresh random
+order every round (a fixed rotation would bias each variant by its predecessor's cache traffic:
+the same kernel measured 81 us after itself and 136-144 us after a torch call), so a noisy
+neighbour slows them alike; the figure is the median over rounds. Weight regimes:
 
 * ``cache``: the same weight every call (packed 4096x4096 ternary, 4 MiB, stays in L3);
 * ``stream``: calls cycle through distinct copies totalling >= 256 MiB per variant, so every
@@ -21,7 +23,7 @@ neighbour slows them alike; the figure is the median over rounds. Two weight reg
   after three passes, 105-130 after ten). ``hot`` measures the weights cache-resident.
 
 Columns: median time (us), packed weight GB/s (packed bytes / time), G MAC/s, and the speed-ups
-over fp32 and bf16 of the same round-robin.
+over fp32 and bf16 of the same interleaved run.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import io
 import math
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -114,10 +117,15 @@ def machine() -> dict:
     }
 
 
-def _packed_bytes(out_features: int, in_features: int, levels: int) -> int:
-    """Bytes of the prepared weight (the compute layout, K padded; one byte a code where the
-    backend keeps plain codes)."""
+def _packed_bytes(
+    out_features: int, in_features: int, levels: int, activations: str = "int8"
+) -> int:
+    """Bytes of the prepared weight the mode reads (the compute layout, K padded: the lane
+    layout for int8, the lookup-table indices for fp32 where the ISA has that kernel; one byte
+    a code where the backend keeps plain codes)."""
     w = kernels.prepare(torch.zeros(1, in_features, dtype=torch.uint8), torch.ones(()), levels)
+    if activations == "fp32" and w.lut is not None:
+        return out_features * w.lut.numel() * 4 // 16  # one row of a 16-row block
     per_row = w.kp * w.bits // 8 if w.data is not None else in_features
     return out_features * per_row
 
@@ -164,14 +172,17 @@ def _variants(shape: Shape, batch: int, stream: bool, levels: tuple[int, ...], m
             },
         )
     for lv in levels:
-        pb = _packed_bytes(n, k, lv)
+        pbs = {act: _packed_bytes(n, k, lv, act) for act in modes}
         codes = torch.randint(0, lv, (n, k), generator=g, dtype=torch.uint8)
         layout = {"conv": (shape.c_in, (shape.kernel,) * 2)} if conv else {}
         prepared = [
             kernels.prepare(codes, torch.rand(n, generator=g) + 0.1, lv, **layout)
-            for _ in range(_copies(pb, stream))
+            for _ in range(_copies(min(pbs.values()), stream))
         ]
+        for w in prepared if "fp32" in modes else ():
+            _ = w.lut  # the lookup-table layout is derived on first use: not in the timings
         for act in modes:
+            pb = pbs[act]
             if conv:
                 fn = cycler(
                     prepared,
@@ -201,10 +212,12 @@ def _time_round_robin(
     rounds = int(max(min_rounds, min(max_rounds, budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in variants}  # seconds per call
     order = list(variants.items())
-    for i in range(rounds):
-        # rotate the order round by round: the call right after a torch op shares the cores
-        # with torch's OpenMP workers, which keep spinning for a while after each op
-        for name, (fn, _) in order[i % len(order) :] + order[: i % len(order)]:
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        # a fresh random order each round: every variant follows every other (and itself)
+        # equally often on average, so no one inherits a fixed predecessor's cache traffic
+        shuffle(order)
+        for name, (fn, _) in order:
             for _ in range(warm_calls):
                 fn()
             t = time.perf_counter()
@@ -241,7 +254,7 @@ def run(
             for batch in batches if regime == "cache" else (1,):
                 if progress:
                     progress(f"{shape.name} batch {batch} {regime}")
-                modes = ("int8", "fp32") if regime == "cache" else ("int8",)
+                modes = ("int8",) if regime == "stream" else ("int8", "fp32")
                 warm_calls = HOT_WARM_CALLS if regime == "hot" else 0
                 torch.set_num_threads(threads)
                 try:
@@ -355,6 +368,48 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
     t32 = get("square-4096", 32, "L3-int8")
     if t32:
         out.append(("ternary 4096x4096 b32 >= 2x fp32", *ratio(t32, "speedup_vs_fp32", 2)))
+    out += _weight_only_targets(get, ratio)
+    return out
+
+
+def _weight_only_targets(get, ratio) -> list[tuple[str, str, bool | None]]:
+    """Issue 12: fp32 activations (the lookup-table kernel) against fp32 torch and int8."""
+    out: list[tuple[str, str, bool | None]] = []
+    t = get("square-4096", 1, "L3-fp32")
+    if t:
+        out.append(
+            ("weight-only ternary 4096x4096 b1 >= 10x fp32", *ratio(t, "speedup_vs_fp32", 10))
+        )
+    for regime in ("cache", "hot"):
+        w, i = get("square-4096", 1, "L3-fp32", regime), get("square-4096", 1, "L3-int8", regime)
+        if w and i:
+            out.append(
+                (
+                    f"weight-only ternary b1 within 1.3x of int8 ({regime})",
+                    f"{round(w['median_us'] / i['median_us'], 2)}x: {w['median_us']} vs "
+                    f"{i['median_us']} us (best-of {w['min_us']} vs {i['min_us']})",
+                    w["median_us"] <= 1.3 * i["median_us"],
+                )
+            )
+    b, t = get("square-4096", 1, "L2-fp32", "hot"), get("square-4096", 1, "L3-fp32", "hot")
+    if b and t:
+        out.append(
+            (
+                "weight-only binary at least as fast as ternary (b1, hot)",
+                f"{b['median_us']} vs {t['median_us']} us (best-of {b['min_us']} vs {t['min_us']})",
+                b["median_us"] <= t["median_us"] * 1.05,
+            )
+        )
+    f = get("square-4096", 1, "L5-fp32")
+    if f:
+        out.append(
+            ("weight-only 5 levels 4096x4096 b1 >= 5x fp32", *ratio(f, "speedup_vs_fp32", 5))
+        )
+    t32 = get("square-4096", 32, "L3-fp32")
+    if t32:
+        out.append(
+            ("weight-only ternary 4096x4096 b32 >= 3x fp32", *ratio(t32, "speedup_vs_fp32", 3))
+        )
     return out
 
 
@@ -364,10 +419,11 @@ def markdown(info: dict, rows: list[dict]) -> str:
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += [
         "",
-        "Medians of interleaved round-robin calls (all variants of a shape and batch alternate, "
-        "one call each per round), speed-ups over torch fp32 and bf16 measured in the same "
-        "round-robin. The machine is shared with other jobs: the load average above shows the "
-        "contention (with a load above the 2 cores, every process gets a fraction of a core and "
+        "Medians of interleaved calls (all variants of a shape and batch alternate, one call "
+        "each per round in a fresh random order every round), speed-ups over torch fp32 and "
+        "bf16 measured in the same interleaved run. The machine is shared with other jobs: the "
+        "load average above shows the contention (with a load above the 2 cores, every process "
+        "gets a fraction of a core and "
         "medians measure the scheduler as much as the code); the best-of-rounds columns (the "
         "fastest call of each variant, also interleaved) estimate the uncontended speed.",
         "",
@@ -383,9 +439,14 @@ def markdown(info: dict, rows: list[dict]) -> str:
         "activations (s8 operand); the level offset (N-1)/2 is applied once per output through "
         "the token's activation sum, acc = 2 sum c q - (N-1) sum q, exact in int32, then one "
         "float64 rescale as in the reference: results equal the reference bit for bit.",
-        "- fp32 activations: codes -> float levels through a 16-entry `vpermps` table, FMA in "
-        "float32 (equal to the reference up to summation order). Much slower than int8 (FMA "
-        "does 16 MACs an instruction, `vpdpbusd` 64).",
+        "- fp32 activations (weight-only models; AVX-512 and portable): lookup tables, no "
+        "multiplications and no activation quantization. Per token and group of g weights the "
+        "sums of x over every pattern the group can take are tabled once (ternary: g = 3, 27 "
+        "patterns; 5 levels: g = 2, 25; other N: bit planes of g = 5, 32 patterns), the weight "
+        "is stored as 5-bit table indices (ternary 1.67 bits a weight), and one `vpermt2ps` "
+        "(a 32-entry float32 table in two registers) + one add does one group for 16 rows. "
+        "Float32 sums: within the error bound stated in the C file (tests check it). AVX2 "
+        "keeps the older level-table + FMA path.",
         "- Convolutions: the weight columns are stored tap-major (kernel row, column, channel) "
         "and the kernel reads the patches in place from a zero-padded channels-last copy of the "
         "image (quantized to int8 in the same pass), no im2col matrix, where C_in is a multiple "

@@ -24,7 +24,10 @@ import os
 import torch
 
 ISAS = ("portable", "avx2", "avx512")
-ABI_VERSION = 6  # lb_version() of the C library this binding matches (layout, signatures)
+# ISAs whose fp32-activation path is the lookup-table kernel (``lut_pack``); AVX2 keeps the
+# level-table FMA tiles of the lane layout (a 32-entry table costs it four 8-entry lookups)
+LUT_ISAS = ("portable", "avx512")
+ABI_VERSION = 7  # lb_version() of the C library this binding matches (layout, signatures)
 MAX_LEVELS = 17
 ROWS = 8  # rows per block of the compute layout
 
@@ -49,8 +52,18 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.lb_pack.restype = None
     lib.lb_quantize_i8.argtypes = [i32, p, i64, i64, i64, p, p, p]
     lib.lb_quantize_i8.restype = None
-    lib.lb_conv2d.argtypes = [i32, i32, p, p, p, i64, i64, i32, i32, p, i32, p, p, i32]
+    lib.lb_conv2d.argtypes = [i32, i32, p, p, p, i64, i64, i32, i32, p, i32, p, p, i32, p]
     lib.lb_conv2d.restype = i32
+    lib.lb_lut_shape.argtypes = [i32, p]
+    lib.lb_lut_shape.restype = None
+    lib.lb_lut_segments.argtypes = [i64, i64]
+    lib.lb_lut_segments.restype = i64
+    lib.lb_lut_size.argtypes = [i32, i64, i64, i64]
+    lib.lb_lut_size.restype = i64
+    lib.lb_lut_pack.argtypes = [p, i64, i64, i32, i64, p]
+    lib.lb_lut_pack.restype = None
+    lib.lb_linear_lut.argtypes = [i32, p, i64, i64, p, i64, i32, p, i32, p, p, i32]
+    lib.lb_linear_lut.restype = i32
     linear_args = [i32, p, i64, i64, p, i64, i64, i32, i32, p, i32, p, p, i32]
     for fn in (lib.lb_linear_i8, lib.lb_linear_f32):
         fn.argtypes = linear_args
@@ -143,6 +156,32 @@ def unpack(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
     return codes.reshape(n, -1)[:, :k].contiguous()
 
 
+def lut_shape(levels: int) -> tuple[int, int, int]:
+    """(D, g, P) of the lookup-table kernel: P planes of base-D digits, g weights a table."""
+    lib = load()
+    assert lib is not None
+    out = (ctypes.c_int * 3)()
+    lib.lb_lut_shape(levels, ctypes.addressof(out))
+    return out[0], out[1], out[2]
+
+
+def lut_pack(
+    codes: torch.Tensor, levels: int, conv: tuple[int, tuple[int, int]] | None = None
+) -> torch.Tensor:
+    """codes (N_out, K) uint8 (``tap_major`` for a conv) -> the lookup-table kernel's index
+    layout: (ceil(N_out / 16), planes, words, 16) 32-bit words of six 5-bit table indices,
+    flattened, as int32 (the C file's header draws the bits). A conv with enough channels
+    starts every tap on a word of its own (``lb_lut_segments``). A pure function of the codes."""
+    lib = load()
+    assert lib is not None
+    codes = codes.contiguous()
+    n, k = codes.shape
+    seg = 1 if conv is None else lib.lb_lut_segments(conv[0], conv[1][0] * conv[1][1])
+    out = torch.empty(lib.lb_lut_size(levels, n, k, seg), dtype=torch.int32)
+    lib.lb_lut_pack(codes.data_ptr(), n, k, levels, seg, out.data_ptr())
+    return out
+
+
 def quantize_i8(
     x: torch.Tensor, kp: int, isa: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -212,9 +251,32 @@ def call(
     y: torch.Tensor,
     activations: str,
     threads: int | None,
+    lut: torch.Tensor | None = None,
 ) -> None:
-    """y (M, N_out) = x (M, K) W^T + b, all float32 contiguous, with ``weight_args``'s weight."""
+    """y (M, N_out) = x (M, K) W^T + b, all float32 contiguous, with ``weight_args``'s weight
+    (fp32 activations with ``lut``, the weight's ``lut_pack`` layout: the lookup-table kernel)."""
     isa, k = wargs[:2]
+    if lut is not None and activations == "fp32":
+        _, _, _, n, _, _, levels, sptr, per_channel = wargs[:9]
+        bptr = bias.data_ptr() if bias is not None else None
+        nthreads = threads or torch.get_num_threads()
+        rc = _lib.lb_linear_lut(  # type: ignore[union-attr]
+            isa,
+            x.data_ptr(),
+            m,
+            k,
+            lut.data_ptr(),
+            n,
+            levels,
+            sptr,
+            per_channel,
+            bptr,
+            y.data_ptr(),
+            nthreads,
+        )
+        if rc != 0:
+            raise MemoryError(f"packed linear ({m}x{k} by {n}x{k}) could not allocate its tables")
+        return
     fn = _lib.lb_linear_i8 if activations == "int8" else _lib.lb_linear_f32  # type: ignore[union-attr]
     if fn(isa, x.data_ptr(), m, k, *_weight_tail(wargs, bias, y, threads)) != 0:
         n = wargs[3]
@@ -246,9 +308,11 @@ def conv2d(
     dilation: tuple[int, int],
     activations: str,
     threads: int | None,
+    lut: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (B, C, H, W) float32 channels-last contiguous -> (B, N_out, Ho, Wo), a channels-last
-    view of the kernel's (B * Ho * Wo, N_out) output; weight packed from ``tap_major`` codes."""
+    view of the kernel's (B * Ho * Wo, N_out) output; weight packed from ``tap_major`` codes
+    (and ``lut``, their ``lut_pack`` layout, for the lookup-table kernel of fp32 activations)."""
     isa, n = wargs[0], wargs[3]
     b, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
@@ -259,6 +323,7 @@ def conv2d(
         dims = (ctypes.c_int64 * 14)(b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
         int8 = int(activations == "int8")
         tail = _weight_tail(wargs, bias, y, threads)
-        if _lib.lb_conv2d(isa, int8, x.data_ptr(), ctypes.addressof(dims), *tail) != 0:  # type: ignore[union-attr]
+        lptr = lut.data_ptr() if lut is not None and not int8 else None
+        if _lib.lb_conv2d(isa, int8, x.data_ptr(), ctypes.addressof(dims), *tail, lptr) != 0:  # type: ignore[union-attr]
             raise MemoryError(f"packed conv2d on {tuple(x.shape)} could not allocate its buffers")
     return y.permute(0, 3, 1, 2)

@@ -74,7 +74,7 @@ enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
  * bytes of one group of a row block; MAX_CHUNK_TOKENS: tokens per work item */
 enum { ROWS = 8, BLOCK_GROUP = ROWS * 64, MAX_CHUNK_TOKENS = 32 };
 
-LB_EXPORT int lb_version(void) { return 6; }
+LB_EXPORT int lb_version(void) { return 7; }
 
 LB_EXPORT int lb_isa(void) {
     __builtin_cpu_init();
@@ -891,6 +891,442 @@ LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* fp32 activations by table lookup: no multiplications, no activation quantization           */
+/* ---------------------------------------------------------------------------------------- */
+
+/* The weight-only (fp32-activation) kernel of AVX-512 and portable machines (AVX2 machines keep
+ * the level-table FMA tiles above). LUT-GEMM / T-MAC's idea: a row's dot product with a token
+ * x is a sum over groups of g consecutive weights, and a group can meet only few patterns, so
+ * the sums of x over every pattern are computed once per token, and each packed weight group
+ * becomes one table index and one add.
+ *
+ * Digits. Every code c is written as P digit planes of base D, by the level count N:
+ *
+ *   N = 3:        D = 3, g = 3, P = 1, digit = c            (3^3 = 27 patterns)
+ *   N = 5:        D = 5, g = 2, P = 1, digit = c            (5^2 = 25 patterns)
+ *   other N:      D = 2, g = 5, P = ceil(log2 N), digit p = bit p of c  (2^5 = 32 patterns)
+ *
+ * and a digit d stands for the signed value v(d) = d - (D - 1) / 2 (-1, 0, 1 / -2..2 / +-1/2),
+ * so that the level of a weight is
+ *
+ *   c - (N - 1) / 2  =  sum_p 2^p v(d_p)  +  corr,    corr = (2^P - N) / 2  (0 unless D = 2
+ *                                                      and N is not a power of 2; 17: 7.5)
+ *
+ * Tables (per token t, per group i of weights k = g i .. g i + g - 1, 32 float32 entries):
+ *
+ *   T[t, i, e] = sum_{q<g} v(digit q of e) * x[t, g i + q]   (e = sum_q d_q D^q; entries >= D^g
+ *                                                             are 0 and never indexed)
+ *
+ * computed left to right (q = 0 first) in float32: every product is exact (v is 0, +-1/2, +-1
+ * or +-2), so an entry is the float32 sum of g exact terms. Both paths use the same operations.
+ *
+ * Index layout (built once at prepare, lb_lut_pack, from the codes alone): rows in blocks of
+ * 16, one uint32 per (row block, plane, word w, row) holding the indices of groups 6w .. 6w+5
+ * in 5-bit fields (bits 5s .. 5s+4 = group 6w + s, bits 30-31 zero):
+ *
+ *     uint32 of row r, word w:  | 0 0 | e(6w+5) | e(6w+4) | ... | e(6w+1) | e(6w) |
+ *                                31 30 29     25 24     20        9      5 4      0
+ *
+ * stored (blocks, P, W, 16) so a row block is one sequential stream; K is padded with digit-0
+ * weights to W = ceil(ceil(K / g) / 6) words (their activations are zero, T = 0 there). Bits a
+ * weight: 5/3 (ternary, entropy 1.585), 5/5 x P (binary 1.0), 5/2 (5 levels).
+ *
+ * Kernel: for 16 rows at once, `vpermt2ps` (two 16-float registers = one 32-entry table) looks
+ * up the 16 rows' entries of group i from the 16 indices of a register (it reads only the 5
+ * low bits of each 32-bit lane, so one shift per group selects the field), and a `vaddps`
+ * accumulates. Per plane, each row sums its groups in order i = 0, 1, ... in float32; planes
+ * combine from the top, acc = 2 acc + acc_p (exact doubling), then
+ *
+ *   y[t, n] = s[n] * (acc[t, n] + corr * sum_k x[t, k]) + b[n]          (float32)
+ *
+ * Error (u = 2^-24): acc is a float32 sum of G * P + g entries' roundings, so against the exact
+ * value  |y - y_exact| <= (g + G + P + 2) u * |s[n]| * sum_k |x[t,k]| * A + |b| u,  with
+ * A = max_c sum_p 2^p |v(d_p)| + |corr| (1 for N = 2, 3 and 5 ... 2 for N = 5, (2^P - 1)/2 + corr
+ * for bit planes) and G = ceil(K / g); the reference (float32 F.linear) has its own error of the
+ * same order. tests/test_kernels.py checks this bound against a float64 product and checks the
+ * AVX-512 and portable paths bit for bit against each other (same operations, same order).
+ */
+
+enum { LUT_ENTRIES = 32, LUT_GROUPS_PER_WORD = 6, LUT_ROWS = 16, LUT_FIELD = 5 };
+/* tokens per work item: up to 32, fewer where the tables of a token block would leave L2 */
+enum { LUT_TABLE_BUDGET = 256 * 1024 };
+
+typedef struct {
+    int base, group, planes;
+    float corr;
+} lut_shape;
+
+static lut_shape lut_shape_of(int levels) {
+    lut_shape s = {2, 5, 0, 0.0f};
+    if (levels == 3) {
+        s.base = 3, s.group = 3, s.planes = 1;
+    } else if (levels == 5) {
+        s.base = 5, s.group = 2, s.planes = 1;
+    } else {
+        while ((1 << s.planes) < levels) s.planes++;
+        s.corr = (float)((1 << s.planes) - levels) / 2.0f;
+    }
+    return s;
+}
+
+static int64_t lut_words(const lut_shape *s, int64_t k) { /* W: index words a row and plane */
+    const int64_t groups = (k + s->group - 1) / s->group;
+    return (groups + LUT_GROUPS_PER_WORD - 1) / LUT_GROUPS_PER_WORD;
+}
+
+/* The digit planes of `levels`: out = {D, g, P} (the header's table). */
+LB_EXPORT void lb_lut_shape(int levels, int *out) {
+    const lut_shape s = lut_shape_of(levels);
+    out[0] = s.base, out[1] = s.group, out[2] = s.planes;
+}
+
+/* A convolution with at least this many input channels gets tables per image pixel (each tap's
+ * channels padded to whole words; see lut_conv); fewer channels gather patches into rows. */
+enum { LUT_MIN_TAP_CHANNELS = 16 };
+
+/* The segments of the index layout of a conv weight with `taps` taps of `c` channels: `taps`
+ * (tables per pixel) or 1 (one segment of K = taps * c columns, tables per patch). */
+LB_EXPORT int64_t lb_lut_segments(int64_t c, int64_t taps) {
+    return c >= LUT_MIN_TAP_CHANNELS ? taps : 1;
+}
+
+/* uint32 words of the index layout of an (n, k) weight in `seg` segments of k / seg columns. */
+LB_EXPORT int64_t lb_lut_size(int levels, int64_t n, int64_t k, int64_t seg) {
+    const lut_shape s = lut_shape_of(levels);
+    return (n + LUT_ROWS - 1) / LUT_ROWS * s.planes * seg * lut_words(&s, k / seg) * LUT_ROWS;
+}
+
+/* codes (n, k) uint8 -> the index layout (lb_lut_size words). Column kk is channel kk % c of
+ * segment kk / c (c = k / seg), which starts a word of its own: segment j's groups are
+ * j * wps * 6 + (0 .. ceil(c / g) - 1), wps = words a segment. */
+LB_EXPORT void lb_lut_pack(const uint8_t *codes, int64_t n, int64_t k, int levels, int64_t seg,
+                           uint32_t *out) {
+    const lut_shape s = lut_shape_of(levels);
+    const int64_t c = k / seg, wps = lut_words(&s, c), W = seg * wps;
+    const int64_t block = s.planes * W * LUT_ROWS;
+    memset(out, 0, (size_t)lb_lut_size(levels, n, k, seg) * sizeof(uint32_t));
+    for (int64_t r = 0; r < n; r++)
+        for (int p = 0; p < s.planes; p++) {
+            uint32_t *o = out + (r / LUT_ROWS) * block + p * W * LUT_ROWS + r % LUT_ROWS;
+            for (int64_t j = 0; j < seg; j++)
+                for (int64_t i = 0; i * s.group < c; i++) {
+                    const uint8_t *cr = codes + r * k + j * c + i * s.group;
+                    uint32_t e = 0, mul = 1;
+                    for (int q = 0; q < s.group && i * s.group + q < c; q++) {
+                        e += (s.base == 2 ? (cr[q] >> p) & 1u : cr[q]) * mul;
+                        mul *= (uint32_t)s.base;
+                    }
+                    const int64_t gi = j * wps * LUT_GROUPS_PER_WORD + i;
+                    o[(gi / LUT_GROUPS_PER_WORD) * LUT_ROWS] |=
+                        e << (LUT_FIELD * (gi % LUT_GROUPS_PER_WORD));
+                }
+        }
+}
+
+/* The digit values of every entry: L[q * 32 + e] = v(digit q of e), 0 for e >= D^g. */
+static void lut_digit_values(const lut_shape *s, float *L) {
+    int patterns = 1;
+    for (int q = 0; q < s->group; q++) patterns *= s->base;
+    for (int q = 0, div = 1; q < s->group; q++, div *= s->base)
+        for (int e = 0; e < LUT_ENTRIES; e++)
+            L[q * LUT_ENTRIES + e] =
+                e < patterns ? (float)((e / div) % s->base) - (float)(s->base - 1) / 2.0f : 0.0f;
+}
+
+/* Tables of one token: x (G * g floats, zero-padded) -> tab (G, 32). */
+T512 static void lut_tables_512(const float *x, int64_t groups, int g, const float *L, float *tab) {
+    __m512 lo[5], hi[5];
+    for (int q = 0; q < g; q++)
+        lo[q] = _mm512_loadu_ps(L + q * 32), hi[q] = _mm512_loadu_ps(L + q * 32 + 16);
+    for (int64_t i = 0; i < groups; i++) {
+        const float *xi = x + i * g;
+        __m512 a = _mm512_mul_ps(lo[0], _mm512_set1_ps(xi[0]));
+        __m512 b = _mm512_mul_ps(hi[0], _mm512_set1_ps(xi[0]));
+        for (int q = 1; q < g; q++) {
+            const __m512 v = _mm512_set1_ps(xi[q]);
+            a = _mm512_fmadd_ps(lo[q], v, a); /* the product is exact: fma rounds as an add */
+            b = _mm512_fmadd_ps(hi[q], v, b);
+        }
+        _mm512_storeu_ps(tab + i * 32, a);
+        _mm512_storeu_ps(tab + i * 32 + 16, b);
+    }
+}
+
+static void lut_tables_generic(const float *x, int64_t groups, int g, const float *L, float *tab) {
+    for (int64_t i = 0; i < groups; i++)
+        for (int e = 0; e < LUT_ENTRIES; e++) {
+            float a = L[e] * x[i * g];
+            for (int q = 1; q < g; q++) a += L[q * LUT_ENTRIES + e] * x[i * g + q];
+            tab[i * 32 + e] = a;
+        }
+}
+
+/* out[(t * R + r) * 16 + lane] = sum over planes and groups of row block r, token t. */
+LB_INLINE T512 void lut_tile_512(const uint32_t *w, int64_t block, int planes, int64_t W,
+                                 const int64_t *woff, const float *const *tab, const int R,
+                                 const int T, float *out) {
+    for (int p = planes - 1; p >= 0; p--) {
+        __m512 acc[8][4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+        const uint32_t *wp = w + p * W * LUT_ROWS;
+        for (int64_t v = 0; v < W; v++) {
+            __m512i idx[8];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++)
+                idx[r] = _mm512_loadu_si512(wp + r * block + v * LUT_ROWS);
+#pragma GCC unroll 1
+            for (int s = 0; s < LUT_GROUPS_PER_WORD; s++) {
+                const __m128i count = _mm_cvtsi32_si128(LUT_FIELD * s);
+                __m512 lo[4], hi[4];
+#pragma GCC unroll 4
+                for (int t = 0; t < T; t++) {
+                    const float *tg = tab[t] + woff[v] + s * LUT_ENTRIES;
+                    lo[t] = _mm512_loadu_ps(tg), hi[t] = _mm512_loadu_ps(tg + 16);
+                }
+#pragma GCC unroll 8
+                for (int r = 0; r < R; r++) {
+                    const __m512i e = _mm512_srl_epi32(idx[r], count);
+#pragma GCC unroll 4
+                    for (int t = 0; t < T; t++)
+                        acc[r][t] =
+                            _mm512_add_ps(acc[r][t], _mm512_permutex2var_ps(lo[t], e, hi[t]));
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++)
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                float *o = out + (t * R + r) * LUT_ROWS;
+                __m512 v = acc[r][t];
+                if (p < planes - 1) v = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(o),
+                                                                    _mm512_loadu_ps(o)), v);
+                _mm512_storeu_ps(o, v);
+            }
+    }
+}
+
+T512 static void lut_tiles_512(const uint32_t *w, int64_t block, int planes, int64_t W,
+                               const int64_t *woff, const float *const *tab, int R, int T,
+                               float *out) {
+    if (R == 8 && T == 1) lut_tile_512(w, block, planes, W, woff, tab, 8, 1, out);
+    else if (R == 4 && T == 4) lut_tile_512(w, block, planes, W, woff, tab, 4, 4, out);
+    else if (R == 1 && T == 4) lut_tile_512(w, block, planes, W, woff, tab, 1, 4, out);
+    else lut_tile_512(w, block, planes, W, woff, tab, 1, 1, out);
+}
+
+/* The same sums in the same order, one lane at a time. */
+static void lut_tiles_generic(const uint32_t *w, int64_t block, int planes, int64_t W,
+                              const int64_t *woff, const float *const *tab, int R, int T,
+                              float *out) {
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < R * LUT_ROWS; r++) {
+            float total = 0.0f;
+            for (int p = planes - 1; p >= 0; p--) {
+                const uint32_t *wr = w + (r / LUT_ROWS) * block + p * W * LUT_ROWS + r % LUT_ROWS;
+                float a = 0.0f;
+                for (int64_t v = 0; v < W; v++) {
+                    const uint32_t word = wr[v * LUT_ROWS];
+                    const float *tg = tab[t] + woff[v];
+                    for (int s = 0; s < LUT_GROUPS_PER_WORD; s++)
+                        a += tg[s * LUT_ENTRIES + ((word >> (LUT_FIELD * s)) & 31u)];
+                }
+                total = p == planes - 1 ? a : (total + total) + a;
+            }
+            out[(t * R + r / LUT_ROWS) * LUT_ROWS + r % LUT_ROWS] = total;
+        }
+}
+
+typedef struct {
+    int isa;
+    lut_shape sh;
+    float L[5 * LUT_ENTRIES];
+    int64_t m, n, k, W, block, nblocks;
+    const uint32_t *w;
+    const float *scale, *bias;
+    int per_channel;
+    float *y;
+    const float *x;             /* token t, chunk c (64 floats) at x + toff[t] + coff[c] */
+    const int64_t *toff, *coff;
+    int64_t nch;
+    int64_t tokens_per_chunk, token_chunks, blocks_per_chunk;
+    int64_t tab_floats, row_floats; /* a token's tables (W * 6 * 32), its padded row (W*6*g) */
+    const int64_t *woff;            /* word v's tables at a token's tables + woff[v] (floats) */
+    /* tables built per chunk (linear, gathered patches): per-thread slots of tables, a row,
+     * token sums, and the token block a slot holds (-1: none) */
+    int nslots;
+    float *tabs, *rows, *sums;
+    int64_t *owner;
+    /* or prebuilt (lut_conv): token t's tables at fixed + ttab[t], its sum of x tsum[t] */
+    const float *fixed, *tsum;
+    const int64_t *ttab;
+} lut_job;
+
+static int worker_slot(int nslots) {
+#ifdef _OPENMP
+    const int id = omp_get_thread_num();
+    return id < nslots ? id : 0; /* a serial loop (nested call) runs on one thread only */
+#else
+    (void)nslots;
+    return 0;
+#endif
+}
+
+/* The tables of tokens t0 .. t1-1 into a slot (and each token's sum of x when corr != 0). */
+static void lut_build(const lut_job *j, int slot, int64_t t0, int64_t t1) {
+    float *row = j->rows + slot * j->row_floats;
+    const int64_t groups = j->W * LUT_GROUPS_PER_WORD;
+    for (int64_t t = t0; t < t1; t++) {
+        for (int64_t c = 0; c < j->nch; c++) {
+            const int64_t len = j->k - 64 * c < 64 ? j->k - 64 * c : 64;
+            memcpy(row + 64 * c, j->x + j->toff[t] + j->coff[c], (size_t)len * sizeof(float));
+        }
+        memset(row + j->k, 0, (size_t)(j->row_floats - j->k) * sizeof(float));
+        float *tab = j->tabs + (slot * j->tokens_per_chunk + (t - t0)) * j->tab_floats;
+        if (j->isa == ISA_AVX512) lut_tables_512(row, groups, j->sh.group, j->L, tab);
+        else lut_tables_generic(row, groups, j->sh.group, j->L, tab);
+        float sx = 0.0f;
+        if (j->sh.corr != 0.0f)
+            for (int64_t i = 0; i < j->k; i++) sx += row[i];
+        j->sums[slot * j->tokens_per_chunk + (t - t0)] = sx;
+    }
+}
+
+static void lut_chunk(const void *ctx, int64_t chunk) {
+    const lut_job *j = ctx;
+    const int64_t tc = chunk % j->token_chunks, bc = chunk / j->token_chunks;
+    const int64_t t0 = tc * j->tokens_per_chunk;
+    const int64_t t1 = t0 + j->tokens_per_chunk < j->m ? t0 + j->tokens_per_chunk : j->m;
+    const int64_t b0 = bc * j->blocks_per_chunk;
+    const int64_t b1 = b0 + j->blocks_per_chunk < j->nblocks ? b0 + j->blocks_per_chunk : j->nblocks;
+    const float *tabs = NULL, *sums = j->tsum ? j->tsum + t0 : NULL;
+    if (!j->fixed) {
+        const int slot = worker_slot(j->nslots);
+        if (j->owner[slot] != tc) {
+            lut_build(j, slot, t0, t1);
+            j->owner[slot] = tc;
+        }
+        tabs = j->tabs + slot * j->tokens_per_chunk * j->tab_floats;
+        sums = j->sums + slot * j->tokens_per_chunk;
+    }
+    float out[4 * 8 * LUT_ROWS];
+    for (int64_t b = b0; b < b1;) {
+        const int R = j->isa != ISA_AVX512 ? 1 : (b1 - b >= 8 ? 8 : (b1 - b >= 4 ? 4 : 1));
+        for (int64_t t = t0; t < t1;) {
+            int T = t1 - t >= 4 ? 4 : 1, RR = R;
+            if (T == 4 && RR == 8) RR = 4; /* tiles: 8x1, 4x4, 1x4, 1x1 row blocks x tokens */
+            if (T == 1 && RR == 4) RR = 1;
+            for (int64_t bb = b; bb < b + R; bb += RR) {
+                const float *tab[4];
+                for (int i = 0; i < T; i++)
+                    tab[i] = j->fixed ? j->fixed + j->ttab[t + i]
+                                      : tabs + (t - t0 + i) * j->tab_floats;
+                const uint32_t *w = j->w + bb * j->block;
+                if (j->isa == ISA_AVX512)
+                    lut_tiles_512(w, j->block, j->sh.planes, j->W, j->woff, tab, RR, T, out);
+                else
+                    lut_tiles_generic(w, j->block, j->sh.planes, j->W, j->woff, tab, RR, T, out);
+                for (int i = 0; i < T; i++) {
+                    const float off = j->sh.corr != 0.0f ? j->sh.corr * sums[t - t0 + i] : 0.0f;
+                    float *y = j->y + (t + i) * j->n;
+                    for (int64_t row = bb * LUT_ROWS; row < (bb + RR) * LUT_ROWS && row < j->n;
+                         row++) {
+                        const float acc = out[(i * RR + (row / LUT_ROWS - bb)) * LUT_ROWS +
+                                              row % LUT_ROWS];
+                        const float v = j->scale[j->per_channel ? row : 0] * (acc + off);
+                        y[row] = j->bias ? v + j->bias[row] : v;
+                    }
+                }
+            }
+            t += T;
+        }
+        b += R;
+    }
+}
+
+/* The job's shape: weight, output, words, token blocks and row-block chunks (m tokens). */
+static lut_job lut_setup(int isa, int64_t m, int64_t k, int64_t seg, const uint32_t *w,
+                         int64_t n, int levels, const float *scale, int per_channel,
+                         const float *bias, float *y, int *nthreads) {
+    lut_job j;
+    memset(&j, 0, sizeof j);
+    j.isa = isa == ISA_AVX512 ? ISA_AVX512 : ISA_PORTABLE;
+    j.sh = lut_shape_of(levels);
+    lut_digit_values(&j.sh, j.L);
+    j.m = m, j.n = n, j.k = k, j.w = w, j.scale = scale, j.bias = bias, j.y = y;
+    j.per_channel = per_channel;
+    j.nch = (k + 63) / 64;
+    j.W = seg * lut_words(&j.sh, k / seg);
+    j.block = j.sh.planes * j.W * LUT_ROWS;
+    j.nblocks = (n + LUT_ROWS - 1) / LUT_ROWS;
+    j.tab_floats = j.W * LUT_GROUPS_PER_WORD * LUT_ENTRIES;
+    j.row_floats = j.W * LUT_GROUPS_PER_WORD * j.sh.group;
+    if (j.row_floats < j.nch * 64) j.row_floats = j.nch * 64;
+    if ((double)m * (double)n * (double)k < 2.0e5) *nthreads = 1;
+    int64_t tb = LUT_TABLE_BUDGET / ((j.tab_floats + 1) * (int64_t)sizeof(float));
+    tb = tb < 4 ? 4 : (tb > MAX_CHUNK_TOKENS ? MAX_CHUNK_TOKENS : tb & ~(int64_t)3);
+    j.tokens_per_chunk = m < tb ? (m > 0 ? m : 1) : tb;
+    j.token_chunks = (m + j.tokens_per_chunk - 1) / j.tokens_per_chunk;
+    int64_t block_chunks = (4 * (int64_t)*nthreads + j.token_chunks - 1) / j.token_chunks;
+    block_chunks = block_chunks < 1 ? 1 : (block_chunks > j.nblocks ? j.nblocks : block_chunks);
+    j.blocks_per_chunk = (j.nblocks + block_chunks - 1) / block_chunks;
+    return j;
+}
+
+static void lut_go(lut_job *j, int nthreads) {
+    const int64_t nb = (j->nblocks + j->blocks_per_chunk - 1) / j->blocks_per_chunk;
+    parallel_for(lut_chunk, j, j->token_chunks * nb, nthreads);
+}
+
+/* Word v's tables one after the other: woff[v] = 6 * 32 * v. */
+static int64_t *lut_word_offsets(int64_t W) {
+    return row_offsets(W, LUT_GROUPS_PER_WORD * LUT_ENTRIES);
+}
+
+/* The lookup-table GEMM over activations addressed as toff/coff (token rows, or gathered patch
+ * rows), tables built per token block in per-thread slots. Returns 0, or -1 when out of
+ * memory. */
+static int lut_run(int isa, const float *x, const int64_t *toff, const int64_t *coff, int64_t m,
+                   int64_t k, const uint32_t *w, int64_t n, int levels, const float *scale,
+                   int per_channel, const float *bias, float *y, int nthreads) {
+    if (m <= 0 || n <= 0) return 0;
+    lut_job j = lut_setup(isa, m, k, 1, w, n, levels, scale, per_channel, bias, y, &nthreads);
+    j.x = x, j.toff = toff, j.coff = coff;
+    j.nslots = nthreads > 0 ? nthreads : 1;
+    j.tabs = xalloc((size_t)(j.nslots * j.tokens_per_chunk * j.tab_floats) * sizeof(float));
+    j.rows = xalloc((size_t)(j.nslots * j.row_floats) * sizeof(float));
+    j.sums = xalloc((size_t)(j.nslots * j.tokens_per_chunk) * sizeof(float));
+    j.owner = xalloc((size_t)j.nslots * sizeof(int64_t));
+    int64_t *woff = lut_word_offsets(j.W);
+    int rc = -1;
+    if (j.tabs && j.rows && j.sums && j.owner && woff) {
+        for (int i = 0; i < j.nslots; i++) j.owner[i] = -1;
+        j.woff = woff;
+        lut_go(&j, nthreads);
+        rc = 0;
+    }
+    free(j.tabs), free(j.rows), free(j.sums), free(j.owner), free(woff);
+    return rc;
+}
+
+/* y (m, n) = x (m, k) W^T + b with W in the index layout of lb_lut_pack. isa: AVX-512 or
+ * portable (any other runs the portable loop). Returns 0, or -1 when out of memory. */
+LB_EXPORT int lb_linear_lut(int isa, const float *x, int64_t m, int64_t k, const uint32_t *w,
+                            int64_t n, int levels, const float *scale, int per_channel,
+                            const float *bias, float *y, int nthreads) {
+    const int64_t nch = (k + 63) / 64;
+    int64_t *toff = row_offsets(m, k), *coff = row_offsets(nch, 64);
+    int rc = -1;
+    if (toff && coff)
+        rc = lut_run(isa, x, toff, coff, m, k, w, n, levels, scale, per_channel, bias, y, nthreads);
+    free(toff), free(coff);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* Convolution: NHWC input, weight columns in (kernel row, kernel column, channel) order      */
 /* ---------------------------------------------------------------------------------------- */
 
@@ -995,12 +1431,113 @@ static void run_fill(chunk_fn fn, conv_fill_job *f, int64_t count, int nthreads)
     parallel_for(fn, f, (count + f->per_chunk - 1) / f->per_chunk, nthreads);
 }
 
+/* fp32 convolution by lookup tables, C_in >= LUT_MIN_TAP_CHANNELS: a patch's group of g channels
+ * of tap (i, j) is a group of one pixel of the image, so the tables are built once per pixel of
+ * the zero-padded NHWC image (each tap's channels padded to whole words, lb_lut_pack with one
+ * segment a tap) rather than once per patch: kh * kw times fewer tables. Token t = (b, oy, ox)
+ * reads its word v (tap (i, j) = v / wps) at the tables of pixel (b, oy sh + i dh, ox sw + j dw):
+ *   ttab[t] = pixel(b, oy sh, ox sw) * gpp * 32,   woff[v] = (i dh Wp + j dw) * gpp * 32
+ *                                                            + (v % wps) * 6 * 32
+ * gpp = 6 wps groups a pixel. Images are taken in groups whose tables fit LUT_CONV_TABLES. */
+enum { LUT_CONV_TABLES = 64 << 20 };
+
+typedef struct {
+    const lut_job *j;
+    const float *img; /* padded NHWC images */
+    int64_t c, gpp, per_chunk, count;
+    float *tabs, *psum; /* per pixel: gpp tables, the sum of its channels (corr != 0) */
+} lut_pixel_job;
+
+static void lut_pixel_chunk(const void *ctx, int64_t chunk) {
+    const lut_pixel_job *f = ctx;
+    const lut_job *j = f->j;
+    const int64_t p1 = (chunk + 1) * f->per_chunk < f->count ? (chunk + 1) * f->per_chunk : f->count;
+    const int64_t width = f->gpp * j->sh.group;
+    float *row = xalloc((size_t)width * sizeof(float));
+    if (!row) return; /* lut_conv checks every pixel's mark below */
+    memset(row + f->c, 0, (size_t)(width - f->c) * sizeof(float));
+    for (int64_t p = chunk * f->per_chunk; p < p1; p++) {
+        memcpy(row, f->img + p * f->c, (size_t)f->c * sizeof(float));
+        float *tab = f->tabs + p * f->gpp * LUT_ENTRIES;
+        if (j->isa == ISA_AVX512) lut_tables_512(row, f->gpp, j->sh.group, j->L, tab);
+        else lut_tables_generic(row, f->gpp, j->sh.group, j->L, tab);
+        float sx = 0.0f;
+        if (j->sh.corr != 0.0f)
+            for (int64_t i = 0; i < f->c; i++) sx += row[i];
+        f->psum[p] = sx;
+    }
+    free(row);
+}
+
+static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, int64_t n,
+                    int levels, const float *scale, int per_channel, const float *bias, float *y,
+                    int nthreads) {
+    const int64_t taps = g.kh * g.kw, k = taps * g.c, px = g.hp * g.wp, outs = g.ho * g.wo;
+    int nt = nthreads;
+    lut_job j = lut_setup(isa, g.b * outs, k, taps, lut, n, levels, scale, per_channel, bias, y,
+                          &nt);
+    const int64_t wps = j.W / taps, gpp = wps * LUT_GROUPS_PER_WORD;
+    const int64_t per_image = px * gpp * LUT_ENTRIES * (int64_t)sizeof(float);
+    int64_t ib = LUT_CONV_TABLES / (per_image > 0 ? per_image : 1);
+    ib = ib < 1 ? 1 : (ib > g.b ? g.b : ib);
+    float *img = xalloc((size_t)(ib * px * g.c) * sizeof(float) + 64);
+    float *tabs = xalloc((size_t)(ib * per_image) + 64);
+    float *psum = xalloc((size_t)(ib * px) * sizeof(float) + 64);
+    float *tsum = xalloc((size_t)(ib * outs) * sizeof(float) + 64);
+    int64_t *ttab = xalloc((size_t)(ib * outs) * sizeof(int64_t) + 64);
+    int64_t *woff = xalloc((size_t)j.W * sizeof(int64_t) + 64);
+    int rc = -1;
+    if (!img || !tabs || !psum || !tsum || !ttab || !woff) goto done;
+    for (int64_t v = 0; v < j.W; v++) {
+        const int64_t tap = v / wps, i = tap / g.kw, jj = tap % g.kw;
+        woff[v] = ((i * g.dh * g.wp + jj * g.dw) * gpp + (v % wps) * LUT_GROUPS_PER_WORD) *
+                  LUT_ENTRIES;
+    }
+    for (int64_t b0 = 0; b0 < g.b; b0 += ib) {
+        conv_geom gg = g;
+        gg.b = g.b - b0 < ib ? g.b - b0 : ib;
+        memset(img, 0, (size_t)(gg.b * px * g.c) * sizeof(float));
+        conv_fill_job f = {isa, 0, gg, x + b0 * g.h * g.w * g.c, NULL, NULL, img, NULL, 0, 0, 0};
+        run_fill(fill_padded_chunk, &f, gg.b * g.h, nthreads);
+        memset(psum, 0xff, (size_t)(gg.b * px) * sizeof(float)); /* NaN: not built */
+        lut_pixel_job pj = {&j, img, g.c, gpp, 0, gg.b * px, tabs, psum};
+        pj.per_chunk = (pj.count + 4 * nthreads - 1) / (4 * nthreads);
+        pj.per_chunk = pj.per_chunk < 1 ? 1 : pj.per_chunk;
+        parallel_for(lut_pixel_chunk, &pj, (pj.count + pj.per_chunk - 1) / pj.per_chunk, nthreads);
+        for (int64_t p = 0; p < gg.b * px; p++)
+            if (psum[p] != psum[p]) goto done; /* a chunk could not allocate its row */
+        const int64_t m = gg.b * outs;
+        for (int64_t t = 0; t < m; t++) {
+            const int64_t b = t / outs, oy = (t % outs) / g.wo, ox = t % g.wo;
+            const int64_t pix = (b * g.hp + oy * g.sh) * g.wp + ox * g.sw;
+            ttab[t] = pix * gpp * LUT_ENTRIES;
+            float s = 0.0f;
+            if (j.sh.corr != 0.0f)
+                for (int64_t tap = 0; tap < taps; tap++)
+                    s += psum[pix + (tap / g.kw) * g.dh * g.wp + (tap % g.kw) * g.dw];
+            tsum[t] = s;
+        }
+        int nt2 = nthreads;
+        lut_job jj = lut_setup(isa, m, k, taps, lut, n, levels, scale, per_channel, bias,
+                               y + b0 * outs * n, &nt2);
+        jj.woff = woff, jj.fixed = tabs, jj.ttab = ttab, jj.tsum = tsum;
+        lut_go(&jj, nt2);
+    }
+    rc = 0;
+done:
+    free(img), free(tabs), free(psum), free(tsum), free(ttab), free(woff);
+    return rc;
+}
+
 /* y (B * Ho * Wo, N_out) = conv(x, W) + b; dims: b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho,
  * wo. Returns 0 on success, -1 when out of memory. */
 LB_EXPORT int lb_conv2d(int isa, int int8, const float *x, const int64_t *dims, const uint8_t *w,
                         int64_t n, int64_t kp, int bits, int levels, const float *scale,
-                        int per_channel, const float *bias, float *y, int nthreads) {
+                        int per_channel, const float *bias, float *y, int nthreads,
+                        const uint32_t *lut) {
     const conv_geom g = geom_from(dims);
+    if (!int8 && lut && lb_lut_segments(g.c, g.kh * g.kw) > 1)
+        return lut_conv(isa, x, g, lut, n, levels, scale, per_channel, bias, y, nthreads);
     const int64_t m = g.b * g.ho * g.wo, k = g.kh * g.kw * g.c, img = g.h * g.w * g.c;
     gemm_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
     const int direct = g.c % 64 == 0;
@@ -1014,7 +1551,7 @@ LB_EXPORT int lb_conv2d(int isa, int int8, const float *x, const int64_t *dims, 
     int32_t *csum = direct && int8 ? xalloc((size_t)(elements / 64) * sizeof(int32_t)) : NULL;
     int64_t *toff = xalloc((size_t)m * sizeof(int64_t)), *coff = row_offsets(j.nch, 64);
     int8_t *qimg = NULL;
-    float lut[16], lut_hi[16];
+    float lut16[16], lut_hi[16];
     int rc = -1;
     if (!buf || !a_img || !a || !sq || !toff || !coff || (direct && int8 && !csum)) goto done;
 
@@ -1051,10 +1588,15 @@ LB_EXPORT int lb_conv2d(int isa, int int8, const float *x, const int64_t *dims, 
         for (int64_t t = 0; t < m; t++) a[t] = a_img[t / (g.ho * g.wo)];
         j.q = buf, j.a = a, j.sq = sq;
     } else {
-        set_f32_tables(&j, lut, lut_hi);
+        set_f32_tables(&j, lut16, lut_hi);
         j.x = buf;
     }
     j.toff = toff, j.coff = coff;
+    if (!int8 && lut) {
+        rc = lut_run(isa, buf, toff, coff, m, k, lut, n, levels, scale, per_channel, bias, y,
+                     nthreads);
+        goto done;
+    }
     parallel_for(int8 ? i8_chunk : f32_chunk, &j, job_chunks(&j), nthreads);
     rc = 0;
 done:

@@ -1,0 +1,223 @@
+"""Peers in the same run: lowbit's packed ternary linear against onnxruntime's MatMulNBits.
+
+Claim checked (issue 12): lowbit's int8 mode is >= 1.2x faster than the fastest peer at batch 1
+and batch 8, on 1 and 2 threads, for ternary 4096x4096 and 11008x4096 (N_out x K) weights;
+lowbit's weight-only mode (fp32 activations, the lookup-table kernel) is shown beside them.
+
+Contenders, all holding the same ternary weight W = s * (c - 1), c in {0, 1, 2}:
+
+* ``lowbit-int8`` / ``lowbit-fp32``: ``lowbit.kernels.linear`` with int8 activations (per-token
+  absmax, exact integer dot products) / with fp32 activations (lookup tables, no quantization);
+* ``torch-fp32``: ``F.linear`` with the dequantized fp32 weight (the baseline of the ratios);
+* ``ort-q<bits>-b<block>-a<level>``: onnxruntime's ``com.microsoft.MatMulNBits`` with 2- or 4-bit
+  weights (q = c - 1 + 2^(bits-1), the default zero point), block 32 or 128 along K (one scale a
+  block, all = s), accuracy level 0 (fp32 activations) or 4 (activations quantized to int8 per
+  block, onnxruntime's fastest CPU path); one InferenceSession each, ``intra_op_num_threads`` =
+  the threads of the row, default session options otherwise (its workers spin between calls,
+  as shipped).
+
+ggml's TQ1_0 / TQ2_0 are not measured here (they need ggml built from source; not done).
+
+Timing: per (shape, batch, threads) every contender runs once per round in a fresh random order,
+so none inherits a fixed predecessor's cache traffic (the fp32 weights, 64-180 MB, evict the L3
+between the packed calls: these are weights-from-memory figures); median over rounds. Every
+contender's output is checked against the float64 product before timing (max |error| listed).
+
+    .venv/bin/pip install 'lowbit[onnx]'   # onnx, onnxruntime
+    python benchmarks/peers.py [--quick] [--rounds 25]
+
+writes ``docs/results/peers.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import environment  # noqa: E402
+
+from lowbit import kernels  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ((4096, 4096), (11008, 4096))  # (N_out, K)
+ORT_CONFIGS = tuple((b, bs, a) for b in (2, 4) for bs in (32, 128) for a in (0, 4))
+
+
+def _ort_model(codes: np.ndarray, scale: float, bits: int, block: int, accuracy: int):
+    """A one-node ONNX model y = x W^T with W = scale * (codes - 1) as MatMulNBits weights.
+
+    B (N, blocks, block * bits / 8) uint8: element i of a block at bits (i % (8/bits)) * bits of
+    byte i // (8/bits), low bits first; scales (N * blocks,) float32; default zero point."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = codes.shape
+    blocks = -(-k // block)
+    q = np.zeros((n, blocks * block), dtype=np.uint8)
+    q[:, :k] = codes.astype(np.uint8) - 1 + (1 << (bits - 1))
+    per = 8 // bits
+    q = q.reshape(n, blocks, block // per, per)
+    packed = np.zeros(q.shape[:3], dtype=np.uint8)
+    for j in range(per):
+        packed |= q[..., j] << (j * bits)
+    scales = np.full(n * blocks, scale, dtype=np.float32)
+    node = helper.make_node(
+        "MatMulNBits",
+        ["A", "B", "scales"],
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block,
+        accuracy_level=accuracy,
+    )
+    graph = helper.make_graph(
+        [node],
+        "peer",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+        initializer=[
+            numpy_helper.from_array(packed, "B"),
+            numpy_helper.from_array(scales, "scales"),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = min(model.ir_version, 10)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _contenders(n: int, k: int, batch: int, threads: int, quick: bool) -> dict:
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 3, (n, k), generator=g, dtype=torch.uint8)
+    scale = 0.02
+    x = torch.randn(batch, k, generator=g)
+    w32 = (codes.to(torch.float32) - 1) * scale
+    exact = x.double() @ w32.double().T
+    prepared = kernels.prepare(codes, torch.tensor(scale), 3)
+    _ = prepared.lut  # the lookup-table layout is built on first use: not timed
+    out = {
+        "torch-fp32": lambda: F.linear(x, w32),
+        "lowbit-int8": lambda: kernels.linear(x, prepared, None, "int8", threads=threads),
+        "lowbit-fp32": lambda: kernels.linear(x, prepared, None, "fp32", threads=threads),
+    }
+    xn = x.numpy()
+    for bits, block, acc in ORT_CONFIGS if not quick else ((2, 32, 4), (4, 32, 4)):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        model = _ort_model(codes.numpy(), scale, bits, block, acc)
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        out[f"ort-q{bits}-b{block}-a{acc}"] = lambda s=sess: s.run(None, {"A": xn})[0]
+    errors = {}
+    for name, fn in out.items():
+        y = fn()
+        y = torch.from_numpy(y) if isinstance(y, np.ndarray) else y
+        errors[name] = float((y.double() - exact).abs().max())
+    return out, errors
+
+
+def _time(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds a call, every contender once a round in a fresh random order."""
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(names)
+        for name in names:
+            t = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="4096x4096 only, two ORT variants")
+    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "peers.md"))
+    args = p.parse_args()
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("peers.py needs onnxruntime: pip install 'lowbit[onnx]'", file=sys.stderr)
+        return 2
+    info = environment.describe()
+    default_threads = torch.get_num_threads()
+    rows, targets = [], []
+    for n, k in SHAPES[:1] if args.quick else SHAPES:
+        for batch in (1, 8):
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                try:
+                    fns, errors = _contenders(n, k, batch, threads, args.quick)
+                    for fn in fns.values():  # warm-up
+                        fn()
+                    med = _time(fns, args.rounds)
+                finally:
+                    torch.set_num_threads(default_threads)
+                peers = {name: t for name, t in med.items() if name.startswith("ort-")}
+                best = min(peers, key=peers.get)
+                label = f"{n}x{k} b{batch} t{threads}"
+                print(label, {k_: round(v * 1e6, 1) for k_, v in med.items()}, file=sys.stderr)
+                for name, t in sorted(med.items(), key=lambda kv: kv[1]):
+                    rows.append(
+                        f"| {n}x{k} | {batch} | {threads} | {name} | {t * 1e6:.1f} | "
+                        f"{med['torch-fp32'] / t:.2f}x | {peers[best] / t:.2f}x | "
+                        f"{errors[name]:.2e} |"
+                    )
+                int8 = peers[best] / med["lowbit-int8"]
+                fp32 = peers[best] / med["lowbit-fp32"]
+                targets.append(
+                    f"| {label} | {best} {peers[best] * 1e6:.1f} us | "
+                    f"{med['lowbit-int8'] * 1e6:.1f} us, {int8:.2f}x | "
+                    f"{'yes' if int8 >= 1.2 else 'no'} | "
+                    f"{med['lowbit-fp32'] * 1e6:.1f} us, {fp32:.2f}x |"
+                )
+    lines = [
+        "# Peers: lowbit's packed ternary linear vs onnxruntime MatMulNBits, one process",
+        "",
+        environment.markdown(info) + f"- load average at end: {environment.load()}",
+        f"- onnxruntime {onnxruntime.__version__}; {args.rounds} rounds, contenders in a fresh "
+        "random order each round; medians. The machine is shared with other jobs (see the "
+        "load): ratios within a row set are the comparable figures.",
+        "- ggml TQ1_0 / TQ2_0 and bitnet.cpp: not measured in this run.",
+        "",
+        "## Target: lowbit int8 >= 1.2x the fastest peer",
+        "",
+        "| shape, batch, threads | fastest peer | lowbit int8 (speed-up over it) | met "
+        "| lowbit weight-only (speed-up over it) |",
+        "|---|---|---|---|---|",
+        *targets,
+        "",
+        "## All contenders",
+        "",
+        "| shape | batch | threads | contender | median us | vs torch fp32 | vs fastest peer "
+        "| max abs error vs float64 |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    out = Path(args.out)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    print("\n".join(lines[: 12 + len(targets)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
