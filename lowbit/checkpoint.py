@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit import pack
@@ -53,10 +54,25 @@ def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{ckpt}: the run recorded no model spec (a model built outside "
             "lowbit.models cannot be rebuilt from a checkpoint)"
         )
+    # Bounded like the .lowbit loader: plain, bounded arguments, then the model on the meta device
+    # (no memory) must match the checkpoint's tensor shapes before the real one is allocated.
+    from lowbit.fileformat import check_registry_args
+
+    check_registry_args(ckpt, spec.get("name"), spec["kwargs"])
     try:
-        model = models.get(spec["name"], **spec["kwargs"])
-    except (ValueError, TypeError, KeyError) as exc:
+        with torch.device("meta"):
+            skeleton = models.get(spec["name"], **spec["kwargs"])
+    except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as exc:
         raise FormatError(f"{ckpt}: cannot rebuild the model ({exc})") from exc
+    shapes = {k[len("model.") :]: e.shape for k, e in entries.items() if k.startswith("model.")}
+    for key, t in skeleton.state_dict().items():
+        if shapes.get(key) != tuple(t.shape):
+            raise FormatError(
+                f"{ckpt}: checkpoint does not fit its model spec ({key}: the spec needs "
+                f"{tuple(t.shape)}, the file holds {shapes.get(key, 'nothing')})"
+            )
+    del skeleton
+    model = models.get(spec["name"], **spec["kwargs"])
     state = {k[len("model.") :]: e.tensor() for k, e in entries.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)

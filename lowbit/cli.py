@@ -1,14 +1,20 @@
 """The ``lowbit`` command: data, train, study, report, pack, summary, verify, bench.
 
 Each subcommand is an ``_add_<name>(subparsers)`` that declares its flags and a
-``_cmd_<name>(args)`` that runs it and returns the exit code. Bad input (a ``LowbitError`` or
-``ValueError``) is printed as one line, ``lowbit <cmd>: error: ...``, exit code 2, no traceback.
+``_cmd_<name>(args)`` that runs it and returns the exit code. Bad input (a ``LowbitError``, a
+``ValueError``, or an ``OSError`` on a path the user gave) is printed as one line, ``lowbit <cmd>:
+error: ...``, exit code 2, no traceback; the concepts validate themselves (data, models, files)
+and this module only maps their errors to that line, in ``main``. Ctrl-C exits 130; a closed
+stdout (``| head``) ends quietly, as Unix tools do.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -161,6 +167,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lowbit import data, models, train
 
     config = train.TrainConfig(**config_kw)  # validate flags before loading any data
+    if not args.out.strip():
+        raise ValueError("--out must name a folder, got an empty string")
     if args.model != "mlp" and (args.depth is not None or args.width is not None):
         raise ValueError(f"--depth/--width apply to --model mlp only, not {args.model}")
     dataset = data.load(args.dataset, args.data_dir)
@@ -171,17 +179,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the model's initialisation
     model = models.get(args.model, layer=args.layer, levels=args.levels, **model_kw)
 
-    def report(m: dict[str, Any], _model: Any) -> None:
-        print(
-            f"epoch {m['epoch']}/{config.epochs}  train loss {m['train_loss']:.4g} "
-            f"acc {m['train_acc']:.4f}  test loss {m['test_loss']:.4g} acc {m['test_acc']:.4f}  "
-            f"({m['wall_s']:.1f} s)",
-            flush=True,
-        )
-
-    result = train.fit(
-        model, dataset, config, run_dir=args.out, on_epoch=None if args.json else report
-    )
+    result = train.fit(model, dataset, config, run_dir=args.out)  # epoch lines go to stderr
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -368,6 +366,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
         amp=args.amp,
         gpus_per_cell=args.gpus_per_cell,
     )
+    if result.interrupted:
+        print(
+            f"lowbit study: interrupted; run the same command again to resume ({args.out})",
+            file=sys.stderr,
+        )
+        return 130
     files = []
     if args.export == "csv":
         from lowbit.study.export import export_csv
@@ -385,9 +389,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     }
     if args.json:
         _print_json(out)
-    else:
-        for note in result.notes:
-            print(f"note: {note}")
+    else:  # the notes went to stderr as they happened
         counts = ", ".join(f"{n} {k}" for k, n in sorted(result.statuses.items()))
         print(
             f"{result.cells} cells ({result.skipped} already done): {counts} "
@@ -510,6 +512,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OS_HINTS = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.EEXIST: "it exists and is not a directory; choose another path",
+    errno.ENOTDIR: "a part of it is a file, not a directory; choose another path",
+    errno.EISDIR: "it is a directory; name a file",
+    errno.ENOSPC: "the disk is full; free space or choose another path",
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error as one line; an OSError names the user's path and says what to do."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        msg = f"{exc.filename}: {exc.strerror or type(exc).__name__}"
+        hint = _OS_HINTS.get(exc.errno or 0)
+        return f"{msg}; {hint}" if hint else msg
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout went away (``lowbit ... | head``): drop what is still buffered,
+    as Unix tools do, instead of a BrokenPipeError at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -517,10 +548,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
-    except (LowbitError, ValueError, FileNotFoundError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"lowbit {args.command}: error: {msg}", file=sys.stderr)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE
+    except (LowbitError, ValueError, OSError) as exc:
+        print(f"lowbit {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lowbit {args.command}: interrupted", file=sys.stderr)

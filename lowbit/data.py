@@ -1,13 +1,19 @@
 """Image datasets from local files in their official formats, plus batch augmentation.
 
 ``load(name)`` returns a :class:`Dataset` of normalised float32 images ``(N, C, H, W)`` and int64
-labels ``(N,)``. Nothing is ever downloaded: the files are looked for, in this order, under
+labels ``(N,)``. Nothing is ever downloaded. When the caller names a folder (``data_dir``), that
+folder is read or the load fails: the folder itself, ``data_dir/<name>`` and torchvision's layout
+under it, nothing else. Without ``data_dir`` the files are looked for, in this order, under
 
-1. ``data_dir`` (the argument; the folder itself and ``data_dir/<name>``),
-2. ``$LOWBIT_DATA``, then ``~/.cache/lowbit`` (``ROOT/<name>``),
-3. torchvision's layout under each of those roots (``ROOT/FashionMNIST/raw``,
+1. ``$LOWBIT_DATA``, then ``~/.cache/lowbit`` (``ROOT/<name>``),
+2. torchvision's layout under each of those roots (``ROOT/FashionMNIST/raw``,
    ``ROOT/cifar-10-batches-py``, ...),
-4. Debian's ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``).
+3. Debian's ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``).
+
+MNIST and Fashion-MNIST share their file names: the official label files are recognised by
+checksum (the published MD5s of the ``.gz`` files; for Fashion-MNIST also of the uncompressed
+content), and a load of one name from the other's files is refused. ``Dataset.digest`` is a
+SHA-256 over the content of every file read, which a training run records with the folder.
 
 =================  ==========================================================  =====  ========
 name               files                                                       shape  classes
@@ -22,7 +28,14 @@ name               files                                                       s
 CIFAR comes in the official binary version (``cifar-10-batches-bin``, ``cifar-100-binary``) or the
 python version (``cifar-10-batches-py``, ``cifar-100-python``), which is a pickle: it is read by a
 restricted unpickler that admits plain containers, bytes, str, numbers and the numpy
-array/dtype reconstruction that format needs, and nothing else (no arbitrary code runs).
+array/dtype reconstruction that format needs, and nothing else (no arbitrary code runs). Even
+those are stand-ins: an array is only made from its pickled bytes once its dtype (plain numbers
+only), shape and byte count agree, so a pickle can neither read uninitialised memory nor ask for
+an allocation larger than itself.
+
+Files are read with bounds: an IDX file's header declares its size and nothing more is read or
+inflated; a ``.gz`` file may not declare more than ``_MAX_INFLATE`` times its own size (real image
+data compresses a few times, a gzip bomb a thousand), and no file more than ``_MAX_FILE`` bytes.
 
 Normalisation: ``x = (pixel / 255 - mean_c) / std_c`` with the per-channel mean and standard
 deviation of the *training* images, so the training set has zero mean and unit variance per
@@ -37,8 +50,10 @@ returned tensors are shared between loads: treat them as read-only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
+import hashlib
 import io
 import math
 import os
@@ -77,6 +92,19 @@ _CIFAR_FILES = {
     "cifar100": (["train"], ["test"]),
 }
 _CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+# MD5s of the official label files, as stored: the published ones of the .gz files, and of the
+# uncompressed Fashion-MNIST files (computed from Debian's dataset-fashion-mnist, whose .gz files
+# are recompressed copies of the same content).
+_OFFICIAL_LABELS = {
+    "d53e105ee54ea40749a09fcbcd1e9432": "mnist",  # train-labels-idx1-ubyte.gz
+    "ec29112dd5afa0611ce80d1b7f02629c": "mnist",  # t10k-labels-idx1-ubyte.gz
+    "25c81989df183df01b3e8a0aad5dffbe": "fashion-mnist",  # train-labels-idx1-ubyte.gz
+    "bb300cfdad3c16e7a12a480ee83cd310": "fashion-mnist",  # t10k-labels-idx1-ubyte.gz
+    "9018921c3c673c538a1fc5bad174d6f9": "fashion-mnist",  # train-labels-idx1-ubyte
+    "15d484375f8d13e6eb1aabb0c3f46965": "fashion-mnist",  # t10k-labels-idx1-ubyte
+}
+_MAX_FILE = 1 << 31  # bytes: no dataset file lowbit reads is larger (CIFAR batches are 30 MB)
+_MAX_INFLATE = 200  # a .gz file may inflate to at most this many times its size
 _HOW_TO_GET = {
     "mnist": "put the four IDX files (train-images-idx3-ubyte[.gz], ...) in DIR/mnist",
     "fashion-mnist": "run 'sudo apt-get install dataset-fashion-mnist', or put the four IDX files "
@@ -102,6 +130,32 @@ class Dataset:
     source: str = ""
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        """Refuse data a model cannot train on: raises DataError saying what is wrong."""
+        for split in ("train", "test"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if not isinstance(x, torch.Tensor) or x.dim() != 4 or min(x.shape[1:]) < 1:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise DataError(f"{self.name}: {split}_x must be images (N, C, H, W), got {got}")
+            if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype != torch.int64:
+                got = (y.dtype, tuple(y.shape)) if isinstance(y, torch.Tensor) else type(y)
+                raise DataError(f"{self.name}: {split}_y must be int64 labels (N,), got {got}")
+            if len(x) != len(y):
+                raise DataError(f"{self.name}: {len(x)} {split} images but {len(y)} labels")
+            if len(y) == 0:
+                raise DataError(f"{self.name}: the {split} set is empty")
+            if int(y.min()) < 0 or int(y.max()) >= self.classes:
+                raise DataError(
+                    f"{self.name}: {split} labels must lie in 0..{self.classes - 1}, found "
+                    f"{int(y.min())}..{int(y.max())}"
+                )
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise DataError(
+                f"{self.name}: train images are {tuple(self.train_x.shape[1:])} but test images "
+                f"{tuple(self.test_x.shape[1:])}; both splits need one image shape"
+            )
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -118,24 +172,34 @@ class Dataset:
 # --- where to look -------------------------------------------------------------------------------
 
 
-def _roots(data_dir: str | os.PathLike | None) -> list[Path]:
-    roots = []
+def _folder_arg(data_dir: Any) -> Path | None:
+    """``data_dir`` as a Path (None stays None); a clear error for anything else."""
+    if data_dir is None:
+        return None
+    if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir).strip():
+        raise ValueError(f"data_dir must be a folder path (str or os.PathLike), got {data_dir!r}")
+    return Path(data_dir).expanduser()
+
+
+def _roots(data_dir: Path | None) -> list[Path]:
     if data_dir is not None:
-        roots.append(Path(data_dir).expanduser())
+        return [data_dir]
+    roots = []
     if os.environ.get("LOWBIT_DATA"):
         roots.append(Path(os.environ["LOWBIT_DATA"]).expanduser())
     roots.append(Path.home() / ".cache" / "lowbit")
     return roots
 
 
-def _candidates(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
-    """Folders that may hold ``name``'s files, in search order."""
+def _candidates(name: str, data_dir: Path | None) -> list[Path]:
+    """Folders that may hold ``name``'s files, in search order (only under ``data_dir`` when
+    the caller named it)."""
     out: list[Path] = []
     if data_dir is not None:
-        out.append(Path(data_dir).expanduser())  # the user pointed at the folder itself
+        out.append(data_dir)  # the user pointed at the folder itself
     for root in _roots(data_dir):
         out.extend(root / folder for folder in _FOLDERS[name])
-    if name == "fashion-mnist":
+    if name == "fashion-mnist" and data_dir is None:
         out.append(DEBIAN_FASHION_MNIST)
     seen: set[Path] = set()
     return [p for p in out if not (p in seen or seen.add(p))]
@@ -149,69 +213,111 @@ def _find_file(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | Non
     return None
 
 
-def _locate(name: str, folder: Path) -> tuple[str, dict[str, list[Path]]] | None:
-    """The format and files of ``name`` in ``folder`` if all of them are there, else None."""
+def _locate(name: str, folder: Path) -> tuple[str | None, dict[str, list[Path]], list[str]]:
+    """The format and files of ``name`` in ``folder``: (format, files, []) when all are there,
+    else (None, {}, the names missing — empty when ``folder`` holds none of them)."""
     if not folder.is_dir():
-        return None
+        return None, {}, []
     if name in ("mnist", "fashion-mnist"):
         files = {k: _find_file(folder, stem, ("", ".gz")) for k, stem in _IDX_FILES.items()}
         if all(files.values()):
-            return "idx", {k: [v] for k, v in files.items()}  # type: ignore[misc]
-        return None
+            return "idx", {k: [v] for k, v in files.items()}, []  # type: ignore[misc]
+        missing = [f"{_IDX_FILES[k]}[.gz]" for k, v in files.items() if v is None]
+        return None, {}, missing if len(missing) < len(files) else []
     train, test = _CIFAR_FILES[name]
+    partial: list[str] = []
     for fmt, suffixes in (("cifar-bin", (".bin",)), ("cifar-py", ("",))):
         tr = [_find_file(folder, s, suffixes) for s in train]
         te = [_find_file(folder, s, suffixes) for s in test]
         if all(tr) and all(te):
-            return fmt, {"train": tr, "test": te}  # type: ignore[dict-item]
-    return None
+            return fmt, {"train": tr, "test": te}, []  # type: ignore[dict-item]
+        missing = [s + suffixes[0] for s, p in zip(train + test, tr + te, strict=True) if p is None]
+        if len(missing) < len(train + test) and not partial:
+            partial = missing
+    return None, {}, partial
 
 
-def _resolve(name: str, data_dir: str | os.PathLike | None):
+def _resolve(name: str, data_dir: Path | None):
+    """(folder, format, files, searched, partial): the first folder holding all of ``name``'s
+    files, and ``partial`` = (folder, missing names) for the first that holds only some."""
     searched = _candidates(name, data_dir)
+    partial = None
     for folder in searched:
-        found = _locate(name, folder)
-        if found is not None:
-            return folder, found[0], found[1], searched
-    return None, None, None, searched
+        fmt, files, missing = _locate(name, folder)
+        if fmt is not None:
+            return folder, fmt, files, searched, None
+        if missing and partial is None:
+            partial = (folder, missing)
+    return None, None, None, searched, partial
 
 
 # --- file formats ---------------------------------------------------------------------------------
 
 
-def _read_bytes(path: Path) -> bytes:
+@contextlib.contextmanager
+def _reader(path: Path):
+    """The file's content as a stream (inflated for ``.gz``), errors as DataError naming it."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        size = path.stat().st_size
+        with open(path, "rb") as raw:
+            if path.suffix == ".gz":
+                with gzip.GzipFile(fileobj=raw) as f:
+                    yield f, max(_MAX_INFLATE * size, 1 << 20)
+            else:
+                yield raw, size
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read ({exc}); the file is corrupt, replace it") from exc
+
+
+def _read_exact(path: Path, f: Any, n: int, limit: int, what: str) -> bytes:
+    """``n`` bytes of ``f``, refusing before reading when ``n`` exceeds what the file may hold."""
+    if n > min(limit, _MAX_FILE):
+        raise DataError(
+            f"{path}: {what} declares {n:,} bytes, more than this file can honestly hold "
+            f"({min(limit, _MAX_FILE):,}); the file is corrupt or crafted"
+        )
+    return f.read(n)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The whole (bounded) content of a file."""
+    with _reader(path) as (f, limit):
+        raw = f.read(min(limit, _MAX_FILE) + 1)
+    if len(raw) > min(limit, _MAX_FILE):
+        raise DataError(f"{path}: larger than any dataset file ({_MAX_FILE:,} bytes); refused")
+    return raw
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     """An IDX file of unsigned bytes: magic ``00 00 08 ndim``, ndim big-endian uint32 sizes, data.
 
-    Returns a uint8 array of the stored shape; raises DataError on any inconsistency."""
-    raw = _read_bytes(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(
-            f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'missing'}, "
-            "expected 0000080N); the file is corrupt or of another format"
-        )
-    if raw[3] != ndim:
-        raise DataError(f"{path}: IDX file has {raw[3]} dimensions, expected {ndim}")
+    Returns a uint8 array of the stored shape; raises DataError on any inconsistency. Reads (and
+    inflates) no more than the header declares, plus one byte to detect trailing data."""
+    with _reader(path) as (f, limit):
+        magic = f.read(4)
+        if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08:
+            raise DataError(
+                f"{path}: not an IDX file of unsigned bytes (magic {magic.hex() or 'missing'}, "
+                "expected 0000080N); the file is corrupt or of another format"
+            )
+        if magic[3] != ndim:
+            raise DataError(f"{path}: IDX file has {magic[3]} dimensions, expected {ndim}")
+        dims = f.read(4 * ndim)
+        if len(dims) < 4 * ndim:
+            raise DataError(f"{path}: truncated IDX header ({4 + len(dims)} bytes)")
+        shape = struct.unpack(f">{ndim}I", dims)
+        if ndim == 3 and min(shape[1:]) < 1:
+            raise DataError(f"{path}: images of {shape[1]}x{shape[2]} pixels; the file is corrupt")
+        n = math.prod(shape)
+        body = _read_exact(path, f, n + 1, limit, f"its header (shape {shape})")
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + math.prod(shape)
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
+    if len(body) != n:
+        what = "truncated" if len(body) < n else "has trailing bytes"
+        got = f"{header + len(body)}" if len(body) < n else "more"
         raise DataError(
-            f"{path}: {what}: header says shape {shape} ({expected} bytes), file has {len(raw)}"
+            f"{path}: {what}: header says shape {shape} ({header + n} bytes), file has {got}"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape).copy()  # writable
 
 
 def _read_cifar_bin(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +341,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     The CIFAR python batches are dicts of bytes/str keys, lists of ints and one uint8 array,
     pickled by Python 2 (``numpy.core.multiarray._reconstruct`` + ``ndarray`` + ``dtype``) or by
     newer numpy (``_frombuffer``). ``_codecs.encode`` is how protocol 2 stores bytes under
-    Python 3. Object arrays (dtype "O") are refused by the dtype guard below."""
+    Python 3 (latin-1 only: another codec name would import a module). None of the numpy names
+    resolves to numpy itself: each is a stand-in (``_PendingArray``, ``_PendingDtype``) that makes
+    the real object only from checked pieces; :func:`_unpickle` swaps the stand-ins out."""
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
@@ -250,63 +358,172 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refused global {module}.{name}")
-        if name == "dtype":
-            return _plain_dtype
-        if name == "encode":
-            return _codecs_encode
-        if name == "_frombuffer":
-            return _frombuffer
-        if name == "_reconstruct":
-            return _reconstruct
-        return getattr(np, name)  # ndarray
+        return {
+            "dtype": _PendingDtype,
+            "encode": _codecs_encode,
+            "_frombuffer": _frombuffer,
+            "_reconstruct": _reconstruct,
+            "ndarray": _NDARRAY,
+        }[name]
 
 
-try:  # numpy >= 2 moved the module; the pickles name either path
-    from numpy._core.multiarray import _reconstruct
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core.multiarray import _reconstruct
+class _NdarrayToken:
+    """What the name ``numpy.ndarray`` stands for in a pickle: an argument of ``_reconstruct``,
+    never callable (``ndarray(shape)`` would hand back uninitialised memory of any size)."""
+
+    def __call__(self, *args: Any) -> Any:
+        raise pickle.UnpicklingError("refused numpy.ndarray(...): arrays come only from bytes")
 
 
-def _plain_dtype(spec: Any, *args: Any) -> np.dtype:
-    dt = np.dtype(spec.decode() if isinstance(spec, bytes) else spec, *args)
-    if dt.hasobject:
-        raise pickle.UnpicklingError("refused object dtype")
-    return dt
+_NDARRAY = _NdarrayToken()
+_PLAIN_DTYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1")
 
 
-def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
-    return text.encode(encoding)
+class _PendingDtype:
+    """``numpy.dtype(spec, align, copy)`` of a plain number type, then its pickled state
+    ``(version, byteorder, None, None, None, elsize, alignment, flags)`` (byte order only)."""
+
+    def __init__(self, spec: Any, *args: Any) -> None:
+        spec = spec.decode("ascii", "replace") if isinstance(spec, bytes) else spec
+        if spec not in _PLAIN_DTYPES or not all(a in (0, 1) for a in args) or len(args) > 2:
+            raise pickle.UnpicklingError(f"refused dtype {spec!r} (plain numbers only)")
+        self.dtype = np.dtype(spec)
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (8, 9) or state[2:5] != (None,) * 3:
+            raise pickle.UnpicklingError("refused dtype state (structured or sub-array dtype)")
+        order = state[1].decode("ascii", "replace") if isinstance(state[1], bytes) else state[1]
+        if order not in ("<", ">", "|", "="):
+            raise pickle.UnpicklingError(f"refused dtype byte order {order!r}")
+        if order in "<>":
+            self.dtype = self.dtype.newbyteorder(order)
 
 
-def _frombuffer(buf: Any, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
-    dt = _plain_dtype(dtype)
-    return np.frombuffer(bytes(buf), dtype=dt).reshape(shape, order=order).copy()
+class _PendingArray:
+    """``_reconstruct(ndarray, shape, dtype)`` allocates nothing: the array is made by
+    ``__setstate__((version, shape, dtype, is_fortran, data))`` from ``data`` once checked."""
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise pickle.UnpicklingError("refused array state")
+        _, shape, dtype, fortran, data = state
+        self.array = _checked_array(data, dtype, shape, "F" if fortran else "C")
+
+
+def _reconstruct(cls: Any, shape: Any, dtype: Any) -> _PendingArray:
+    if cls is not _NDARRAY:
+        raise pickle.UnpicklingError("refused _reconstruct of anything but numpy.ndarray")
+    return _PendingArray()
+
+
+def _checked_array(data: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """An array of ``shape`` from ``data`` (bytes), after checking every piece."""
+    if isinstance(dtype, _PendingDtype):
+        dtype = dtype.dtype
+    if not isinstance(dtype, np.dtype):
+        raise pickle.UnpicklingError("refused array: its dtype is not a plain dtype")
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"refused array data of type {type(data).__name__}")
+    ok = isinstance(shape, tuple) and len(shape) <= 8
+    if not (ok and all(type(n) is int and n >= 0 for n in shape)) or order not in ("C", "F"):
+        raise pickle.UnpicklingError(f"refused array shape {shape!r}")
+    if math.prod(shape) * dtype.itemsize != len(data):
+        raise pickle.UnpicklingError(
+            f"array of shape {shape} needs {math.prod(shape) * dtype.itemsize} bytes, the pickle "
+            f"holds {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order=order).copy()
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode(..., {encoding!r})")
+    return text.encode("latin-1")
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    return _checked_array(buf, dtype, shape, order)
+
+
+def _unpickle(raw: bytes) -> Any:
+    """The restricted unpickler's result with the array stand-ins replaced by their arrays."""
+
+    def real(v: Any, depth: int = 0) -> Any:
+        if isinstance(v, _PendingArray):
+            if v.array is None:
+                raise pickle.UnpicklingError("an array without its data")
+            return v.array
+        if isinstance(v, _PendingDtype):
+            return v.dtype
+        if isinstance(v, dict) and depth < 4:
+            return {k: real(x, depth + 1) for k, x in v.items()}
+        if isinstance(v, list) and depth < 4:
+            return [real(x, depth + 1) for x in v]
+        return v
+
+    return real(_RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load())
+
+
+def _labels(path: Path, key: str, y: Any) -> np.ndarray:
+    """CIFAR labels as int64 (N,): a list of Python ints or a 1-D integer array."""
+    if isinstance(y, np.ndarray):
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise DataError(f"{path}: '{key}' must be a 1-D integer array, got {y.dtype} {y.shape}")
+    elif not isinstance(y, list) or not all(type(v) is int for v in y):
+        raise DataError(f"{path}: '{key}' must be a list of integers")
+    try:
+        return np.asarray(y, dtype=np.int64)
+    except OverflowError:
+        raise DataError(f"{path}: '{key}' holds integers beyond int64") from None
 
 
 def _read_cifar_py(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     raw = _read_bytes(path)
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        obj = _unpickle(raw)
     except Exception as exc:  # any malformed or refused pickle is a data problem
         raise DataError(f"{path}: not a CIFAR python batch ({exc})") from exc
     if not isinstance(obj, dict):
         raise DataError(f"{path}: not a CIFAR python batch (a {type(obj).__name__}, not a dict)")
-    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    d = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
     x, y = d.get("data"), d.get(label_key)
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
-    if y is None or len(y) != len(x):
-        n = "missing" if y is None else len(y)
+    if y is None or not hasattr(y, "__len__") or len(y) != len(x):
+        n = "missing" if y is None else len(y) if hasattr(y, "__len__") else "no"
         raise DataError(f"{path}: {len(x)} images but {n} '{label_key}' labels")
-    try:
-        labels = np.asarray(y, dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: '{label_key}' are not integers") from exc
-    return x.reshape(-1, 3, 32, 32), labels
+    return x.reshape(-1, 3, 32, 32), _labels(path, label_key, y)
 
 
 def _stat(paths: list[Path]) -> tuple:
     return tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+
+
+def _refuse_other_dataset(name: str, path: Path, labels: np.ndarray) -> None:
+    """DataError when ``path`` is an official label file of the other IDX dataset."""
+    content = bytes([0, 0, 0x08, 1]) + struct.pack(">I", len(labels)) + labels.tobytes()
+    digests = {hashlib.md5(content, usedforsecurity=False).hexdigest()}
+    if path.suffix == ".gz" and path.stat().st_size < (1 << 20):  # label files are small
+        digests.add(hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest())
+    for d in digests:
+        other = _OFFICIAL_LABELS.get(d)
+        if other is not None and other != name:
+            raise DataError(
+                f"{path}: these are the official {other} files, not {name}; point --data-dir "
+                f"at the {name} files (or use --dataset {other})"
+            )
+
+
+def _digest(arrays: tuple[np.ndarray, ...]) -> str:
+    """SHA-256 of the decoded content (shapes and bytes), the same for .gz and plain files."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(repr(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def _decode(name: str, fmt: str, key: tuple) -> tuple[np.ndarray, ...]:
@@ -321,6 +538,17 @@ def _decode(name: str, fmt: str, key: tuple) -> tuple[np.ndarray, ...]:
                     f"{paths[f'{split}_x'][0]}: {len(x)} images but {paths[f'{split}_y'][0]} has "
                     f"{len(y)} labels; the files do not belong together"
                 )
+        train_x, test_x = paths["train_x"][0], paths["test_x"][0]
+        for split in ("train", "test"):
+            if len(parts[f"{split}_y"]) == 0:
+                raise DataError(f"{paths[f'{split}_x'][0]}: holds no images; the file is corrupt")
+        if parts["train_x"].shape[1:] != parts["test_x"].shape[1:]:
+            raise DataError(
+                f"{train_x}: images are {parts['train_x'].shape[1:]} but {test_x} has "
+                f"{parts['test_x'].shape[1:]}; the files do not belong together"
+            )
+        for k in ("train_y", "test_y"):
+            _refuse_other_dataset(name, paths[k][0], parts[k])
         out = []
         for split in ("train", "test"):
             out += [parts[f"{split}_x"][:, None], parts[f"{split}_y"].astype(np.int64)]
@@ -367,6 +595,7 @@ def _load_cached(name: str, fmt: str, key: tuple, source: str) -> Dataset:
     train_x, train_y, test_x, test_y = _decode(name, fmt, key)
     files = {k: [Path(p) for p, _, _ in v] for k, v in key}
     _check_labels(name, files, (train_y, test_y), _CLASSES[name])
+    digest = _digest((train_x, train_y, test_x, test_y))
     tr, te, (mean, std) = _normalise(train_x, test_x)
     return Dataset(
         name,
@@ -378,6 +607,7 @@ def _load_cached(name: str, fmt: str, key: tuple, source: str) -> Dataset:
         source,
         mean,
         std,
+        digest,
     )
 
 
@@ -418,12 +648,22 @@ def load(name: str, data_dir: str | os.PathLike | None = None, **kw: Any) -> Dat
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(NAMES)}")
     if kw:
         raise ValueError(f"dataset {name} takes no options, got {', '.join(kw)}")
-    folder, fmt, files, searched = _resolve(name, data_dir)
+    folder_arg = _folder_arg(data_dir)
+    if folder_arg is not None and not folder_arg.is_dir():
+        what = "is not a folder" if folder_arg.exists() else "does not exist"
+        raise DataError(f"{folder_arg}: {what}; --data-dir must name the folder holding {name}")
+    folder, fmt, files, searched, partial = _resolve(name, folder_arg)
     if folder is None:
+        if partial is not None:
+            raise DataError(
+                f"{partial[0]}: {name} is incomplete, missing {', '.join(partial[1])}; "
+                "add the missing files"
+            )
+        where = "under the folder you named" if folder_arg is not None else "anywhere lowbit looks"
         raise DataError(
-            f"{name} not found; searched: {', '.join(map(str, searched))}. To get it: "
-            + _HOW_TO_GET[name].replace("DIR", str(_roots(data_dir)[0]))
-            + " (or pass --data-dir / set LOWBIT_DATA)"
+            f"{name} not found {where}; searched: {', '.join(map(str, searched))}. To get it: "
+            + _HOW_TO_GET[name].replace("DIR", str(_roots(folder_arg)[0]))
+            + ("" if folder_arg is not None else " (or pass --data-dir / set LOWBIT_DATA)")
         )
     key = tuple((k, _stat(v)) for k, v in sorted(files.items()))
     return _load_cached(name, fmt, key, str(folder))
@@ -438,7 +678,7 @@ def discover(data_dir: str | os.PathLike | None = None) -> dict[str, dict[str, A
         if name == "synthetic":
             out[name] = {"path": "(generated)", "format": "generated", "files": [], "searched": []}
             continue
-        folder, fmt, files, searched = _resolve(name, data_dir)
+        folder, fmt, files, searched, _ = _resolve(name, _folder_arg(data_dir))
         out[name] = {
             "path": str(folder) if folder else None,
             "format": fmt,

@@ -245,12 +245,9 @@ def _plain_arg(v: Any) -> bool:
     return v is None or isinstance(v, (bool, float, str))
 
 
-def _registry_model(path: Path, desc: dict[str, Any], packed: dict[str, Any]) -> nn.Module:
-    """``lowbit.models.get(name, **kwargs)``, its quantized layers replaced by packed skeletons
-    in the activation mode the file records (on the current default device)."""
-    from lowbit import models
-
-    name, kwargs = desc.get("name"), desc.get("kwargs")
+def check_registry_args(path: Path, name: Any, kwargs: Any) -> None:
+    """FormatError naming ``path`` unless ``lowbit.models.get(name, **kwargs)`` read from a file
+    has a plain name and arguments within the bounds above (also used for training checkpoints)."""
     if not isinstance(name, str) or not isinstance(kwargs, dict):
         raise _fail(path, "registry model needs a name and kwargs")
     for key, value in kwargs.items():
@@ -258,6 +255,15 @@ def _registry_model(path: Path, desc: dict[str, Any], packed: dict[str, Any]) ->
             key in _LAYER_COUNTS and not (isinstance(value, int) and 0 <= value <= 1024)
         ):
             raise _fail(path, f"model argument {key!r}: {value!r} is out of range")
+
+
+def _registry_model(path: Path, desc: dict[str, Any], packed: dict[str, Any]) -> nn.Module:
+    """``lowbit.models.get(name, **kwargs)``, its quantized layers replaced by packed skeletons
+    in the activation mode the file records (on the current default device)."""
+    from lowbit import models
+
+    name, kwargs = desc.get("name"), desc.get("kwargs")
+    check_registry_args(path, name, kwargs)
     try:
         model = models.get(name, **kwargs)
     except (ValueError, TypeError, RuntimeError, OverflowError) as exc:

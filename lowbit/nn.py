@@ -401,6 +401,11 @@ def quantize_(model: nn.Module, config: QATConfig, filter_fn: FilterFn | None = 
     (already quantized layers, ``nn.MultiheadAttention``'s internal projection, which it reads
     through ``.weight`` directly) are left alone. Returns ``model`` for chaining.
     """
+    if not isinstance(config, QATConfig):
+        raise TypeError(
+            f"quantize_ needs a lowbit.QATConfig, got {config!r}; e.g. "
+            "quantize_(model, QATConfig(levels=3, quantizer='ternary'))"
+        )
     twins = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
 
     def twin(module: nn.Module) -> nn.Module:

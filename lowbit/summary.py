@@ -158,12 +158,19 @@ def _macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
             k = module.in_channels // groups * math.prod(module.kernel_size)
             counts[names[module]] = counts.get(names[module], 0) + out.numel() * k
 
+    if len(input_shape) != 3 or min(input_shape) < 1 or math.prod(input_shape) > 1 << 26:
+        raise ValueError(f"input shape must be C,H,W with sizes >= 1, got {input_shape}")
     handles = [m.register_forward_hook(hook) for m in names]
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"input shape {tuple(input_shape)} does not fit the model ({first})"
+        ) from None
     finally:
         model.train(was_training)
         for h in handles:

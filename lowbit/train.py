@@ -34,10 +34,17 @@ Run directory (every file written atomically: temp file + ``os.replace``)::
     result.json                status ("finished" | "diverged" | "interrupted") and final metrics
 
 Given a ``run_dir`` that holds a checkpoint of epoch k made with the same config (``epochs`` may be
-larger), ``fit`` resumes at epoch k + 1 and reproduces the uninterrupted run bit for bit: the
-model, the optimizer moments and steps, the global torch RNG (dropout) and the shuffling
+larger), the same model (its whole spec: kind, layer, levels, every option) and the same data
+(its content digest), ``fit`` resumes at epoch k + 1 and reproduces the uninterrupted run bit for
+bit: the model, the optimizer moments and steps, the global torch RNG (dropout) and the shuffling
 generator are all restored. Ctrl-C (KeyboardInterrupt) stops the run, leaves the directory at its
 last checkpoint and returns status ``interrupted``.
+
+Before training, ``fit`` checks that the model takes the data: one forward pass of two training
+images must give ``(2, data.classes)`` logits (a ConfigError otherwise, instead of a torch error
+mid-epoch). Progress (``progress``, on by default): one line per epoch on stderr, the notes
+"resuming at epoch k" / "already finished, nothing trained", and a bar within each epoch when
+stderr is a terminal; ``progress=False`` is silent.
 
 Determinism: on CPU, a fixed seed and thread count give identical metrics run after run. The
 model's initialisation is the caller's (seed torch before building the model, as the CLI does);
@@ -47,6 +54,7 @@ model's initialisation is the caller's (seed torch before building the model, as
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -392,14 +400,62 @@ def evaluate(
     return loss_sum / n, correct / n
 
 
-def _show_progress(progress: bool | None) -> bool:
+def _show_bar(progress: bool | None) -> bool:
     if progress is not None:
         return progress
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
-def _check_resume(run_dir: Path, config: TrainConfig, data: dict[str, Any]) -> None:
-    """Refuse to resume a run dir made with another config or other data."""
+def _say(progress: bool | None, text: str) -> None:
+    if progress is not False:
+        print(text, file=sys.stderr, flush=True)
+
+
+def epoch_line(m: dict[str, Any], epochs: int) -> str:
+    """One epoch's metrics as the progress line ``fit`` prints."""
+    return (
+        f"epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4g} acc {m['train_acc']:.4f}  "
+        f"test loss {m['test_loss']:.4g} acc {m['test_acc']:.4f}  ({m['wall_s']:.1f} s)"
+    )
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """What identifies the model of a run: the registry spec when it has one (name and every
+    argument), else a digest of its structure (module tree with the quantizers' settings)."""
+    spec = getattr(model, "lowbit_spec", None)
+    if spec is not None:
+        return json.loads(json.dumps(spec, default=str))
+    return {"structure_sha256": hashlib.sha256(repr(model).encode()).hexdigest()}
+
+
+def _check_fits(model: nn.Module, data: Dataset, device: torch.device, amp: bool) -> None:
+    """ConfigError unless ``model`` maps two training images to ``(2, data.classes)`` logits
+    (computed as training computes them: same device, same autocast)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _autocast(device, amp):
+            out = model(data.train_x[:2].to(device))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ConfigError(
+            f"the model does not take {data.name}'s images of shape {tuple(data.input_shape)} "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); build it with "
+            f"input_shape={tuple(data.input_shape)}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != data.classes:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"the model gives logits of shape {got} but {data.name} has {data.classes} classes; "
+            f"build it with classes={data.classes}"
+        )
+
+
+def _check_resume(
+    run_dir: Path, config: TrainConfig, data: dict[str, Any], spec: dict[str, Any]
+) -> None:
+    """Refuse to resume a run dir made with another config, another model or other data."""
     path = run_dir / "config.json"
     if not path.exists():
         return
@@ -408,12 +464,19 @@ def _check_resume(run_dir: Path, config: TrainConfig, data: dict[str, Any]) -> N
         stored = TrainConfig.from_dict(saved["train"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable run config ({exc}); use a new run dir") from exc
-    for key in ("name", "train_size", "test_size", "input_shape", "classes"):
-        if key in saved.get("data", {}) and saved["data"][key] != data[key]:
+    for key in ("name", "train_size", "test_size", "input_shape", "classes", "digest"):
+        if saved.get("data", {}).get(key) not in (None, data[key]) and data[key] is not None:
             raise ConfigError(
                 f"{run_dir} holds a run on other data ({key}={saved['data'][key]!r}, not "
                 f"{data[key]!r}); use a new run dir"
             )
+    saved_spec = saved.get("model")
+    if saved_spec is not None and saved_spec != spec:
+        a, b = _first_difference(saved_spec, spec)
+        raise ConfigError(
+            f"{run_dir} holds a run of another model ({a}, not {b}); use a new run dir or the "
+            "same model options"
+        )
     a, b = stored.to_dict(), config.to_dict()
     diff = [k for k in a if k != "epochs" and a[k] != b[k]]
     if diff:
@@ -422,6 +485,15 @@ def _check_resume(run_dir: Path, config: TrainConfig, data: dict[str, Any]) -> N
             f"{run_dir} holds a run with {k}={a[k]!r}, not {b[k]!r}; use a new run dir or the "
             "same config (only epochs may grow)"
         )
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> tuple[str, str]:
+    """``("key=old", "key=new")`` for the first place two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+    return f"{where or 'model'}={a!r}", f"{b!r}"
 
 
 def fit(
@@ -436,10 +508,19 @@ def fit(
     """Train ``model`` on ``data`` as ``config`` says; see the module docstring.
 
     ``on_epoch(metrics, model)`` is called after each epoch's evaluation and before that epoch's
-    checkpoint is written. ``progress``: a tqdm bar (None = only when stderr is a terminal and
-    ``$CI`` is unset)."""
+    checkpoint is written. ``progress``: None (default) prints a line per epoch and the resume
+    notes on stderr, plus a bar within each epoch when stderr is a terminal and ``$CI`` is
+    unset; True always shows the bar too; False prints nothing."""
     device = resolve_device(config.device)
     model.to(device)
+    rd = None
+    if run_dir is not None:
+        if not str(run_dir).strip():
+            raise ConfigError("run_dir must name a folder, got an empty string")
+        rd = Path(run_dir)
+        if rd.exists() and not rd.is_dir():
+            raise ConfigError(f"{rd}: exists and is not a folder; run_dir must be a folder")
+    _check_fits(model, data, device, config.amp)
     optimizer = _make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -461,7 +542,6 @@ def fit(
         val_x, val_y = val_x.to(device), val_y.to(device)
 
     history: list[dict[str, Any]] = []
-    rd = Path(run_dir) if run_dir is not None else None
     if rd is not None:
         rd.mkdir(parents=True, exist_ok=True)
         data_info = {
@@ -471,8 +551,11 @@ def fit(
             "test_size": len(data.test_y),
             "input_shape": list(data.input_shape),
             "classes": data.classes,
+            "source": data.source,
+            "digest": data.digest or None,
         }
-        _check_resume(rd, config, data_info)
+        spec = model_spec(model)
+        _check_resume(rd, config, data_info, spec)
         ckpt = rd / CHECKPOINT
         if ckpt.exists():
             history = _load_checkpoint(ckpt, model, optimizer, generator)
@@ -486,12 +569,17 @@ def fit(
         if result_path.exists():
             stored = json.loads(result_path.read_text())
             if stored.get("status") == "diverged":
+                _say(progress, f"{rd}: the run diverged earlier; nothing trained")
                 return FitResult(_history_from_json(stored["history"]), "diverged", str(rd))
+        if history and len(history) == config.epochs:
+            _say(progress, f"{rd}: already finished ({len(history)} epochs), nothing trained")
+        elif history:
+            _say(progress, f"{rd}: resuming at epoch {len(history) + 1}/{config.epochs}")
         _write_json(
             rd / "config.json",
             {
                 "train": config.to_dict(),
-                "model": getattr(model, "lowbit_spec", None),
+                "model": spec,
                 "data": data_info,
                 "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
             },
@@ -516,6 +604,7 @@ def fit(
                 model, test_x, test_y, config.eval_batch_size, device, amp=config.amp
             )
             metrics["wall_s"] = round(time.perf_counter() - metrics.pop("_t0"), 3)
+            _say(progress, epoch_line(metrics, config.epochs))
             if on_epoch is not None:
                 on_epoch(dict(metrics), model)
             history.append(metrics)
@@ -561,7 +650,7 @@ def _train_epoch(
     n_batches = math.ceil(len(y) / config.batch_size)
     it = batches(x, y, config.batch_size, order)
     bar = None
-    if _show_progress(progress):
+    if _show_bar(progress):
         from tqdm import tqdm
 
         bar = tqdm(it, total=n_batches, desc=f"epoch {epoch}/{config.epochs}", leave=False)

@@ -52,11 +52,11 @@ def test_train_json_on_synthetic(tmp_path, capsys):
 
 
 def test_train_prints_epochs_without_json(tmp_path, capsys):
-    code, out, _ = _run(
+    code, out, err = _run(
         capsys, "train", "--dataset", "synthetic", "--epochs", "1", "--out", str(tmp_path)
     )
     assert code == 0
-    assert "epoch 1/1" in out and "finished" in out
+    assert "epoch 1/1" in err and "finished" in out  # progress on stderr, the result on stdout
 
 
 @pytest.mark.parametrize(

@@ -112,17 +112,45 @@ def test_search_order_data_dir_before_env_before_cache_before_debian(tmp_path, m
     assert len(data.load("fashion-mnist", data_dir=tmp_path / "arg").train_y) == 14
 
 
-def test_missing_data_error_names_every_path_and_how_to_get_it(tmp_path):
+def test_missing_data_error_names_every_path_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_DATA", str(tmp_path / "env"))
     with pytest.raises(DataError) as err:
-        data.load("fashion-mnist", data_dir=tmp_path / "mine")
+        data.load("fashion-mnist")
     msg = str(err.value)
-    searched = data.discover(tmp_path / "mine")["fashion-mnist"]["searched"]
+    searched = data.discover()["fashion-mnist"]["searched"]
     assert len(searched) >= 5
     for path in searched:
         assert path in msg
     assert str(tmp_path / "debian" / "fashion-mnist") in msg
     assert "apt-get install dataset-fashion-mnist" in msg
     assert "\n" not in msg
+
+
+def test_a_named_data_dir_is_read_or_the_load_fails(tmp_path, monkeypatch):
+    # the data exist elsewhere (the system copy, $LOWBIT_DATA): a named folder never falls back
+    _make_idx(tmp_path / "debian" / "fashion-mnist")
+    _make_idx(tmp_path / "env" / "fashion-mnist")
+    monkeypatch.setenv("LOWBIT_DATA", str(tmp_path / "env"))
+    with pytest.raises(DataError, match="does not exist") as err:
+        data.load("fashion-mnist", data_dir=tmp_path / "typo")
+    assert str(tmp_path / "typo") in str(err.value)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError, match="not found under the folder you named") as err:
+        data.load("fashion-mnist", data_dir=tmp_path / "mine")
+    assert str(tmp_path / "debian") not in str(err.value)
+    assert str(tmp_path / "env") not in str(err.value)
+    _make_idx(tmp_path / "mine")
+    (tmp_path / "mine" / IDX_NAMES["test_y"]).unlink()
+    with pytest.raises(DataError, match="incomplete, missing t10k-labels-idx1-ubyte"):
+        data.load("fashion-mnist", data_dir=tmp_path / "mine")
+    found = data.discover(tmp_path / "mine")["fashion-mnist"]
+    assert found["path"] is None and str(tmp_path / "debian") not in found["searched"]
+
+
+@pytest.mark.parametrize("bad", [3, "", b"dir", ["a"]])
+def test_data_dir_must_be_a_path(bad):
+    with pytest.raises(ValueError, match="data_dir must be a folder path"):
+        data.load("mnist", data_dir=bad)
 
 
 def test_unknown_dataset_is_a_value_error():

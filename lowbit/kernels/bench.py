@@ -68,33 +68,63 @@ class Shape:
     threads: int  # 0: torch's default
 
 
+_COLUMNS = ("name", "kind", "out_features", "in_features", "c_in", "h", "w", "kernel", "padding")
+
+
 def read_shapes(path: str | os.PathLike | None = None) -> list[Shape]:
-    """Shapes from the CSV (lines starting with '#' are comments)."""
+    """Shapes from the CSV (lines starting with '#' are comments); ValueError naming the file and
+    the row for a missing column, a bad value or an empty list."""
     path = Path(path) if path else DEFAULT_SHAPES
     if not path.is_file():
         raise FileNotFoundError(f"shape list {path} not found")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text CSV file") from None
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    reader = csv.DictReader(io.StringIO("\n".join(lines)))
+    missing = [c for c in (*_COLUMNS, "batches", "threads") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (see {DEFAULT_SHAPES})")
     shapes = []
-    for row in csv.DictReader(io.StringIO("\n".join(lines))):
-        conv = row["kind"] == "conv2d"
-        if row["kind"] not in ("linear", "conv2d"):
-            raise ValueError(f"{path}: shape {row['name']}: kind must be linear or conv2d")
-        shapes.append(
-            Shape(
-                row["name"],
-                row["kind"],
-                int(row["out_features"]),
-                int(row["in_features"]),
-                int(row["c_in"]) if conv else 0,
-                int(row["h"]) if conv else 0,
-                int(row["w"]) if conv else 0,
-                int(row["kernel"]) if conv else 0,
-                int(row["padding"]) if conv else 0,
-                tuple(int(b) for b in row["batches"].split(";")),
-                0 if row["threads"] in ("", "all") else int(row["threads"]),
-            )
-        )
+    for i, row in enumerate(reader, start=1):
+        try:
+            shapes.append(_shape(row))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: shape row {i} ({row.get('name')!r}): {exc}") from None
+    if not shapes:
+        raise ValueError(f"{path}: holds no shapes")
     return shapes
+
+
+def _shape(row: dict) -> Shape:
+    if row["kind"] not in ("linear", "conv2d"):
+        raise ValueError("kind must be linear or conv2d")
+    conv = row["kind"] == "conv2d"
+
+    def positive(key: str) -> int:
+        v = int(row[key])
+        if v < 1:
+            raise ValueError(f"{key} must be >= 1, got {v}")
+        return v
+
+    threads = row["threads"]
+    batches = tuple(int(b) for b in row["batches"].split(";"))
+    if min(batches) < 1:
+        raise ValueError(f"batches must be >= 1, got {row['batches']}")
+    return Shape(
+        row["name"],
+        row["kind"],
+        positive("out_features"),
+        positive("in_features"),
+        positive("c_in") if conv else 0,
+        positive("h") if conv else 0,
+        positive("w") if conv else 0,
+        positive("kernel") if conv else 0,
+        int(row["padding"]) if conv else 0,
+        batches,
+        0 if threads in ("", "all") else positive("threads"),
+    )
 
 
 def machine() -> dict:

@@ -12,15 +12,27 @@ checkpoint, bit-exactly, and its row replaced with the same values), or neither.
 cells whose status is finished or diverged and restarts the others (pending, running — a killed
 worker —, failed).
 
+Scheduling: the sweep claims each cell in the store just before it hands it to a worker
+(``Store.claim``: atomic, with the sweep's ``host:pid`` and a lease it renews), so two sweeps on one
+folder share the cells and train each exactly once; a cell held by another live sweep is waited
+for, a cell whose claimer died is taken over. Only as many cells as there are workers are in
+flight: Ctrl-C (SIGINT) stops scheduling at once, ends the workers, marks the cells in flight
+``interrupted`` (resumed bit-exactly by the next run) and the sweep returns ``interrupted=True``
+(the CLI exits 130).
+
 Executors:
 
-* ``local`` — a process pool (spawn context) of ``workers`` processes (default: the core count),
-  each with ``max(1, cores // workers)`` torch threads so the pool does not oversubscribe the
-  cores. ``workers=1`` trains in the calling process.
+* ``local`` — ``workers`` worker processes (spawn context; default: the core count), each with
+  ``max(1, cores // workers)`` torch threads so they do not oversubscribe the cores. A worker
+  ignores SIGINT (the sweep decides what Ctrl-C stops) and dies with the sweep: on Linux through
+  the parent-death signal (``prctl(PR_SET_PDEATHSIG)``), elsewhere through a thread watching the
+  parent, and an idle worker also sees its task pipe close. ``workers=1`` trains in the calling
+  process.
 * ``ray`` — one Ray task per cell (``pip install 'lowbit[ray]'``), each asking for ``threads``
   CPUs and, with ``device="cuda"``, one GPU (``gpus_per_cell``: any fraction, so several cells
   share a GPU). ``ray.init()`` starts a local instance with ``workers`` CPUs (and the local
-  GPUs), or joins the cluster at ``RAY_ADDRESS``. A task on the driver's
+  GPUs), or joins the cluster at ``RAY_ADDRESS``. At most ``workers`` cells are in flight. A task
+  on the driver's
   host writes the database directly (as the local pool does); a task on another host records its
   writes and returns them, and the driver replays them in order — either way the database is the
   same. (Checkpoints stay on the host that trained the cell; resume across hosts needs ``DIR`` on
@@ -31,23 +43,26 @@ A cell that raises is recorded as ``failed`` with its traceback, and the sweep g
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import ctypes
 import dataclasses
 import math
 import multiprocessing as mp
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
+from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 from typing import Any
 
 from lowbit.errors import ConfigError
 from lowbit.study.spec import Cell, Spec
-from lowbit.study.store import DONE, Store, default_path
+from lowbit.study.store import DONE, LEASE_S, Store, default_path, owner_id
 from lowbit.study.variants import reading_options, weight_levels
 
 BACKENDS = ("local", "ray")
@@ -64,6 +79,7 @@ class StudyResult:
     statuses: dict[str, int]
     wall_s: float
     notes: list[str]
+    interrupted: bool = False
     resources: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
@@ -209,7 +225,8 @@ def execute_cell(
 ):
     """Train one cell, writing its run info, epochs and final status through ``sink``.
 
-    Exceptions are recorded as ``failed`` with their traceback (and not re-raised)."""
+    Exceptions are recorded as ``failed`` with their traceback (and not re-raised); Ctrl-C
+    inside the cell is re-raised as KeyboardInterrupt (the sweep marks the cell interrupted)."""
     import torch
 
     from lowbit import __version__
@@ -241,7 +258,9 @@ def execute_cell(
             sink.add_epoch(cell_id, metrics, diag.collect(int(metrics["epoch"]), m))
 
         cfg = train_config(config, device, amp)
-        result = fit(model, ds, cfg, run_dir=run_dir, on_epoch=on_epoch)
+        result = fit(model, ds, cfg, run_dir=run_dir, on_epoch=on_epoch, progress=False)
+        if result.status == "interrupted":  # Ctrl-C inside fit: the sweep stops (and marks it)
+            raise KeyboardInterrupt
         status = result.status if result.status in DONE else "failed"
         error = None if status in DONE else f"fit ended with status {result.status!r}"
         sink.end_run(cell_id, status, error)
@@ -264,6 +283,26 @@ def _init_worker(threads: int) -> None:
         pass
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker when the sweep that started it dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
+                if os.getppid() != parent_pid:  # the parent died before the prctl
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _execute(task: dict[str, Any], sink: Any) -> None:
     execute_cell(
         task["id"],
@@ -280,6 +319,40 @@ def _local_task(task: dict[str, Any]) -> str:
     with Store(task["db"]) as store:
         _execute(task, store)
     return task["id"]
+
+
+def _worker_main(conn: Any, threads: int, parent_pid: int) -> None:
+    """A worker's life: cells from ``conn`` until it closes (or None), one id back per cell."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+    _init_worker(threads)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the sweep is gone
+            return
+        if task is None:
+            return
+        conn.send(_local_task(task))
+
+
+class _Worker:
+    """One worker process and the pipe that carries its cells; ``task`` is the cell it runs."""
+
+    def __init__(self, ctx: Any, threads: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_worker_main, args=(child, threads, os.getpid()), daemon=True
+        )
+        self.proc.start()
+        child.close()
+        self.task: dict[str, Any] | None = None
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+        self.conn.close()
 
 
 def _ray_task(task: dict[str, Any]) -> tuple[str, list, dict[str, float]]:
@@ -300,55 +373,6 @@ def _ray_task(task: dict[str, Any]) -> tuple[str, list, dict[str, float]]:
     return task["id"], rec.ops, assigned
 
 
-def _progress(total: int, enabled: bool | None) -> Any:
-    from tqdm import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    return tqdm(total=total, unit="cell", disable=not enabled, dynamic_ncols=True)
-
-
-def _run_local(tasks: list[dict], workers: int, store: Store, bar: Any) -> None:
-    if workers == 1:
-        _init_worker(tasks[0]["threads"] if tasks else 1)
-        for t in tasks:
-            _local_task(t)
-            bar.update(1)
-        return
-    pending = list(tasks)
-    while pending:
-        ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(tasks[0]["threads"],)
-        ) as pool:
-            futures = {pool.submit(_local_task, t): t for t in pending}
-            pending = []
-            broken = False
-            for fut in cf.as_completed(futures):
-                t = futures[fut]
-                try:
-                    fut.result()
-                    bar.update(1)
-                except cf.process.BrokenProcessPool:
-                    # a worker died (killed, out of memory): every unfinished future fails with
-                    # it; the cells not yet done get a fresh pool, the one that was running is
-                    # found "running" in the database and marked failed below.
-                    broken = True
-                    pending.append(t)
-            if broken:
-                status = store.status()
-                redo = []
-                for t in pending:
-                    if status.get(t["id"]) == "running":
-                        store.end_run(t["id"], "failed", "worker process died during the cell")
-                        bar.update(1)
-                    elif status.get(t["id"]) not in DONE:
-                        redo.append(t)
-                    else:
-                        bar.update(1)
-                pending = redo
-
-
 def ray_resources(threads: int, device: str, gpus_per_cell: float | None) -> dict[str, float]:
     """What one cell asks Ray for: ``threads`` CPUs, and ``gpus_per_cell`` GPUs (default 1 for a
     CUDA device, else 0; a fraction packs several cells on one GPU)."""
@@ -356,48 +380,204 @@ def ray_resources(threads: int, device: str, gpus_per_cell: float | None) -> dic
     return {"num_cpus": float(threads), "num_gpus": float(gpus)}
 
 
-def _run_ray(
-    tasks: list[dict], workers: int, store: Store, bar: Any, resources: dict[str, float]
-) -> dict[str, dict[str, float]]:
-    """Run the tasks as Ray tasks asking for ``resources`` each; returns cell id -> the
-    resources Ray assigned to it."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(
-            "the ray backend needs Ray: pip install 'lowbit[ray]' (or use --backend local)"
-        ) from None
-    started = False
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if not address:
-            kw["num_cpus"] = max(workers, math.ceil(resources["num_cpus"]))
-            if resources["num_gpus"]:
-                import torch
+class _Progress:
+    """Cells done out of the total: a tqdm bar when stdout and stderr are a terminal, else one
+    plain line per finished cell on stderr (done/total, failures, ETA); ``mode="off"`` is silent.
+    Notes are printed as they happen."""
 
-                kw["num_gpus"] = torch.cuda.device_count()
-        ray.init(address=address or None, **kw)
-        started = True
-    assigned: dict[str, dict[str, float]] = {}
-    try:
-        remote = ray.remote(max_retries=0, **resources)(_ray_task)
-        host = socket.gethostname()
-        refs = [remote.remote({**t, "driver_host": host}) for t in tasks]
-        by_ref = dict(zip(refs, tasks, strict=True))
-        while refs:
-            done, refs = ray.wait(refs, num_returns=1)
-            for ref in done:
-                try:
-                    cid, ops, assigned[by_ref[ref]["id"]] = ray.get(ref)
-                    store.apply(ops)
-                except Exception:  # noqa: BLE001 - a task that died (not one that raised)
-                    store.end_run(by_ref[ref]["id"], "failed", traceback.format_exc())
-                bar.update(1)
-    finally:
-        if started:
-            ray.shutdown()
-    return assigned
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        self.total, self.done, self.failed, self.t0 = total, 0, 0, time.time()
+        if enabled is False:
+            self.mode = "off"
+        elif enabled is None and not (sys.stdout.isatty() and sys.stderr.isatty()):
+            self.mode = "lines"
+        else:
+            self.mode = "bar"
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="cell", dynamic_ncols=True)
+
+    def note(self, text: str) -> None:
+        if self.mode == "bar":
+            self.bar.write(f"note: {text}", file=sys.stderr)
+        elif self.mode == "lines":
+            print(f"note: {text}", file=sys.stderr, flush=True)
+
+    def update(self, cell_id: str, status: str) -> None:
+        self.done += 1
+        self.failed += status == "failed"
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.mode == "lines":
+            left = (time.time() - self.t0) / self.done * (self.total - self.done)
+            eta = f", ETA {_duration(left)}" if self.done < self.total else ""
+            failed = f", {self.failed} failed" if self.failed else ""
+            print(
+                f"study: {self.done}/{self.total} cells done{failed}{eta} ({cell_id} {status})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class _Scheduler:
+    """Hands cells to workers one at a time, each claimed in the store first (see the module
+    docstring); cells another live sweep holds are waited for and taken over if it dies."""
+
+    def __init__(self, tasks: list[dict], store: Store, bar: _Progress) -> None:
+        self.assigned: dict[str, dict[str, float]] = {}  # Ray: cell id -> resources it got
+        self.queue = list(tasks)
+        self.store, self.bar, self.owner = store, bar, owner_id()
+        self.waiting: list[dict] = []  # held by another sweep
+
+    def next_task(self) -> dict | None:
+        """The next cell this sweep claimed, or None when none is claimable now."""
+        while self.queue:
+            task = self.queue.pop(0)
+            state = self.store.claim(task["id"], self.owner)
+            if state == "claimed":
+                return task
+            if state == "busy":
+                self.waiting.append(task)
+        return None
+
+    def wait_for_others(self) -> bool:
+        """With nothing of our own to run: poll the cells others hold; True while some remain
+        (those whose holder died go back to the queue)."""
+        status = self.store.status()
+        self.waiting = [t for t in self.waiting if status.get(t["id"]) not in DONE]
+        if not self.waiting:
+            return False
+        time.sleep(1.0)
+        self.queue, self.waiting = self.waiting, []
+        return True
+
+    def finished(self, task: dict) -> None:
+        self.bar.update(task["id"], self.store.status().get(task["id"], "?"))
+
+    def run_inline(self, threads: int) -> None:
+        """``workers=1``: every cell in this process."""
+        _init_worker(threads)
+        while True:
+            task = self.next_task()
+            if task is None:
+                if self.wait_for_others():
+                    continue
+                return
+            _local_task(task)
+            self.finished(task)
+
+    def run_pool(self, workers: int, threads: int) -> None:
+        ctx = mp.get_context("spawn")
+        pool = [_Worker(ctx, threads) for _ in range(workers)]
+        try:
+            while True:
+                for w in pool:
+                    if w.task is None and (task := self.next_task()) is not None:
+                        w.task = task
+                        w.conn.send(task)
+                busy = [w for w in pool if w.task is not None]
+                if not busy:
+                    if self.wait_for_others():
+                        continue
+                    return
+                ready = set(mp_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], 1.0))
+                for i, w in enumerate(pool):
+                    task = w.task
+                    if task is None:
+                        continue
+                    if w.conn in ready:
+                        w.conn.recv()
+                        w.task = None
+                    elif w.proc.sentinel in ready:  # died (killed, out of memory) mid-cell
+                        self.store.end_run(
+                            task["id"], "failed", "worker process died during the cell"
+                        )
+                        w.kill()
+                        pool[i] = _Worker(ctx, threads)
+                    else:
+                        continue
+                    self.finished(task)
+        finally:
+            for w in pool:
+                w.kill()
+
+    def run_ray(self, workers: int, resources: dict[str, float]) -> None:
+        """Cells as Ray tasks asking for ``resources`` each; ``self.assigned`` gets what Ray
+        gave them."""
+        try:
+            import ray
+        except ImportError:  # checked before the store is made; here for direct callers
+            raise ConfigError(_NO_RAY) from None
+        started = False
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS")
+            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if not address:
+                kw["num_cpus"] = max(workers, math.ceil(resources["num_cpus"]))
+                if resources["num_gpus"]:
+                    import torch
+
+                    kw["num_gpus"] = torch.cuda.device_count()
+            ray.init(address=address or None, **kw)
+            started = True
+        try:
+            remote = ray.remote(max_retries=0, **resources)(_ray_task)
+            host = socket.gethostname()
+            in_flight: dict[Any, dict] = {}
+            while True:
+                while len(in_flight) < workers and (task := self.next_task()) is not None:
+                    in_flight[remote.remote({**task, "driver_host": host})] = task
+                if not in_flight:
+                    if self.wait_for_others():
+                        continue
+                    return
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in done:
+                    task = in_flight.pop(ref)
+                    try:
+                        _, ops, self.assigned[task["id"]] = ray.get(ref)
+                        self.store.apply(ops)
+                    except Exception:  # noqa: BLE001 - a task that died (not one that raised)
+                        self.store.end_run(task["id"], "failed", traceback.format_exc())
+                    self.finished(task)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+class _Heartbeat:
+    """Renews this sweep's claims every ``LEASE_S / 4`` seconds, on its own connection."""
+
+    def __init__(self, db_path: Path, owner: str) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, args=(db_path, owner), daemon=True)
+
+    def _beat(self, db_path: Path, owner: str) -> None:
+        with Store(db_path) as store:
+            while not self.stop.wait(LEASE_S / 4):
+                store.renew(owner)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+
+
+_NO_RAY = "the ray backend needs Ray: pip install 'lowbit[ray]' (or use --backend local)"
 
 
 # --- the sweep -----------------------------------------------------------------------------------
@@ -432,6 +612,7 @@ def run(
     ``device``/``amp``: where and how every cell trains (``TrainConfig``; recorded per run, not
     part of a cell's id). ``gpus_per_cell``: the Ray backend's GPU request per cell (default 1
     with a CUDA device, else 0; fractions share a GPU); each cell also asks for ``threads`` CPUs.
+    Every argument is checked before the store is created.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -441,10 +622,19 @@ def run(
         resolve_device(device)  # the machine that trains is this one: check it has the device
     if gpus_per_cell is not None and not gpus_per_cell >= 0:
         raise ConfigError(f"--gpus-per-cell must be >= 0, got {gpus_per_cell}")
+    if backend == "ray":
+        try:
+            import ray  # noqa: F401 - only checking that it is installed
+        except ImportError:
+            raise ConfigError(_NO_RAY) from None
     cores = os.cpu_count() or 1
     workers = cores if workers is None else workers
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    if not str(out_dir).strip():
+        raise ConfigError("--out must name a folder, got an empty string")
     out = Path(out_dir)
     requested = {c for c in spec.grid.get("dataset", ["fashion-mnist"])}
     cells: list[Cell] = spec.cells(dataset_checker(data_dir))
@@ -474,8 +664,6 @@ def run(
         )
         if threads is None:
             threads = max(1, cores // min(workers, max(1, len(todo))))
-        elif threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {threads}")
         tasks = [
             {
                 "id": c.id,
@@ -489,13 +677,27 @@ def run(
             }
             for c in todo
         ]
-        assigned: dict[str, dict[str, float]] = {}
-        with _progress(len(tasks), progress) as bar:
-            if backend == "local":
-                _run_local(tasks, min(workers, max(1, len(tasks))), store, bar)
-            else:
-                request = ray_resources(threads, device, gpus_per_cell)
-                assigned = _run_ray(tasks, workers, store, bar, request)
+        bar = _Progress(len(tasks), progress)
+        for note in notes:
+            bar.note(note)
+        scheduler = _Scheduler(tasks, store, bar)
+        interrupted = False
+        try:
+            with _Heartbeat(store.path, scheduler.owner):
+                if backend == "ray":
+                    scheduler.run_ray(workers, ray_resources(threads, device, gpus_per_cell))
+                elif min(workers, len(tasks)) <= 1:
+                    scheduler.run_inline(threads)
+                else:
+                    scheduler.run_pool(min(workers, len(tasks)), threads)
+        except KeyboardInterrupt:
+            interrupted = True
+            stopped = store.release(
+                scheduler.owner, "interrupted", "interrupted (Ctrl-C); the next run resumes it"
+            )
+            bar.note(f"interrupted: {len(stopped)} cells in flight stopped; run again to resume")
+        finally:
+            bar.close()
         final = store.status()
     counts: dict[str, int] = {}
     for c in cells:
@@ -508,5 +710,6 @@ def run(
         statuses=counts,
         wall_s=time.time() - t0,
         notes=notes,
-        resources=assigned,
+        interrupted=interrupted,
+        resources=scheduler.assigned,
     )

@@ -12,7 +12,8 @@ Schema (one row per ...)::
     layers  (run_id, epoch, layer) PK, levels, numel, scale, flip_ratio, zero_share, shares
                                                     ... quantized layer and epoch
 
-``status`` is one of pending, running, finished, diverged, failed. Epoch rows are written with
+``status`` is one of pending, running, finished, diverged, failed, interrupted (Ctrl-C; resumed
+by the next run like pending and failed cells). Epoch rows are written with
 ``INSERT OR REPLACE`` keyed (run_id, epoch), together with their layer rows in one transaction: a
 re-run of an epoch (after a crash between the row and the checkpoint) replaces, never duplicates.
 
@@ -20,18 +21,29 @@ Concurrency: WAL journal (readers never block the writer), ``busy_timeout`` of 6
 ``BEGIN IMMEDIATE`` transactions, and a retry loop with backoff on "database is locked" for the
 rare case the timeout is exceeded. ``synchronous=NORMAL`` with WAL keeps every committed
 transaction across a process crash (SIGKILL); only a power loss can drop the last commits.
+
+Claims: a sweep takes a cell with :meth:`Store.claim` before it trains it, in one ``BEGIN
+IMMEDIATE`` transaction, so two sweeps on one folder never train the same cell. The claim records
+its ``owner`` (``host:pid`` of the sweep) and a ``lease`` (an expiry time the owner renews with
+:meth:`Store.renew`). A claim is void, and the cell claimable again, once its owner is dead: on the
+same host that is checked directly (a SIGKILLed sweep's cells are reclaimed by the very next run),
+on another host when the lease has expired.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from lowbit.errors import LowbitError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,7 +65,9 @@ CREATE TABLE IF NOT EXISTS runs (
     size_bytes REAL,
     size_method TEXT,
     device TEXT,
-    classes INTEGER
+    classes INTEGER,
+    owner TEXT,
+    lease REAL
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -76,8 +90,9 @@ CREATE TABLE IF NOT EXISTS layers (
 );
 """
 
-STATUSES = ("pending", "running", "finished", "diverged", "failed")
+STATUSES = ("pending", "running", "finished", "diverged", "failed", "interrupted")
 DONE = ("finished", "diverged")
+LEASE_S = 120.0  # a claim's lifetime without renewal (the owner renews it every LEASE_S / 4)
 EPOCH_FIELDS = (
     "train_loss",
     "train_acc",
@@ -105,7 +120,7 @@ RUN_INFO_FIELDS = (
 # Columns later versions added: a database made before them gets them (NULL) when opened for
 # writing, so a study resumes across the upgrade.
 _ADDED_COLUMNS = {
-    "runs": ("device TEXT", "classes INTEGER"),
+    "runs": ("device TEXT", "classes INTEGER", "owner TEXT", "lease REAL"),
     "epochs": ("val_loss REAL", "val_acc REAL", "linear_cos REAL"),
 }
 
@@ -127,11 +142,26 @@ class Store:
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
+        if readonly and not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no results database here")
+        if not readonly and self.path.parent.exists() and not self.path.parent.is_dir():
+            raise LowbitError(f"{self.path.parent}: exists and is not a directory")
+        try:
+            self._open(readonly)
+        except sqlite3.DatabaseError as exc:  # not a database, read-only target, full disk
+            access = isinstance(exc, sqlite3.OperationalError) and "no study" not in str(exc)
+            raise LowbitError(
+                f"{self.path}: cannot use this results database ({exc}); "
+                + ("check the permissions of it and its folder" if access else "is DIR a study?")
+            ) from None
+
+    def _open(self, readonly: bool) -> None:
         if readonly:
-            if not self.path.is_file():
-                raise FileNotFoundError(f"{self.path}: no results database here")
             uri = f"file:{self.path}?mode=ro"
             self.db = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
+            if "runs" not in tables:
+                raise sqlite3.DatabaseError("it holds no study results")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -196,21 +226,78 @@ class Store:
             )
         )
 
+    def claim(self, run_id: str, owner: str) -> str:
+        """Take cell ``run_id`` for ``owner`` (see "Claims" above), atomically.
+
+        Returns ``"claimed"`` (it is ours now: status running, attempts + 1), ``"done"``
+        (finished or diverged) or ``"busy"`` (a live sweep holds it)."""
+        out = ""
+
+        def attempt(db: sqlite3.Connection) -> None:
+            nonlocal out
+            row = db.execute(
+                "SELECT status, owner, lease FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise ValueError(f"no cell {run_id!r} in {self.path}")
+            status, holder, lease = row
+            if status in DONE:
+                out = "done"
+            elif status == "running" and holder not in (None, owner) and _alive(holder, lease):
+                out = "busy"
+            else:
+                db.execute(
+                    "UPDATE runs SET status = 'running', owner = ?, lease = ?, started = ?, "
+                    "ended = NULL, error = NULL, attempts = attempts + 1 WHERE run_id = ?",
+                    (owner, time.time() + LEASE_S, time.time(), run_id),
+                )
+                out = "claimed"
+
+        self._write(attempt)
+        return out
+
+    def renew(self, owner: str) -> None:
+        """Extend the lease of every cell ``owner`` is running."""
+        self._write(
+            lambda db: db.execute(
+                "UPDATE runs SET lease = ? WHERE owner = ? AND status = 'running'",
+                (time.time() + LEASE_S, owner),
+            )
+        )
+
+    def release(self, owner: str, status: str, error: str | None = None) -> list[str]:
+        """End every cell ``owner`` still runs with ``status`` (e.g. interrupted); their ids."""
+        ids: list[str] = []
+
+        def write(db: sqlite3.Connection) -> None:
+            ids[:] = [
+                r[0]
+                for r in db.execute(
+                    "SELECT run_id FROM runs WHERE owner = ? AND status = 'running'", (owner,)
+                )
+            ]
+            db.execute(
+                "UPDATE runs SET status = ?, ended = ?, error = ?, owner = NULL "
+                "WHERE owner = ? AND status = 'running'",
+                (status, time.time(), error, owner),
+            )
+
+        self._write(write)
+        return ids
+
     def start_run(self, run_id: str, info: dict[str, Any]) -> None:
+        """Record where and with what the cell runs (its claim already made it ``running``)."""
         cols = [k for k in RUN_INFO_FIELDS if k in info]
         sets = ", ".join(f"{c} = ?" for c in cols)
-        sql = (
-            "UPDATE runs SET status = 'running', started = ?, ended = NULL, error = NULL, "
-            f"attempts = attempts + 1{', ' + sets if sets else ''} WHERE run_id = ?"
-        )
-        self._write(lambda db: db.execute(sql, [time.time(), *(info[c] for c in cols), run_id]))
+        sql = f"UPDATE runs SET status = 'running'{', ' + sets if sets else ''} WHERE run_id = ?"
+        self._write(lambda db: db.execute(sql, [*(info[c] for c in cols), run_id]))
 
     def end_run(self, run_id: str, status: str, error: str | None = None) -> None:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         self._write(
             lambda db: db.execute(
-                "UPDATE runs SET status = ?, ended = ?, error = ? WHERE run_id = ?",
+                "UPDATE runs SET status = ?, ended = ?, error = ?, owner = NULL WHERE run_id = ?",
                 (status, time.time(), error, run_id),
             )
         )
@@ -268,6 +355,29 @@ class Store:
             sql, args = sql + " WHERE run_id = ?", (run_id,)
         rows = self.db.execute(sql + " ORDER BY run_id, epoch, layer", args)
         return [{**dict(r), "shares": json.loads(r["shares"])} for r in rows]
+
+
+def owner_id() -> str:
+    """``host:pid`` of this process, as a claim records it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(owner: str, lease: float | None) -> bool:
+    """Whether the sweep ``owner`` may still be running its claim."""
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's live process
+            return True
+        try:  # a killed process its parent has not reaped yet is a zombie: dead
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rpartition(b")")[2].split()[0] != b"Z"
+        except (OSError, IndexError):
+            return True
+    return lease is not None and lease > time.time()
 
 
 def _layer_values(row: dict[str, Any]) -> list[Any]:
