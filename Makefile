@@ -12,7 +12,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist
 $(STAMP): pyproject.toml setup.py lowbit/kernels/csrc/lowbit_kernels.c lowbit/kernels/csrc/lowbit_binary.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,ray]'
+	$(BIN)/pip install -q -e '.[dev,ray,onnx]'
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST, when apt is usable; otherwise say how to get it and carry on.

@@ -4,7 +4,9 @@ quantizers -> nn (layers) -> models -> train / study -> pack -> packed -> kernel
 """
 
 from lowbit import data, kernels, models, quantizers, train
+from lowbit.export import export_onnx
 from lowbit.fileformat import load, save
+from lowbit.meta import ModelMeta, preprocess
 from lowbit.nn import (
     BitLinear8,
     MisbornLinear,
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BitLinear8",
     "MisbornLinear",
+    "ModelMeta",
     "QATConfig",
     "QuantConv2d",
     "QuantLinear",
@@ -31,9 +34,11 @@ __all__ = [
     "__version__",
     "convert_",
     "data",
+    "export_onnx",
     "kernels",
     "load",
     "models",
+    "preprocess",
     "quantize_",
     "quantizers",
     "save",

@@ -21,8 +21,9 @@ def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     Returns (model in eval mode, the run's config.json content or {}). The checkpoint is read
     with the strict container reader (no pickle); the model is rebuilt by ``lowbit.models.get``
-    from the spec the run recorded."""
-    from lowbit import models
+    from the spec the run recorded. ``model.lowbit_meta`` is what ``lowbit pack`` saves with it
+    (``lowbit.meta.from_run``), so a summary of the run predicts the packed file's size."""
+    from lowbit import meta, models
 
     path = Path(path)
     config: dict[str, Any] = {}
@@ -85,4 +86,5 @@ def load_trained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             config = {"train": json.loads(strings.get("config", "{}")), "model": spec}
         except ValueError:
             config = {"model": spec}
+    model.lowbit_meta, _ = meta.from_run(path, config)
     return model.eval(), config

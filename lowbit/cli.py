@@ -209,16 +209,19 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from lowbit import checkpoint, fileformat
+    from lowbit import checkpoint, fileformat, meta
     from lowbit.packed import convert_
 
-    model, _ = checkpoint.load_trained(args.source)
+    model, config = checkpoint.load_trained(args.source)
+    _, notes = meta.from_run(args.source, config)  # model.lowbit_meta is its first part
     predicted = fileformat.predicted_size(model, args.layout)
     size = fileformat.save(convert_(model), args.output, layout=args.layout)
-    result = {"output": args.output, "bytes": size, "predicted_bytes": predicted}
+    result = {"output": args.output, "bytes": size, "predicted_bytes": predicted, "notes": notes}
     if args.json:
         _print_json(result)
     else:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         print(f"wrote {args.output}: {size:,} bytes (summary predicted {predicted:,})")
     return 0
 
@@ -300,6 +303,111 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             )
         print("verify: OK" if r["ok"] else "verify: FAILED")
     return 0 if r["ok"] else 1
+
+
+# --- predict, export -----------------------------------------------------------------------------
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "predict",
+        "Predict classes of raw images with a .lowbit model (its saved preprocessing applied).",
+        "  lowbit predict t3.lowbit $F/t10k-images-idx3-ubyte.gz --labels "
+        "$F/t10k-labels-idx1-ubyte.gz\n"
+        "      (F=/usr/share/datasets/fashion-mnist: raw pixels in, the run's accuracy out)\n"
+        "  lowbit predict t3.lowbit images.npy --top 3 --json -o predictions.json\n"
+        "  lowbit predict t3.lowbit shoe.png shirt.png\n"
+        "INPUTS: one IDX file (.gz or not), one .npy array of raw images (no pickle), or PNGs.",
+    )
+    p.add_argument("path", help="the .lowbit file")
+    p.add_argument("inputs", nargs="+", metavar="INPUTS", help="images: IDX, .npy or PNG files")
+    p.add_argument("--top", type=int, default=1, metavar="K", help="print the K likeliest classes")
+    p.add_argument("--labels", metavar="FILE", help="IDX1 or .npy labels: also print accuracy")
+    p.add_argument(
+        "--dataset",
+        help="for a file without saved preprocessing: normalise as lowbit does for this dataset",
+    )
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    p.add_argument("-o", "--output", help="write the predictions to this file, not stdout")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit import predict
+    from lowbit.files import atomic_write
+
+    if args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+    model = lowbit.load(args.path)
+    meta = getattr(model, "lowbit_meta", None)
+    channels = meta.input_shape[0] if meta is not None and meta.input_shape else None
+    images = predict.read_images(args.inputs, channels)
+    labels = predict.read_labels(args.labels) if args.labels else None
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{args.labels}: {len(labels)} labels for {len(images)} images")
+    pred = predict.run(
+        model,
+        images,
+        batch_size=args.batch_size,
+        dataset=args.dataset,
+        progress=predict.progress_printer(len(images), args.batch_size),
+    )
+    for note in pred.notes:
+        print(f"lowbit predict: note: {note}", file=sys.stderr)
+    rep = predict.report(pred, args.top, labels)
+    body = json.dumps(rep, indent=2, sort_keys=True) + "\n" if args.json else predict.text(rep)
+    if args.output:
+        atomic_write(args.output, body)
+        summary = f"wrote {rep['count']} predictions to {args.output}"
+        if "accuracy" in rep:
+            summary += f"; accuracy {rep['accuracy']:.4f}"
+        print(summary, file=sys.stderr)
+    else:
+        sys.stdout.write(body)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "export",
+        "Export a .lowbit model to ONNX (runs in onnxruntime; needs lowbit[onnx]).",
+        "  lowbit export t3.lowbit -o t3.onnx\n"
+        "  lowbit export t3.lowbit -o t3-raw.onnx --embed-preprocessing --json",
+    )
+    p.add_argument("path", help="the .lowbit file")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument(
+        "--embed-preprocessing",
+        action="store_true",
+        help="the graph takes raw uint8 pixels (B, C, H, W) and normalises them as saved",
+    )
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="2-bit weights for 2/3-level linear layers (smaller; slower in onnxruntime)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit.export import export_onnx
+
+    model = lowbit.load(args.path)
+    size = export_onnx(
+        model, args.output, embed_preprocessing=args.embed_preprocessing, compact=args.compact
+    )
+    result = {"output": args.output, "bytes": size, "source_bytes": os.path.getsize(args.path)}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote {args.output}: {size:,} bytes (from {result['source_bytes']:,} in .lowbit)")
+    return 0
 
 
 # --- study, report -------------------------------------------------------------------------------
@@ -492,6 +600,8 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_pack,
     _add_summary,
     _add_verify,
+    _add_predict,
+    _add_export,
     _add_study,
     _add_report,
     _add_bench,

@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import DataError
+from lowbit.meta import normalise
 
 NAMES = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -92,6 +93,45 @@ _CIFAR_FILES = {
     "cifar100": (["train"], ["test"]),
 }
 _CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+# Label index -> name, as each dataset's documentation lists them (saved in .lowbit files).
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion-mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+    "cifar100": tuple(
+        """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+        butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
+        crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo
+        keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain
+        mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain
+        plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
+        skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank
+        telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree
+        wolf woman worm""".split()
+    ),
+}
 # MD5s of the official label files, as stored: the published ones of the .gz files, and of the
 # uncompressed Fashion-MNIST files (computed from Debian's dataset-fashion-mnist, whose .gz files
 # are recompressed copies of the same content).
@@ -288,7 +328,7 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
+def read_idx(path: Path, ndim: int) -> np.ndarray:
     """An IDX file of unsigned bytes: magic ``00 00 08 ndim``, ndim big-endian uint32 sizes, data.
 
     Returns a uint8 array of the stored shape; raises DataError on any inconsistency. Reads (and
@@ -530,7 +570,7 @@ def _decode(name: str, fmt: str, key: tuple) -> tuple[np.ndarray, ...]:
     """uint8 images (N, C, H, W) and int64 labels, train then test."""
     paths = {k: [Path(p) for p, _, _ in v] for k, v in key}
     if fmt == "idx":
-        parts = {k: _read_idx(v[0], 3 if k.endswith("_x") else 1) for k, v in paths.items()}
+        parts = {k: read_idx(v[0], 3 if k.endswith("_x") else 1) for k, v in paths.items()}
         for split in ("train", "test"):
             x, y = parts[f"{split}_x"], parts[f"{split}_y"]
             if len(x) != len(y):
@@ -580,14 +620,16 @@ def _check_labels(name: str, files: dict[str, list[Path]], ys: tuple, classes: i
 
 
 def _normalise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    tr = torch.from_numpy(train).to(torch.float32).div_(255.0)
-    te = torch.from_numpy(test).to(torch.float32).div_(255.0)
-    mean = tr.mean(dim=(0, 2, 3), dtype=torch.float64)
-    std = tr.std(dim=(0, 2, 3)).to(torch.float64).clamp_min(1e-6)
-    m, s = mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
-    tr.sub_(m).div_(s)
-    te.sub_(m).div_(s)
-    return tr, te, (tuple(mean.tolist()), tuple(std.tolist()))
+    """Both splits through ``lowbit.meta.normalise`` with the training images' mean/std (of
+    pixel / 255, per channel), the map a saved model's preprocessing repeats."""
+    unit = torch.from_numpy(train).to(torch.float32).div_(255.0)
+    mean = unit.mean(dim=(0, 2, 3), dtype=torch.float64)
+    std = unit.std(dim=(0, 2, 3)).to(torch.float64).clamp_min(1e-6)
+    del unit
+    stats = (tuple(mean.tolist()), tuple(std.tolist()))
+    tr = normalise(torch.from_numpy(train), 255.0, *stats)
+    te = normalise(torch.from_numpy(test), 255.0, *stats)
+    return tr, te, stats
 
 
 @functools.lru_cache(maxsize=4)

@@ -8,14 +8,19 @@
 
 and two metadata strings: ``lowbit`` (JSON, below) and ``lowbit_sha256`` (its SHA-256)::
 
-    {"format": "lowbit", "format_version": 1, "lowbit_version": "0.1.0",
+    {"format": "lowbit", "format_version": 2, "lowbit_version": "0.1.0",
      "model": {"kind": "registry", "name": "cvnn2", "kwargs": {...}}     # lowbit.models.get
               | {"kind": "tree", "root": <node>},                          # lowbit.schema
      "packed": {"<layer>": {"type": "linear" | "conv2d", "levels": 3, "shape": [out, in, ...],
                             "codec": {"layout": "dense", "k": 5, "b": 8},
                             "granularity": "tensor" | "channel",
                             "activations": "fp32" | "int8" | "binary"}},
-     "sha256": {"<tensor>": "<hex digest of its bytes>", ...}}
+     "sha256": {"<tensor>": "<hex digest of its bytes>", ...},
+     "meta": {"input_shape": [1, 28, 28], "input_dtype": "uint8", ...} | null}  # lowbit.meta
+
+Versions: 2 added ``meta`` (what a user needs to run the model: input, normalisation, class
+names, dataset, test accuracy; validated by ``lowbit.meta.from_json``). Version 1 files (no
+``meta``) still load, with ``lowbit_meta = None``.
 
 Loading runs no pickle and no code from the file: a registry model is rebuilt by
 ``lowbit.models.get`` and a module tree by ``lowbit.schema.build`` (a whitelist of module types
@@ -36,12 +41,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import meta as model_meta
 from lowbit import pack, schema
 from lowbit.errors import FormatError
+from lowbit.meta import ModelMeta
 from lowbit.packed import PackedLayer, empty_packed, packable, weight_quantizer
 from lowbit.quantizers import ACTIVATION_MODES, binary_threshold
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before "meta"
 
 
 class _Item:
@@ -95,12 +103,25 @@ def _packed_layer(module: nn.Module) -> dict[str, Any]:
     }
 
 
-def plan(model: nn.Module, layout: str = "dense") -> tuple[dict[str, Any], list[_Item]]:
+def _model_meta(model: nn.Module, meta: ModelMeta | dict | None) -> ModelMeta | None:
+    """``meta`` (a ModelMeta or its JSON form), else the model's own ``lowbit_meta``."""
+    meta = getattr(model, "lowbit_meta", None) if meta is None else meta
+    if meta is None or isinstance(meta, ModelMeta):
+        return meta
+    if isinstance(meta, dict):
+        return model_meta.from_json(meta)
+    raise ValueError(f"meta must be a lowbit.ModelMeta or its JSON dict, got {type(meta).__name__}")
+
+
+def plan(
+    model: nn.Module, layout: str = "dense", meta: ModelMeta | dict | None = None
+) -> tuple[dict[str, Any], list[_Item]]:
     """The metadata and the tensors ``save`` writes for ``model`` (payloads produced lazily).
 
     Quantized layers are stored packed whether or not ``convert_`` ran; every other parameter
     and persistent buffer is stored as it is. The sha256 entries are placeholders of the final
     length, so ``container_size`` of the plan is the exact file size."""
+    saved_meta = _model_meta(model, meta)
     if layout not in pack.LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(pack.LAYOUTS)}, got {layout!r}")
     spec = getattr(model, "lowbit_spec", None)
@@ -139,6 +160,7 @@ def plan(model: nn.Module, layout: str = "dense") -> tuple[dict[str, Any], list[
         "model": description,
         "packed": packed,
         "sha256": {it.name: "0" * 64 for it in items},
+        "meta": None if saved_meta is None else saved_meta.to_json(),
     }
     return meta, items
 
@@ -165,20 +187,31 @@ def metadata_strings(meta: dict[str, Any]) -> dict[str, str]:
     return {"lowbit": text, "lowbit_sha256": pack.sha256(text.encode())}
 
 
-def predicted_size(model: nn.Module, layout: str = "dense") -> int:
-    """The exact size in bytes of the file ``save(model, path, layout=layout)`` writes."""
-    meta, items = plan(model, layout)
+def predicted_size(
+    model: nn.Module, layout: str = "dense", meta: ModelMeta | dict | None = None
+) -> int:
+    """The exact size in bytes of the file ``save(model, path, layout=layout, meta=meta)``
+    writes."""
+    meta, items = plan(model, layout, meta)
     return pack.container_size(
         [(it.name, it.dtype, it.shape, it.nbytes) for it in items], metadata_strings(meta)
     )
 
 
-def save(model: nn.Module, path: str | Path, *, layout: str = "dense") -> int:
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    layout: str = "dense",
+    meta: ModelMeta | dict | None = None,
+) -> int:
     """Write ``model`` as a .lowbit file (atomically); returns the file size in bytes.
 
     Works on a packed model (after ``convert_``) and on a fake-quant one (its quantized layers
-    are packed on the way, the model itself is not changed)."""
-    meta, items = plan(model, layout)
+    are packed on the way, the model itself is not changed). ``meta``: what a user needs to run
+    it (``lowbit.ModelMeta``, e.g. ``lowbit.meta.from_dataset(data, test_acc)``); by default the
+    model's ``lowbit_meta`` (so a loaded model saves back with its metadata), else none."""
+    meta, items = plan(model, layout, meta)
     entries = []
     for it in items:
         data = it.data()
@@ -210,12 +243,15 @@ def _read_metadata(path: Path) -> tuple[dict[str, Any], dict[str, pack.Entry]]:
     if not isinstance(meta, dict) or meta.get("format") != "lowbit":
         raise _fail(path, "metadata does not describe a lowbit model")
     version = meta.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:  # not true, 1.0 or "1"
+    if type(version) is not int or version not in READABLE_VERSIONS:  # not true, 1.0 or "1"
         raise _fail(
             path,
             f"format version {version!r} is not supported by lowbit "
-            f"{_version()} (which reads version {FORMAT_VERSION}); use a matching lowbit",
+            f"{_version()} (which reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
+            "use a matching lowbit",
         )
+    if version == 1 and "meta" in meta:
+        raise _fail(path, "metadata field 'meta' is not part of format version 1")
     for key, kind in (("model", dict), ("packed", dict), ("sha256", dict)):
         if not isinstance(meta.get(key), kind):
             raise _fail(path, f"metadata field {key!r} is missing or malformed")
@@ -332,12 +368,15 @@ def _check_values(path: Path, name: str, t: torch.Tensor) -> None:
 
 
 def load(path: str | Path) -> nn.Module:
-    """Read a .lowbit file into a packed model (eval mode), ready to run.
+    """Read a .lowbit file into a packed model (eval mode), ready to run; ``model.lowbit_meta``
+    is its ``lowbit.ModelMeta`` (None for a file saved without one): input shape, dtype and
+    range, normalisation, class names, dataset, test accuracy (``lowbit.preprocess`` applies it).
 
     Raises ``FormatError`` naming the tensor for a corrupt, truncated or modified file, an
     unsupported format version, or tensors that do not fit the described model."""
     path = Path(path)
     meta, entries = _read_metadata(path)
+    info = _read_model_meta(path, meta)
     model = _skeleton(path, meta)
     layers = {fqn: m for fqn, m in model.named_modules() if isinstance(m, PackedLayer)}
     if set(layers) != set(meta["packed"]):
@@ -379,7 +418,20 @@ def load(path: str | Path) -> nn.Module:
             raise _fail(path, f"tensor {name[: -len('codes')]}scale: scales must be finite and > 0")
     model = model.to_empty(device="cpu")
     model.load_state_dict(state)
+    model.lowbit_meta = info
     return model.eval()
+
+
+def _read_model_meta(path: Path, meta: dict[str, Any]) -> ModelMeta | None:
+    """The file's ``meta`` entry, validated (None for version 1 files and files without it)."""
+    if meta.get("meta") is None:
+        if meta["format_version"] >= 2 and "meta" not in meta:
+            raise _fail(path, "metadata field 'meta' is missing (null when unknown)")
+        return None
+    try:
+        return model_meta.from_json(meta["meta"])
+    except ValueError as exc:
+        raise _fail(path, f"metadata field {exc}") from exc
 
 
 def is_lowbit_file(path: str | Path) -> bool:

@@ -554,6 +554,8 @@ def fit(
             "source": data.source,
             "digest": data.digest or None,
         }
+        if data.mean:  # the normalisation the model expects (lowbit pack saves it in the file)
+            data_info.update(mean=list(data.mean), std=list(data.std))
         spec = model_spec(model)
         _check_resume(rd, config, data_info, spec)
         ckpt = rd / CHECKPOINT

@@ -150,3 +150,13 @@ def test_rprelu_channel_last_3d_matches_the_formula() -> None:
         m.slope.copy_(torch.tensor([0.5, 0.1, 2.0]))
     x = torch.randn(2, 4, 3)
     assert torch.equal(m(x), torch.where(x >= 0, x, x * m.slope))
+
+
+def test_onnx_export_refuses_binary_layers_clearly() -> None:
+    pytest.importorskip("onnx")
+    from lowbit import export
+    from lowbit.errors import LowbitError
+
+    net = models.get("binary_mlp", layer="bnn", width=16, depth=1).eval()
+    with pytest.raises(LowbitError, match="binary \\(XNOR-popcount\\) layer"):
+        export.to_onnx(net, input_shape=(1, 28, 28))
