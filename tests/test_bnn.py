@@ -157,6 +157,9 @@ def test_onnx_export_refuses_binary_layers_clearly() -> None:
     from lowbit import export
     from lowbit.errors import LowbitError
 
-    net = models.get("binary_mlp", layer="bnn", width=16, depth=1).eval()
+    from lowbit import QATConfig, quantize_
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    quantize_(net, QATConfig(levels=2, quantizer="sign", activations="sign"))
     with pytest.raises(LowbitError, match="binary \\(XNOR-popcount\\) layer"):
-        export.to_onnx(net, input_shape=(1, 28, 28))
+        export.to_onnx(net.eval(), input_shape=(1, 4, 4))
