@@ -563,6 +563,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from lowbit.kernels import bench
 
+    if args.out and os.path.isdir(args.out):  # refused before minutes of measuring, not after
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), args.out)
     quiet = args.json or not sys.stderr.isatty()
     info, rows = bench.run(
         args.shapes,
@@ -628,7 +630,7 @@ _OS_HINTS = {
     errno.EROFS: "the file system is read-only; choose another path",
     errno.EEXIST: "it exists and is not a directory; choose another path",
     errno.ENOTDIR: "a part of it is a file, not a directory; choose another path",
-    errno.EISDIR: "it is a directory; name a file",
+    errno.EISDIR: "name a file, not a folder",
     errno.ENOSPC: "the disk is full; free space or choose another path",
 }
 

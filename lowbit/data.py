@@ -218,7 +218,11 @@ def _folder_arg(data_dir: Any) -> Path | None:
         return None
     if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir).strip():
         raise ValueError(f"data_dir must be a folder path (str or os.PathLike), got {data_dir!r}")
-    return Path(data_dir).expanduser()
+    folder = Path(data_dir).expanduser()
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"{folder}: {what}; --data-dir must name the folder holding the data")
+    return folder
 
 
 def _roots(data_dir: Path | None) -> list[Path]:
@@ -691,9 +695,6 @@ def load(name: str, data_dir: str | os.PathLike | None = None, **kw: Any) -> Dat
     if kw:
         raise ValueError(f"dataset {name} takes no options, got {', '.join(kw)}")
     folder_arg = _folder_arg(data_dir)
-    if folder_arg is not None and not folder_arg.is_dir():
-        what = "is not a folder" if folder_arg.exists() else "does not exist"
-        raise DataError(f"{folder_arg}: {what}; --data-dir must name the folder holding {name}")
     folder, fmt, files, searched, partial = _resolve(name, folder_arg)
     if folder is None:
         if partial is not None:

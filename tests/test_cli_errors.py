@@ -72,7 +72,7 @@ def test_train_out_empty_is_refused(tmp_path, capsys, monkeypatch):
 
 def test_pack_output_is_an_existing_directory(run_dir, tmp_path, capsys):
     code, _, err = _run(capsys, "pack", run_dir, "-o", tmp_path)
-    line = _one_line_error(code, err, str(tmp_path), "directory")
+    line = _one_line_error(code, err, str(tmp_path), "Is a directory")
     assert ".tmp" not in line
     assert list(tmp_path.iterdir()) == []
 
@@ -174,6 +174,12 @@ def test_read_only_targets_for_train_pack_report_study(run_dir):
             if p.is_dir():
                 p.chmod(0o755)
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_bench_out_a_directory_is_refused_before_measuring(tmp_path, capsys):
+    code, _, err = _run(capsys, "bench", "kernels", "--quick", "--out", tmp_path)
+    _one_line_error(code, err, str(tmp_path), "Is a directory")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_broken_pipe_is_quiet(tmp_path):

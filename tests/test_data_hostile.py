@@ -263,3 +263,10 @@ def test_plain_arrays_of_every_protocol_still_load(tmp_path, protocol):
               protocol)  # fmt: skip
     ds = data.load("cifar10", data_dir=tmp_path)
     assert ds.train_y.tolist()[:2] == [3, 4]
+
+
+def test_discover_refuses_a_named_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.discover(tmp_path / "nope")
+    with pytest.raises(DataError, match="is not a folder"):
+        data.discover(Path(__file__))

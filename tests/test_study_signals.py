@@ -64,13 +64,15 @@ def _wait_rows(proc: subprocess.Popen, out: Path, rows: int) -> None:
 
 
 def _children(pid: int) -> list[int]:
+    """The live worker processes (multiprocessing spawn children) of ``pid``."""
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
             kids.append(int(stat.parent.name))
     return kids
 

@@ -330,15 +330,14 @@ def run(
 
 def write_csv(path: str | os.PathLike, info: dict, rows: list[dict]) -> None:
     """Atomic write: '#' header lines with the machine, then the rows."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    from lowbit.files import atomic_open
+
+    with atomic_open(path, "w", newline="") as f:
         for key, value in info.items():
             f.write(f"# {key}: {value}\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["shape"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def default_csv_name(info: dict) -> str:
