@@ -154,10 +154,8 @@ def test_rprelu_channel_last_3d_matches_the_formula() -> None:
 
 def test_onnx_export_refuses_binary_layers_clearly() -> None:
     pytest.importorskip("onnx")
-    from lowbit import export
+    from lowbit import QATConfig, export, quantize_
     from lowbit.errors import LowbitError
-
-    from lowbit import QATConfig, quantize_
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
     quantize_(net, QATConfig(levels=2, quantizer="sign", activations="sign"))
