@@ -65,7 +65,9 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor
 
 
 @torch.inference_mode()
-def latency(named: dict[str, nn.Module], x: torch.Tensor, images: int) -> dict[str, float]:
+def latency(
+    named: dict[str, nn.Module], x: torch.Tensor, images: int, timer=time.perf_counter
+) -> dict[str, float]:
     """Median seconds per batch-1 forward, the models interleaved image by image in a fresh
     random order each image (a fixed rotation biases each model by its predecessor's cache
     traffic, and whatever runs right after torch shares the cores with its spinning workers)."""
@@ -76,10 +78,10 @@ def latency(named: dict[str, nn.Module], x: torch.Tensor, images: int) -> dict[s
         xi = x[i : i + 1]
         shuffle(order)
         for name, m in order:
-            t = time.perf_counter()
+            t = timer()
             m(xi)
             if i >= 3:  # warm-up
-                times[name].append(time.perf_counter() - t)
+                times[name].append(timer() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -99,7 +101,16 @@ def main() -> int:
         action="store_true",
         help="only the one-thread latency table, appended to the existing results file",
     )
+    p.add_argument(
+        "--thread-clock",
+        action="store_true",
+        help="everything on one thread, latency in the thread's CPU time (for a machine loaded "
+        "beyond its cores, where wall-clock medians measure the scheduler)",
+    )
     args = p.parse_args()
+    timer = time.thread_time if args.thread_clock else time.perf_counter
+    if args.thread_clock:
+        torch.set_num_threads(1)
     torch.manual_seed(0)
     data = lbdata.load("fashion-mnist")
     subsets = {"mlp": 6000 if args.quick else 20000, "cvnn2": 600 if args.quick else 2000}
@@ -123,7 +134,8 @@ def main() -> int:
             ref = predict(model, test_x)
             out = {"fp32": predict(fp32, test_x), "packed": predict(packed, test_x)}
             out["packed-int8"] = predict(packed8, test_x)
-            lat = latency({"fp32": fp32, "packed": packed, "packed-int8": packed8}, test_x, images)
+            named = {"fp32": fp32, "packed": packed, "packed-int8": packed8}
+            lat = latency(named, test_x, images, timer)
             for variant in ("packed", "packed-int8"):
                 agree = (out[variant].argmax(1) == ref.argmax(1)).float().mean().item()
                 rows.append(
@@ -153,7 +165,14 @@ def main() -> int:
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
         f"load {' / '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"- latency: median of {images} test images, one forward each at batch 1, fp32 and packed "
-        "models interleaved image by image; the machine is shared (noisy).",
+        "models interleaved image by image in a fresh random order; the machine is shared "
+        "(noisy); clock: "
+        + (
+            "the thread's CPU time, torch and the kernels on one thread"
+            if args.thread_clock
+            else f"wall, {torch.get_num_threads()} threads"
+        )
+        + ".",
         "- agreement: argmax of the packed model vs the fake-quant model it was converted from, "
         "the test images counted in the table. `packed`: convert_'s default activation mode "
         "per layer (in brackets); `packed-int8`: every layer forced to int8 activations (per "
@@ -173,7 +192,7 @@ def main() -> int:
                 "packed": convert_(copy.deepcopy(model)).eval(),
                 "packed-int8": convert_(copy.deepcopy(model), activations="int8").eval(),
             }
-            lat = latency(named, data.test_x, images)
+            lat = latency(named, data.test_x, images, timer)
             single.append(
                 f"| {arch} ternary {'absmax8' if act else 'weight-only'} | "
                 f"{lat['fp32'] * 1e3:.3f} | {lat['packed'] * 1e3:.3f} | "

@@ -33,12 +33,19 @@ def main() -> int:
     p.add_argument("--shapes", default=None, help="default: lowbit/kernels/shapes.csv")
     p.add_argument("--no-stream", action="store_true", help="skip the weights-streaming regime")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "kernels.md"))
+    p.add_argument(
+        "--thread-clock",
+        action="store_true",
+        help="time the thread's CPU time, every shape on one thread (a machine loaded beyond "
+        "its cores makes wall-clock medians measure the scheduler)",
+    )
     args = p.parse_args()
     info, rows = bench.run(
         args.shapes,
         quick=args.quick,
         stream=not args.no_stream,
         progress=lambda s: print(s, file=sys.stderr),
+        clock="thread" if args.thread_clock else "wall",
     )
     md = Path(args.out).resolve()
     name = bench.default_csv_name(info)

@@ -131,7 +131,7 @@ def _contenders(n: int, k: int, batch: int, threads: int, quick: bool) -> dict:
     return out, errors
 
 
-def _time(fns: dict, rounds: int) -> dict[str, float]:
+def _time(fns: dict, rounds: int, timer) -> dict[str, float]:
     """Median seconds a call, every contender once a round in a fresh random order."""
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -139,9 +139,9 @@ def _time(fns: dict, rounds: int) -> dict[str, float]:
     for _ in range(rounds):
         shuffle(names)
         for name in names:
-            t = time.perf_counter()
+            t = timer()
             fns[name]()
-            samples[name].append(time.perf_counter() - t)
+            samples[name].append(timer() - t)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -150,6 +150,12 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="4096x4096 only, two ORT variants")
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "peers.md"))
+    p.add_argument(
+        "--thread-clock",
+        action="store_true",
+        help="one thread only, timed in the thread's CPU time (for a machine loaded beyond its "
+        "cores, where wall-clock medians measure the scheduler)",
+    )
     args = p.parse_args()
     try:
         import onnxruntime  # noqa: F401
@@ -161,13 +167,14 @@ def main() -> int:
     rows, targets = [], []
     for n, k in SHAPES[:1] if args.quick else SHAPES:
         for batch in (1, 8):
-            for threads in (1, 2):
+            for threads in (1,) if args.thread_clock else (1, 2):
                 torch.set_num_threads(threads)
                 try:
                     fns, errors = _contenders(n, k, batch, threads, args.quick)
                     for fn in fns.values():  # warm-up
                         fn()
-                    med = _time(fns, args.rounds)
+                    timer = time.thread_time if args.thread_clock else time.perf_counter
+                    med = _time(fns, args.rounds, timer)
                 finally:
                     torch.set_num_threads(default_threads)
                 peers = {name: t for name, t in med.items() if name.startswith("ort-")}
@@ -193,7 +200,9 @@ def main() -> int:
         "",
         environment.markdown(info) + f"- load average at end: {environment.load()}",
         f"- onnxruntime {onnxruntime.__version__}; {args.rounds} rounds, contenders in a fresh "
-        "random order each round; medians. The machine is shared with other jobs (see the "
+        "random order each round; medians of "
+        + ("the thread's CPU time (one thread)" if args.thread_clock else "wall-clock time")
+        + ". The machine is shared with other jobs (see the "
         "load): ratios within a row set are the comparable figures.",
         "- ggml TQ1_0 / TQ2_0 and bitnet.cpp: not measured in this run.",
         "",

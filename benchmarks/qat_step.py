@@ -76,11 +76,11 @@ class Stepper:
         loss.backward()
         self.opt.step()
 
-    def time(self, steps: int) -> float:
-        t0 = time.perf_counter()
+    def time(self, steps: int, timer=time.perf_counter) -> float:
+        t0 = timer()
         for _ in range(steps):
             self.step()
-        return (time.perf_counter() - t0) / steps
+        return (timer() - t0) / steps
 
 
 def main() -> int:
@@ -90,12 +90,20 @@ def main() -> int:
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--thread-clock",
+        action="store_true",
+        help="time the thread's CPU time (one thread; for a machine loaded beyond its cores)",
+    )
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default="docs/results/qat-step.md")
     p.add_argument("--notes", help="a markdown file appended to the report (findings)")
     args = p.parse_args()
+    if args.thread_clock and args.threads != 1:
+        p.error("--thread-clock times one thread: use --threads 1")
+    timer = time.thread_time if args.thread_clock else time.perf_counter
     torch.set_num_threads(args.threads)
     info = environment.describe()
     g = torch.Generator().manual_seed(0)
@@ -109,7 +117,7 @@ def main() -> int:
     ratios: dict[str, list[float]] = {v: [] for v in args.variants}
     for r in range(args.repeats):
         order = random.Random(r).sample(args.variants, len(args.variants))  # fresh each round
-        round_times = {v: steppers[v].time(args.steps) for v in order}
+        round_times = {v: steppers[v].time(args.steps, timer) for v in order}
         for v, t in round_times.items():
             times[v].append(t)
             if "linear" in round_times:
@@ -124,7 +132,7 @@ def main() -> int:
         "forward + cross-entropy + backward + Adam step. Variants timed interleaved "
         f"(a fresh random order each round), {args.steps} steps per timing, "
         f"{args.repeats} timings each after {args.warmup} warm-up steps; torch threads = "
-        f"{args.threads}.",
+        f"{args.threads}; clock: {'thread CPU time' if args.thread_clock else 'wall'}.",
         "",
         environment.markdown(info) + f"- load average at end: {end_load}",
         "",

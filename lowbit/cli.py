@@ -124,6 +124,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--levels", type=int, help="number of weight values N (--layer nlevel)")
     p.add_argument(
+        "--patch-size", type=int, help="vit models: patch side, must tile the image (28x28: 7)"
+    )
+    p.add_argument(
         "--dataset",
         default="fashion-mnist",
         help="mnist, fashion-mnist, cifar10, cifar100, synthetic",
@@ -173,6 +176,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--depth/--width apply to --model mlp only, not {args.model}")
     dataset = data.load(args.dataset, args.data_dir)
     model_kw = {"input_shape": dataset.input_shape, "classes": dataset.classes}
+    if args.patch_size is not None:
+        model_kw["patch_size"] = args.patch_size
     if args.model == "mlp":
         model_kw.update(depth=3 if args.depth is None else args.depth)
         model_kw.update(width=256 if args.width is None else args.width)

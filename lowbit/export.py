@@ -316,6 +316,10 @@ def _dequantized(g: _Graph, q: np.ndarray, z: int, t: np.ndarray, bits: int, sha
 def _packed(g: _Graph, layer: nn.Module, x: str) -> str:
     """A PackedLinear / PackedConv2d: its input transform, then the product of its mode."""
     conv = isinstance(layer, PackedConv2d)
+    if layer.activations == "binary":
+        raise LowbitError(
+            "cannot export a binary (XNOR-popcount) layer to ONNX yet; run it with lowbit"
+        )
     x = _input_transform(g, layer, x)
     if layer.activations == "int8":
         return _int8_product(g, layer, x, conv)

@@ -21,6 +21,10 @@ re-implemented: BitLinear8's norm + absmax8, SignLinear's norm). Activation mode
   trained outputs are bit-identical.
 * ``"fp32"`` otherwise (weight-only quantization): ``t`` is ``quantize_input``; the output
   equals the fake-quant model's up to float summation order (tests bound it).
+* ``"binary"`` for binary layers (a binary input quantizer and 2 levels, ``QuantLinear.is_binary``):
+  the XNOR-popcount kernels (``lowbit.kernels.binary``) binarize x against the buffer
+  ``threshold`` (rsign's per-channel threshold, zeros for sign / approx-sign) and compute
+  ``(x_b @ w_b.T) * scale / 2 + b``, bit-identical to the trained layer.
 
 Eager calls run the kernels directly; under torch.compile, torch.export and jit.trace the layer
 calls the ops ``torch.ops.lowbit.packed_linear`` / ``packed_conv2d`` on its buffers, so traced
@@ -37,12 +41,13 @@ import torch
 from torch import nn
 
 from lowbit import kernels
-from lowbit.kernels import reference
+from lowbit.kernels import binary, reference
 from lowbit.nn import QuantConv2d, QuantLinear, replace_modules
 from lowbit.quantizers import (
     GRANULARITIES,
     AbsMax8,
     Quantizer,
+    binary_threshold,
     check_activation_mode,
     check_choice,
     check_levels,
@@ -72,6 +77,8 @@ class _InputTransform:
 
 
 def _default_activations(source: nn.Module | None) -> str:
+    if isinstance(source, (QuantLinear, QuantConv2d)) and source.is_binary():
+        return "binary"
     return "int8" if isinstance(getattr(source, "input_quantizer", None), AbsMax8) else "fp32"
 
 
@@ -125,6 +132,8 @@ class PackedLayer(nn.Module):
         check_levels(levels)
         check_choice("granularity", granularity, GRANULARITIES)
         check_activation_mode(activations)
+        if activations == "binary" and levels != 2:
+            raise ValueError(f"binary activations need 2-level weights, got levels={levels}")
         self.levels, self.granularity, self.activations = levels, granularity, activations
         self.out_features_, self.k = out_features, k
         scale_shape = () if granularity == "tensor" else (out_features,)
@@ -136,6 +145,12 @@ class PackedLayer(nn.Module):
         self.bias = nn.Parameter(b, requires_grad=False) if bias else None
         self._input = _InputTransform(_input_shell(source)) if source is not None else None
         self._cache: tuple | None = None
+
+    def _init_threshold(self, channels: int, device: Any) -> None:
+        """Binary layers: the buffer ``threshold`` (C_in,) float32 the input is binarized
+        against (x >= t gives +1); None otherwise."""
+        t = torch.zeros(channels, device=device) if self.activations == "binary" else None
+        self.register_buffer("threshold", t)
 
     @property
     def input_source(self) -> nn.Module | None:
@@ -174,7 +189,7 @@ class PackedLayer(nn.Module):
                 codes,
                 scale,
                 key,
-                kernels.prepare(codes, scale, self.levels, **self._layout()),
+                self._prepare(codes, scale),
             )
         return c[3]
 
@@ -186,6 +201,11 @@ class PackedLayer(nn.Module):
     def _layout(self) -> dict[str, Any]:
         """Extra ``kernels.prepare`` arguments of this layer kind."""
         return {}
+
+    def _prepare(self, codes: torch.Tensor, scale: torch.Tensor) -> Any:
+        if self.activations == "binary":
+            return binary.prepare(codes, scale, **self._layout())
+        return kernels.prepare(codes, scale, self.levels, **self._layout())
 
     @classmethod
     def from_quant(cls, layer: Any, activations: str | None = None) -> Any:
@@ -200,7 +220,7 @@ class PackedLayer(nn.Module):
         return reference.dequantize(self.codes, self.scale, self.levels)
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
-        if self._input is None:
+        if self._input is None or self.activations == "binary":  # binary: the kernel binarizes
             return x
         if self.activations == "int8":
             return self._input.source.int8_input(x)
@@ -247,6 +267,7 @@ class PackedLinear(PackedLayer):
         self._init_packed(
             out_features, in_features, levels, bias, granularity, activations, source, device
         )
+        self._init_threshold(in_features, device)
 
     @classmethod
     def empty_like(cls, layer: QuantLinear, activations: str | None = None) -> PackedLinear:
@@ -268,7 +289,14 @@ class PackedLinear(PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self._transform(x)
-        if _eager(t):
+        if self.activations == "binary":
+            if _eager(t):
+                y = binary.linear(t, self.prepared(), self.bias, self.threshold)
+            else:
+                y = torch.ops.lowbit.binary_linear(
+                    t, self.codes, self.scale, self.bias, self.threshold
+                )
+        elif _eager(t):
             y = kernels.linear(t, self.prepared(), self.bias, self.activations)
         else:
             y = torch.ops.lowbit.packed_linear(
@@ -313,6 +341,7 @@ class PackedConv2d(PackedLayer):
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         k = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._init_packed(out_channels, k, levels, bias, granularity, activations, source, device)
+        self._init_threshold(in_channels, device)
 
     @classmethod
     def empty_like(cls, layer: QuantConv2d, activations: str | None = None) -> PackedConv2d:
@@ -341,7 +370,24 @@ class PackedConv2d(PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self._transform(x)
-        if _eager(t):
+        geometry = [*self.kernel_size, *self.stride, *self.padding, *self.dilation]
+        if self.activations == "binary":
+            if _eager(t):
+                y = binary.conv2d(
+                    t,
+                    self.prepared(),
+                    self.bias,
+                    self.threshold,
+                    kernel_size=self.kernel_size,
+                    stride=self.stride,
+                    padding=self.padding,
+                    dilation=self.dilation,
+                )
+            else:
+                y = torch.ops.lowbit.binary_conv2d(
+                    t, self.codes, self.scale, self.bias, self.threshold, geometry
+                )
+        elif _eager(t):
             y = kernels.conv2d(
                 t,
                 self.prepared(),
@@ -353,7 +399,6 @@ class PackedConv2d(PackedLayer):
                 activations=self.activations,
             )
         else:
-            geometry = [*self.kernel_size, *self.stride, *self.padding, *self.dilation]
             y = torch.ops.lowbit.packed_conv2d(
                 t, self.codes, self.scale, self.bias, self.levels, geometry, self.activations
             )
@@ -412,6 +457,9 @@ def _fill_from(new: PackedLayer, layer: nn.Module, q: Quantizer) -> PackedLayer:
             )
         if layer.bias is not None:
             new.bias.copy_(layer.bias)
+        if new.threshold is not None:
+            t = binary_threshold(layer.input_quantizer)
+            new.threshold.copy_(0.0 if t is None else t)
         new.set_codes(
             codes.reshape(new.out_features_, new.k), scale.reshape(-1) if scale.dim() else scale
         )

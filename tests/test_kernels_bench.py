@@ -70,6 +70,14 @@ def test_run_rows_and_ratios(shapes: Path, tmp_path: Path) -> None:
     assert "| tiny | 1 | cache | L3-int8 |" in bench.markdown(info, rows)
 
 
+def test_thread_clock_runs_every_shape_on_one_thread(shapes: Path) -> None:
+    info, rows = bench.run(shapes, quick=True, stream=False, rounds=(0.0, 3, 3), clock="thread")
+    assert info["clock"].startswith("thread") and {r["threads"] for r in rows} == {1}
+    assert all(r["median_us"] >= 0 for r in rows)
+    with pytest.raises(ValueError, match="clock"):
+        bench.run(shapes, quick=True, clock="sundial")
+
+
 def test_cli_json(shapes: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "kernels", "--quick", "--shapes", str(shapes), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

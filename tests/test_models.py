@@ -51,7 +51,8 @@ def test_parameter_counts_by_hand():
 @pytest.mark.parametrize("name", models.NAMES)
 @pytest.mark.parametrize("shape", [MNIST, CIFAR])
 def test_forward_shapes(name, shape):
-    model = models.get(name, input_shape=shape, classes=7).eval()
+    patch = {"patch_size": 7} if name.startswith("vit") and shape == MNIST else {}
+    model = models.get(name, input_shape=shape, classes=7, **patch).eval()
     with torch.no_grad():
         y = model(torch.randn(2, *shape))
     assert y.shape == (2, 7) and torch.isfinite(y).all()
@@ -81,7 +82,8 @@ def test_every_layer_kind_builds_and_backprops_mlp(kind):
 @pytest.mark.parametrize("name", ["cvnn1", "vit1"])
 def test_every_conv_kind_builds_and_backprops(name, kind):
     torch.manual_seed(0)
-    model = models.get(name, input_shape=MNIST, classes=3, **_kw(kind))
+    patch = {"patch_size": 7} if name == "vit1" else {}
+    model = models.get(name, input_shape=MNIST, classes=3, **_kw(kind), **patch)
     y = model(torch.randn(2, *MNIST))
     y.sum().backward()
     grads = [p.grad for p in model.parameters()]
@@ -97,7 +99,7 @@ def test_seed_layers_on_conv_models_raise(kind):
         models.get("cvnn1", layer=kind)
     # fully connected models and the ViT take them
     models.get("fcnn1", layer=kind, input_shape=MNIST)
-    vit = models.get("vit1", layer=kind, input_shape=MNIST)
+    vit = models.get("vit1", layer=kind, input_shape=MNIST, patch_size=7)
     assert type(vit.embed) is nn.Linear  # the patch embedding stays fp32
 
 
@@ -115,6 +117,7 @@ def test_seed_layers_on_conv_models_raise(kind):
                 "layer": "sign",
                 "quantize_patch": True,
                 "input_shape": MNIST,
+                "patch_size": 14,
                 "classes": 100,
                 "blocks": 2,
                 "head_units": (64,),
@@ -140,8 +143,31 @@ def test_lowbit_spec_rebuilds_the_architecture(name, kwargs):
     assert torch.equal(rebuilt(x), model(x))
 
 
+def test_vit_patches_must_tile_the_image():
+    with pytest.raises(ValueError, match=r"28x28 image does not tile into 8x8.*patch_size.*7"):
+        models.get("vit1", input_shape=MNIST)
+    vit = models.get("vit1", input_shape=MNIST, patch_size=7)
+    assert vit.grid == (4, 4) and vit.position.shape == (16, 64)
+    with pytest.raises(ValueError, match="not the 28x28 image"):
+        vit(torch.randn(1, 1, 32, 32))  # an input of another size is not cropped either
+
+
+def test_families_are_frozen_configs():
+    import dataclasses
+
+    cfg = models.config("cvnn2", kernel_size=5)
+    assert isinstance(cfg, models.CVNNConfig) and cfg.dense == 512 and cfg.kernel_size == 5
+    assert cfg.channels == (128, 256, 512) and cfg.convs == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dense = 3
+    # a JSON spec's lists come back as the config's tuples
+    assert models.config("fcnn1", hidden=[64, 32], input_shape=[1, 8, 8]).hidden == (64, 32)
+    assert models.config("vit2") == models.ViTConfig(blocks=11, head_units=(3392, 1920))
+    assert models.get("fcnn1", hidden=(32,), input_shape=MNIST)[1].out_features == 32
+
+
 def test_direct_builders_carry_the_spec_too():
-    model = models.mlp(2, 8, layer="ternary")
+    model = models.mlp(depth=2, width=8, layer="ternary")
     assert model.lowbit_spec["name"] == "mlp"
     assert model.lowbit_spec["kwargs"]["depth"] == 2
     assert model.lowbit_spec["kwargs"]["width"] == 8

@@ -110,6 +110,11 @@ def test_dataset_fallback_and_presets():
     assert {c.config["epochs"] for c in quick} == {2, 3, 4, 5}
     lr = S.load("low-resolution").cells(lambda name: False)
     assert len(lr) == 6 * 9 * 2 * 3
+    # overrides see the dataset a cell really uses: 28x28 stand-in images need 7x7 ViT patches
+    assert {c.config["patch_size"] for c in lr if c.config["model"].startswith("vit")} == {7}
+    on_cifar = S.load("low-resolution").cells(lambda name: True)
+    assert {c.config["patch_size"] for c in on_cifar if c.config["model"] == "vit2"} == {8}
+    assert {c.config["patch_size"] for c in on_cifar if c.config["model"] == "cvnn1"} == {None}
     epochs = {(c.config["model"], c.config["augment"], c.config["epochs"]) for c in lr}
     assert ("vit1", True, 2000) in epochs and ("cvnn1", False, 200) in epochs
     lrq = S.load("low-resolution", quick=True).cells(lambda name: False)

@@ -128,8 +128,8 @@ def build_model(config: dict[str, Any], ds: Any) -> Any:
     kw: dict[str, Any] = {"layer": config["layer"]}
     if config["levels"] is not None:
         kw["levels"] = config["levels"]
-    for key in ("depth", "width", "kernel_size", "activation"):
-        if config[key] is not None:
+    for key in ("depth", "width", "kernel_size", "activation", "patch_size"):
+        if config.get(key) is not None:
             kw[key] = config[key]
     kw.update(reading_options(config))
     kw["input_shape"] = tuple(ds.input_shape)

@@ -32,7 +32,8 @@ A spec has four tables; only ``[grid]`` is required::
     set = { epochs = 1 }
 
 Each cell's *resolved* config holds every key of ``GRID_KEYS``; keys a model does not use are None
-(depth/width only for ``mlp``, kernel_size only for ``cvnn*``, levels only for ``nlevel``, reading
+(depth/width only for ``mlp``, kernel_size only for ``cvnn*``, patch_size only for ``vit*``,
+levels only for ``nlevel``, reading
 only for the layers with readings, see ``lowbit.study.variants``), so two grid points that train
 the same network collapse into one cell. ``reading = ["default", "weight-ste", "raw-sign"]`` runs
 each seed layer under each of its readings (a reading of another kind falls back to the kind's
@@ -61,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit import data, models, quantizers, train
+from lowbit import bnn, data, models, quantizers, train
 from lowbit.errors import ConfigError
 from lowbit.study.claims import CLAIMS
 from lowbit.study.variants import (
@@ -73,7 +74,8 @@ from lowbit.study.variants import (
 
 # The study accepts what the library accepts: one list of each, kept by its own module.
 MODELS = tuple(n for n in models.NAMES if n != "vit")  # the generic vit needs kwargs a grid lacks
-LAYERS = models.LAYERS
+# the binary models' methods (lowbit.bnn) are layer kinds too; the models check which they take
+LAYERS = models.LAYERS + tuple(m for m in bnn.METHODS if m not in models.LAYERS)
 DATASETS = data.NAMES
 OPTIMIZERS = train.OPTIMIZERS
 ACTIVATIONS = models.ACTIVATIONS
@@ -90,6 +92,7 @@ GRID_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "depth": (_INT, 3, None),
     "width": (_INT, 256, None),
     "kernel_size": (_INT, 3, (3, 5)),
+    "patch_size": (_INT, models.ViTConfig.patch_size, None),
     "activation": ((str,), "relu", ACTIVATIONS),
     "dataset": ((str,), "fashion-mnist", DATASETS),
     "augment": ((bool,), False, None),
@@ -105,7 +108,11 @@ GRID_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
 }
 # Keys added after studies were first stored: left out of a cell's id while at this value, so a
 # cell that does not use them keeps the id it had before they existed (and resumes).
-_ID_OMITTED_AT = {"reading": None, "val_split": 0.0}
+_ID_OMITTED_AT: dict[str, tuple] = {
+    "reading": (None,),
+    "val_split": (0.0,),
+    "patch_size": (None, models.ViTConfig.patch_size),
+}
 _STUDY_KEYS = {"name": (str,), "title": (str,), "fallback_dataset": (str,), "claims": (list,)}
 _TOP_KEYS = ("study", "grid", "epochs_by_size", "override", "quick")
 
@@ -144,7 +151,9 @@ class Spec:
 
 def cell_id(config: dict[str, Any]) -> str:
     """Stable hash of a resolved config: sha256 of sorted compact JSON, 16 hex digits."""
-    kept = {k: v for k, v in config.items() if k not in _ID_OMITTED_AT or v != _ID_OMITTED_AT[k]}
+    kept = {
+        k: v for k, v in config.items() if k not in _ID_OMITTED_AT or v not in _ID_OMITTED_AT[k]
+    }
     blob = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -164,7 +173,7 @@ def _check_value(where: str, key: str, value: Any) -> Any:
             quantizers.check_levels(value)
         except ValueError as exc:
             raise ConfigError(f"{where}.{exc}") from None
-    if key in ("depth", "width", "batch_size") and value < 1:
+    if key in ("depth", "width", "batch_size", "patch_size") and value < 1:
         raise ConfigError(f"{where}.{key}: must be >= 1, got {value}")
     if key in ("train_subset", "test_subset", "seed") and value < 0:
         raise ConfigError(f"{where}.{key}: must be >= 0 (0 = all), got {value}")
@@ -305,25 +314,28 @@ def preset_path(name: str) -> Path:
 
 def _resolve(raw: dict[str, Any], spec: Spec, available: Callable[[str], bool] | None) -> dict:
     cfg = dict(raw)
+    # the dataset falls back first, so an override can match the dataset a cell really uses
+    # (e.g. when = { model = "vit1", dataset = "fashion-mnist" }, set = { patch_size = 7 })
+    _fallback(cfg, spec, available)
     for ov in spec.overrides:
         if all(cfg[k] in vals for k, vals in ov["when"].items()):
             cfg.update(ov["set"])
+    _fallback(cfg, spec, available)  # an override may have set the dataset
+    if cfg["model"] not in ("mlp", "binary_mlp"):
+        cfg["depth"] = None
+    if cfg["model"] not in ("mlp", "binary_mlp", "binary_cnn"):
+        cfg["width"] = None
     if cfg["model"] != "mlp":
-        cfg["depth"] = cfg["width"] = cfg["activation"] = None
+        cfg["activation"] = None
     if not cfg["model"].startswith("cvnn"):
         cfg["kernel_size"] = None
+    if not cfg["model"].startswith("vit"):
+        cfg["patch_size"] = None
     if cfg["layer"] != "nlevel":
         cfg["levels"] = None
     cfg["reading"] = resolve_reading(cfg["layer"], cfg["reading"])
     if cfg["optimizer"] != "sgd":
         cfg["momentum"] = None
-    if available is not None and cfg["dataset"] != "synthetic" and not available(cfg["dataset"]):
-        if spec.fallback_dataset is None:
-            raise ConfigError(
-                f"dataset {cfg['dataset']!r} is not installed and the spec names no "
-                "study.fallback_dataset; see `lowbit data`"
-            )
-        cfg["dataset"] = spec.fallback_dataset
     if cfg["epochs"] == "by-size":
         cfg["epochs"] = _epochs_by_size(cfg, spec)
     cfg["lr"] = float(cfg["lr"])
@@ -331,6 +343,17 @@ def _resolve(raw: dict[str, Any], spec: Spec, available: Callable[[str], bool] |
     if cfg["momentum"] is not None:
         cfg["momentum"] = float(cfg["momentum"])
     return cfg
+
+
+def _fallback(cfg: dict[str, Any], spec: Spec, available: Callable[[str], bool] | None) -> None:
+    if available is None or cfg["dataset"] == "synthetic" or available(cfg["dataset"]):
+        return
+    if spec.fallback_dataset is None:
+        raise ConfigError(
+            f"dataset {cfg['dataset']!r} is not installed and the spec names no "
+            "study.fallback_dataset; see `lowbit data`"
+        )
+    cfg["dataset"] = spec.fallback_dataset
 
 
 def _epochs_by_size(cfg: dict[str, Any], spec: Spec) -> int:

@@ -44,7 +44,9 @@
  * the token sum of q (the second line), not per multiply. No product can saturate: |c * q| <=
  * 15 * 127 and the AVX2 path's pairwise int16 sums stay below 2 * 15 * 127 = 3810.
  *
- * fp32 activations: y[t,n] = s[n] * sum_k x[t,k] * (c[n,k] - (N-1)/2) + b[n], float32 sums.
+ * fp32 activations: y[t,n] = s[n] * sum_k x[t,k] * (c[n,k] - (N-1)/2) + b[n], float32 sums:
+ * on AVX-512 and portable machines by lookup tables on a layout of their own (see "fp32
+ * activations by table lookup" below), on AVX2 by a level table + FMA on the lane layout.
  *
  * Threads: OpenMP, built against the libgomp that torch has already loaded in the process, so the
  * kernels run on torch's own thread team. After each torch operator (a ReLU, a pooling) that
@@ -101,8 +103,9 @@ __attribute__((constructor)) static void register_fork_handler(void) {
     pthread_atfork(NULL, NULL, on_fork_child);
 }
 
-/* fn(ctx, i) for i in 0..nchunks-1 on up to `nthreads` threads (the caller included). */
-static void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads) {
+/* fn(ctx, i) for i in 0..nchunks-1 on up to `nthreads` threads (the caller included). Not static:
+ * lowbit_binary.c, in the same library, shares it (hidden by -fvisibility=hidden). */
+void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads) {
 #ifdef _OPENMP
     if (nthreads > 1 && nchunks > 1 && !forked_child && !omp_in_parallel()) {
         if (nthreads > nchunks) nthreads = (int)nchunks;
@@ -938,12 +941,19 @@ LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const
  *
  *   y[t, n] = s[n] * (acc[t, n] + corr * sum_k x[t, k]) + b[n]          (float32)
  *
- * Error (u = 2^-24): acc is a float32 sum of G * P + g entries' roundings, so against the exact
- * value  |y - y_exact| <= (g + G + P + 2) u * |s[n]| * sum_k |x[t,k]| * A + |b| u,  with
- * A = max_c sum_p 2^p |v(d_p)| + |corr| (1 for N = 2, 3 and 5 ... 2 for N = 5, (2^P - 1)/2 + corr
- * for bit planes) and G = ceil(K / g); the reference (float32 F.linear) has its own error of the
- * same order. tests/test_kernels.py checks this bound against a float64 product and checks the
- * AVX-512 and portable paths bit for bit against each other (same operations, same order).
+ * Error (u = 2^-24): every rounding is that of a float32 sum whose terms are bounded by
+ * A * sum_k |x[t,k]| (g - 1 in a table entry, G - 1 along a row, P - 1 combining planes, the
+ * correction, the scale and the bias), so against the exact value
+ *
+ *   |y - y_exact| <= (g + G + P + 4) u * |s[n]| * A * sum_k |x[t,k]| + |b[n]| u,
+ *
+ * G = ceil(K / g) (the padded count for a conv with a segment a tap), A = (2^P - 1)(D - 1)/2 +
+ * |corr| the largest |level| the digits can sum to (1/2 binary, 1 ternary, 2 for 5 levels, 3/2
+ * for 4, 15/2 + 0 for 16, 31/2 + 15/2 for 17); the reference (float32 F.linear) has an error
+ * of the same order in its own summation order. tests/test_kernels.py checks this bound against
+ * a float64 product, and the AVX-512 and portable paths bit for bit against each other (the
+ * same operations in the same order; no FMA contraction: the portable path is compiled for
+ * baseline x86-64 and the table products are exact).
  */
 
 enum { LUT_ENTRIES = 32, LUT_GROUPS_PER_WORD = 6, LUT_ROWS = 16, LUT_FIELD = 5 };

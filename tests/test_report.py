@@ -1,0 +1,56 @@
+"""Report layout from synthetic store contents: numbered sections, width order, unique figure
+names when a study varies a setting the title does not show, one seed, formatted losses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from test_claims import _config, _write
+
+from lowbit.study.report import write_report
+
+
+def _cells(seeds, lrs):
+    for seed in seeds:
+        for lr in lrs:
+            for width in (1024, 64, 256):
+                for layer in ("linear", "bitlinear8", "mybitlinear", "misborn"):
+                    yield _config(
+                        model="mlp",
+                        layer=layer,
+                        depth=1,
+                        width=width,
+                        lr=lr,
+                        seed=seed,
+                        activation="study",
+                        dataset="fashion-mnist",
+                        reading={"misborn": "grad-mask", "mybitlinear": "bitnet"}.get(layer),
+                    )
+
+
+def test_report_layout(tmp_path):
+    def params(cfg):
+        loss = 123456.0 if cfg["layer"] == "misborn" else 0.5
+        return {"acc": 0.8, "loss": loss}
+
+    _write(tmp_path, _cells((0,), (1e-3, 1e-2)), params, ["svl-bitlinear8-best"])
+    info = write_report(tmp_path)
+    names = [Path(f).name for f in info["figures"]]
+    assert len(names) == len(set(names))  # nothing overwritten
+    curves = [n for n in names if n.startswith("curves-")]
+    assert len(curves) == 6  # 3 widths x 2 learning rates, each its own figure
+    md = (tmp_path / "report" / "report.md").read_text()
+    heads = [ln.split(".")[0][3:] for ln in md.splitlines() if ln.startswith("## ")]
+    assert heads == [str(i) for i in range(1, len(heads) + 1)]
+    rows = [ln for ln in md.splitlines() if ln.startswith("| fashion-mnist / mlp")]
+    widths = [int(r.split("width ")[1].split(" ")[0]) for r in rows]
+    lr_rows = [r for r in rows if "lr 0.001" in r]
+    assert [int(r.split("width ")[1].split(" ")[0]) for r in lr_rows] == [64] * 4 + [256] * 4 + [
+        1024
+    ] * 4  # networks in width order (64 < 256 < 1024, not as strings)
+    assert len(widths) == 24
+    # an extreme loss in three significant figures (1.21e+05), not 120645.123
+    assert re.search(r"\| 1\.\d\de\+05 \|", md)
+    assert "**inconclusive**" in md and "1 paired seed(s), fewer than 3" in md
+    assert "stability.png" in names
