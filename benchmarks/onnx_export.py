@@ -229,8 +229,8 @@ def main() -> int:
         "",
         f"## Latency (ms a call, median of {args.rounds} interleaved rounds, one thread each)",
         "",
-        "| model | batch | lowbit packed ms | onnxruntime ms | lowbit / onnxruntime | "
-        "onnxruntime compact ms |",
+        "| model | batch | lowbit packed ms | onnxruntime ms | lowbit ms / onnxruntime ms "
+        "(< 1: lowbit faster) | onnxruntime compact ms |",
         "|---|---|---|---|---|---|",
         *lat_rows,
         "",
