@@ -9,7 +9,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist
 
 # torch==2.13.0 first: on these machines that request takes the CPU build lying on disk, and
 # then the package's "torch" requirement is already satisfied (no CUDA download).
-$(STAMP): pyproject.toml setup.py lowbit/kernels/csrc/lowbit_kernels.c
+$(STAMP): pyproject.toml setup.py lowbit/kernels/csrc/lowbit_kernels.c lowbit/kernels/csrc/lowbit_binary.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,ray,onnx]'

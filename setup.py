@@ -34,7 +34,7 @@ ext_modules = (
     [
         Extension(
             "lowbit.kernels._native",
-            sources=["lowbit/kernels/csrc/lowbit_kernels.c"],
+            sources=["lowbit/kernels/csrc/lowbit_kernels.c", "lowbit/kernels/csrc/lowbit_binary.c"],
             extra_compile_args=[
                 "-O3",
                 "-std=gnu11",

@@ -3,6 +3,7 @@
     <layer>.codes   U8, the codec payload of the layer's codes (dense layout by default)
     <layer>.scale   F32, () or (out,)
     <layer>.bias    F32 (when the layer has one)
+    <layer>.threshold  F32 (C_in,), binary layers only: x >= threshold binarizes to +1
     <other>         every other parameter and buffer as stored in the model (fp32 parts)
 
 and two metadata strings: ``lowbit`` (JSON, below) and ``lowbit_sha256`` (its SHA-256)::
@@ -12,7 +13,8 @@ and two metadata strings: ``lowbit`` (JSON, below) and ``lowbit_sha256`` (its SH
               | {"kind": "tree", "root": <node>},                          # lowbit.schema
      "packed": {"<layer>": {"type": "linear" | "conv2d", "levels": 3, "shape": [out, in, ...],
                             "codec": {"layout": "dense", "k": 5, "b": 8},
-                            "granularity": "tensor" | "channel", "activations": "fp32" | "int8"}},
+                            "granularity": "tensor" | "channel",
+                            "activations": "fp32" | "int8" | "binary"}},
      "sha256": {"<tensor>": "<hex digest of its bytes>", ...},
      "meta": {"input_shape": [1, 28, 28], "input_dtype": "uint8", ...} | null}  # lowbit.meta
 
@@ -44,7 +46,7 @@ from lowbit import pack, schema
 from lowbit.errors import FormatError
 from lowbit.meta import ModelMeta
 from lowbit.packed import PackedLayer, empty_packed, packable, weight_quantizer
-from lowbit.quantizers import ACTIVATION_MODES
+from lowbit.quantizers import ACTIVATION_MODES, binary_threshold
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: before "meta"
@@ -72,6 +74,7 @@ def _packed_layer(module: nn.Module) -> dict[str, Any]:
     """What the file records about a quantized layer, packed or still fake-quant."""
     if isinstance(module, PackedLayer):
         layer, codes, scale = module, (lambda: module.codes), module.scale
+        threshold = module.threshold
     else:
         q = weight_quantizer(module)
         with torch.device("meta"):
@@ -83,6 +86,10 @@ def _packed_layer(module: nn.Module) -> dict[str, Any]:
 
         with torch.no_grad():
             scale = q.scale(module.weight).to(torch.float32).reshape(layer.scale.shape)
+        threshold = None
+        if layer.threshold is not None:  # binary: rsign's threshold, or 0 (sign, approx-sign)
+            t = binary_threshold(module.input_quantizer)
+            threshold = torch.zeros(layer.threshold.shape) if t is None else t
     return {
         "type": layer.kind,
         "levels": layer.levels,
@@ -92,6 +99,7 @@ def _packed_layer(module: nn.Module) -> dict[str, Any]:
         "_codes": codes,
         "_scale": scale,
         "_bias": module.bias,
+        "_threshold": threshold,
     }
 
 
@@ -136,8 +144,10 @@ def plan(
 
         items.append(_Item(f"{prefix}codes", "U8", (nbytes,), nbytes, payload))
         items.append(_tensor_item(f"{prefix}scale", info["_scale"].detach().to(torch.float32)))
-        if info["_bias"] is not None:
-            items.append(_tensor_item(f"{prefix}bias", info["_bias"].detach().to(torch.float32)))
+        for part in ("bias", "threshold"):
+            if info[f"_{part}"] is not None:
+                t = info[f"_{part}"].detach().to(torch.float32)
+                items.append(_tensor_item(f"{prefix}{part}", t))
         packed[fqn] = {k: v for k, v in info.items() if not k.startswith("_")}
         packed[fqn]["codec"] = codec.to_json()
     for name, t in _plain_tensors(model, packed).items():

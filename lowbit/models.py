@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit import quantizers
+from lowbit import bnn, quantizers
 from lowbit.nn import BitLinear8, MisbornLinear, QuantConv2d, QuantLinear, SignLinear
 
 LAYERS = (
@@ -665,6 +665,10 @@ MODELS: dict[str, Family] = {
     "vit1": Family(ViTConfig, {"blocks": 3, "head_units": (2048, 1216)}, _build_vit),
     "vit2": Family(ViTConfig, {"blocks": 11, "head_units": (3392, 1920)}, _build_vit),
 }
+# the fully binary networks (lowbit.bnn): ``layer`` is their method (bnn.METHODS), not a kind
+BINARY_MODELS = {"binary_mlp": bnn.BinaryMLP, "binary_cnn": bnn.BinaryCNN}
+MODELS["binary_mlp"] = Family(bnn.BinaryMLPConfig, {}, lambda cfg, _: bnn.BinaryMLP(cfg))
+MODELS["binary_cnn"] = Family(bnn.BinaryCNNConfig, {}, lambda cfg, _: bnn.BinaryCNN(cfg))
 NAMES = tuple(MODELS)
 _LAYER_OPTIONS = {"bias", *(o for opts in _OPTIONS.values() for o in opts)}
 
@@ -702,6 +706,17 @@ def get(name: str, layer: str = "linear", levels: int | None = None, **kw: Any) 
             f"levels, {', '.join(fields)} (and the layer kind's options)"
         )
     options = {k: v for k, v in kw.items() if k not in fields}
+    if name in BINARY_MODELS:
+        if layer not in bnn.METHODS:
+            raise ValueError(f"unknown binary method {layer!r}; valid: {', '.join(bnn.METHODS)}")
+        if levels is not None or options:
+            raise ValueError("binary models fix their levels and options; leave levels unset")
+        given = {k: v for k, v in kw.items() if k in fields and k != "method"}
+        cfg = config(name, **given, method=layer)
+        model = MODELS[name].build(cfg, None)
+        spec = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items() if k != "method"}
+        model.lowbit_spec = {"name": name, "kwargs": {**spec, "layer": layer, "levels": None}}
+        return model
     choice = LayerChoice(layer, levels, options)
     cfg = config(name, **{k: v for k, v in kw.items() if k in fields})
     model = MODELS[name].build(cfg, choice)
@@ -714,7 +729,9 @@ def get(name: str, layer: str = "linear", levels: int | None = None, **kw: Any) 
 
 
 # ``models.mlp(depth=2, width=8, layer="ternary")``: each name as a function of its config fields
-mlp, fcnn1, fcnn2, cvnn1, cvnn2, vit, vit1, vit2 = (functools.partial(get, n) for n in NAMES)
+mlp, fcnn1, fcnn2, cvnn1, cvnn2, vit, vit1, vit2, binary_mlp, binary_cnn = (
+    functools.partial(get, n) for n in NAMES
+)
 
 
 def count_parameters(model: nn.Module) -> int:

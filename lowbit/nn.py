@@ -8,6 +8,18 @@ forward pass uses its quantized value (straight-through gradient, see ``lowbit.q
     y = F.linear(q_in(x), q_w(W), b)          x: (..., in_features)  ->  y: (..., out_features)
 
 With both quantizers None the layer computes exactly what its parent computes. Biases stay fp32.
+
+Binary layers (a binary input quantizer — ``sign``, ``approx-sign``, ``rsign`` — and 2-level
+weights) are XNOR-popcount layers. Their weight is ``alpha * w_b`` with ``w_b`` in {-1, +1} and
+``alpha = scale / 2`` (one per tensor, or per output channel: XNOR-Net's scaling), and the forward
+multiplies by ``alpha`` after the sum::
+
+    y = (x_b @ w_b.T) * alpha + b              x_b, w_b in {-1, +1}: the sum is an exact integer
+
+which equals ``F.linear(x_b, alpha * w_b, b)`` up to float rounding and is, bit for bit, what the
+packed kernels compute (``reference.binary_linear``). A binary convolution pads its binarized
+input with +1 (sign(0) = +1: a zero-padded input binarizes to +1; larq's engine pads the same way
+for speed), so the popcount kernels need no border correction.
 """
 
 from __future__ import annotations
@@ -21,9 +33,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import integer, quantizers
-from lowbit.quantizers import FIXED_LEVELS, GRANULARITIES, STES, AbsMax8, Quantizer, check_choice
+from lowbit.quantizers import (
+    ACTIVATION_NAMES,
+    FIXED_LEVELS,
+    GRANULARITIES,
+    STES,
+    AbsMax8,
+    BinaryActivation,
+    Quantizer,
+    RSign,
+    check_choice,
+)
 
-QuantizerLike = str | Quantizer | AbsMax8 | None
+QuantizerLike = str | Quantizer | AbsMax8 | BinaryActivation | RSign | None
 
 
 def _describe(q: Quantizer | AbsMax8 | None) -> str:
@@ -36,11 +58,35 @@ class _QuantMixin:
     """Shared quantizer handling of QuantLinear and QuantConv2d."""
 
     weight_quantizer: Quantizer | AbsMax8 | None
-    input_quantizer: Quantizer | AbsMax8 | None
+    input_quantizer: Quantizer | AbsMax8 | BinaryActivation | RSign | None
+    _CHANNEL_DIM = -1  # where the input's channels are (an rsign threshold's axis)
 
     def _set_quantizers(self, weight_quantizer: QuantizerLike, input_quantizer: QuantizerLike):
         self.weight_quantizer = quantizers.get(weight_quantizer)
-        self.input_quantizer = quantizers.get(input_quantizer)
+        if isinstance(input_quantizer, str) and input_quantizer not in ACTIVATION_NAMES:
+            self.input_quantizer = quantizers.get(input_quantizer)  # a weight quantizer on x
+        else:
+            self.input_quantizer = quantizers.get_activation(
+                input_quantizer,
+                channels=self.weight.shape[1] * getattr(self, "groups", 1),  # type: ignore[attr-defined]
+                channel_dim=self._CHANNEL_DIM,
+            )
+
+    def is_binary(self) -> bool:
+        """Binary inputs and 2-level weights: an XNOR-popcount layer (see the module doc)."""
+        wq = self.weight_quantizer
+        return quantizers.is_binary(self.input_quantizer) and (
+            isinstance(wq, Quantizer) and wq.levels == 2
+        )
+
+    def binary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_b, alpha)``: w_b in {-1, +1} shaped like the weight (straight-through to the
+        latent weight) and alpha = scale / 2, shape () or (C_out,), with ``quantized_weight() ==
+        alpha * w_b`` exactly. The division is exact ((±scale/2) / (scale/2) = ±1) and passes
+        dL/dw_b / alpha to the quantized weight, so the gradient is the unfactored layer's."""
+        alpha = self.weight_quantizer.scale(self.weight) * 0.5  # type: ignore[union-attr]
+        w_b = self.quantized_weight() / alpha
+        return w_b, alpha.reshape(-1) if alpha.dim() else alpha
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward pass uses (straight-through to the latent weight)."""
@@ -109,6 +155,10 @@ class QuantLinear(_QuantMixin, nn.Linear):
         self._set_quantizers(weight_quantizer, input_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_binary():
+            w_b, alpha = self.binary_weight()
+            y = F.linear(self.quantize_input(x), w_b) * alpha
+            return y if self.bias is None else y + self.bias
         if self.integer_inference:
             codes, scale = self._codes()
             levels = self.weight_quantizer.levels  # type: ignore[union-attr]
@@ -156,6 +206,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     A per-channel scale is one per output filter.
     """
 
+    _CHANNEL_DIM = 1
+
     def __init__(
         self,
         in_channels: int,
@@ -196,6 +248,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return super().quantize_input(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_binary():
+            return self._binary_forward(x)
         if self.integer_inference and self.groups == 1 and self.padding_mode == "zeros":
             codes, scale = self._codes()
             return integer.conv2d(
@@ -210,6 +264,19 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
                 dilation=self.dilation,
             )
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+    def _binary_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Binarize, pad with +1 (``padding_mode="zeros"``; the other modes pad the binarized
+        input their own way), convolve the ±1 tensors (exact integers), then scale and bias."""
+        w_b, alpha = self.binary_weight()
+        pad = self._reversed_padding_repeated_twice
+        if self.padding_mode == "zeros":
+            xb = F.pad(self.quantize_input(x), pad, value=1.0)
+        else:
+            xb = F.pad(self.quantize_input(x), pad, mode=self.padding_mode)
+        y = F.conv2d(xb, w_b, None, self.stride, 0, self.dilation, self.groups)
+        y = y * alpha.reshape(-1, 1, 1)
+        return y if self.bias is None else y + self.bias.reshape(-1, 1, 1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._quant_repr()}"
@@ -276,8 +343,10 @@ class QATConfig:
         ste: ``"identity"`` or ``"clipped"``.
         center: subtract the weight mean before quantizing; None keeps the quantizer's default
             (True for sign, as BitNet does; False otherwise).
-        activations: None (fp32 inputs) or ``"absmax8"`` (int8 inputs: per token in linear
-            layers, per image in convolutions, see ``QuantConv2d.quantize_input``).
+        activations: None (fp32 inputs), ``"absmax8"`` (int8 inputs: per token in linear
+            layers, per image in convolutions, see ``QuantConv2d.quantize_input``), or a binary
+            activation (``"sign"``, ``"approx-sign"``, ``"rsign"``, see ``lowbit.quantizers``);
+            with 2-level weights the latter make XNOR-popcount layers.
     """
 
     levels: int = 3
@@ -303,10 +372,8 @@ class QATConfig:
             raise ValueError(f"QATConfig.spread must be > 0, got {self.spread!r}")
         check_choice("QATConfig.granularity", self.granularity, GRANULARITIES)
         check_choice("QATConfig.ste", self.ste, STES)
-        if self.activations not in (None, "absmax8"):
-            raise ValueError(
-                f"QATConfig.activations must be None or 'absmax8'; got {self.activations!r}"
-            )
+        if self.activations is not None:
+            check_choice("QATConfig.activations", self.activations, ACTIVATION_NAMES)
 
     def weight_quantizer(self) -> Quantizer:
         kw: dict[str, Any] = {"granularity": self.granularity, "ste": self.ste}
@@ -316,8 +383,11 @@ class QATConfig:
             kw.update(levels=self.levels, spread=self.spread)
         return quantizers.get(self.quantizer, **kw)
 
-    def input_quantizer(self) -> AbsMax8 | None:
-        return quantizers.get(self.activations) if self.activations else None
+    def input_quantizer(self, channels: int | None = None, channel_dim: int = -1) -> Any:
+        """The activation quantizer (``rsign`` needs the layer's input ``channels``)."""
+        return quantizers.get_activation(
+            self.activations, channels=channels, channel_dim=channel_dim
+        )
 
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -342,7 +412,7 @@ def quantize_(model: nn.Module, config: QATConfig, filter_fn: FilterFn | None = 
         return twins[type(module)].from_float(
             module,
             weight_quantizer=config.weight_quantizer(),
-            input_quantizer=config.input_quantizer(),
+            input_quantizer=config.activations,  # resolved per layer (rsign's channels)
         )
 
     return replace_modules(model, lambda m: type(m) in twins, twin, filter_fn, "quantize_")

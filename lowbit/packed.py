@@ -21,6 +21,10 @@ re-implemented: BitLinear8's norm + absmax8, SignLinear's norm). Activation mode
   trained outputs are bit-identical.
 * ``"fp32"`` otherwise (weight-only quantization): ``t`` is ``quantize_input``; the output
   equals the fake-quant model's up to float summation order (tests bound it).
+* ``"binary"`` for binary layers (a binary input quantizer and 2 levels, ``QuantLinear.is_binary``):
+  the XNOR-popcount kernels (``lowbit.kernels.binary``) binarize x against the buffer
+  ``threshold`` (rsign's per-channel threshold, zeros for sign / approx-sign) and compute
+  ``(x_b @ w_b.T) * scale / 2 + b``, bit-identical to the trained layer.
 
 Eager calls run the kernels directly; under torch.compile, torch.export and jit.trace the layer
 calls the ops ``torch.ops.lowbit.packed_linear`` / ``packed_conv2d`` on its buffers, so traced
@@ -37,12 +41,13 @@ import torch
 from torch import nn
 
 from lowbit import kernels
-from lowbit.kernels import reference
+from lowbit.kernels import binary, reference
 from lowbit.nn import QuantConv2d, QuantLinear, replace_modules
 from lowbit.quantizers import (
     GRANULARITIES,
     AbsMax8,
     Quantizer,
+    binary_threshold,
     check_activation_mode,
     check_choice,
     check_levels,
@@ -72,6 +77,8 @@ class _InputTransform:
 
 
 def _default_activations(source: nn.Module | None) -> str:
+    if isinstance(source, (QuantLinear, QuantConv2d)) and source.is_binary():
+        return "binary"
     return "int8" if isinstance(getattr(source, "input_quantizer", None), AbsMax8) else "fp32"
 
 
@@ -124,6 +131,8 @@ class PackedLayer(nn.Module):
         check_levels(levels)
         check_choice("granularity", granularity, GRANULARITIES)
         check_activation_mode(activations)
+        if activations == "binary" and levels != 2:
+            raise ValueError(f"binary activations need 2-level weights, got levels={levels}")
         self.levels, self.granularity, self._activations = levels, granularity, activations
         self.out_features_, self.k = out_features, k
         scale_shape = () if granularity == "tensor" else (out_features,)
@@ -142,6 +151,12 @@ class PackedLayer(nn.Module):
             and (activations == "int8" or source.input_quantizer is None)
         )
         self._cache: tuple | None = None
+
+    def _init_threshold(self, channels: int, device: Any) -> None:
+        """Binary layers: the buffer ``threshold`` (C_in,) float32 the input is binarized
+        against (x >= t gives +1); None otherwise."""
+        t = torch.zeros(channels, device=device) if self.activations == "binary" else None
+        self.register_buffer("threshold", t)
 
     @property
     def activations(self) -> str:
@@ -185,7 +200,7 @@ class PackedLayer(nn.Module):
                 codes,
                 scale,
                 key,
-                kernels.prepare(codes, scale, self.levels, **self._layout()),
+                self._prepare(codes, scale),
             )
         return c[3]
 
@@ -197,6 +212,11 @@ class PackedLayer(nn.Module):
     def _layout(self) -> dict[str, Any]:
         """Extra ``kernels.prepare`` arguments of this layer kind."""
         return {}
+
+    def _prepare(self, codes: torch.Tensor, scale: torch.Tensor) -> Any:
+        if self.activations == "binary":
+            return binary.prepare(codes, scale, **self._layout())
+        return kernels.prepare(codes, scale, self.levels, **self._layout())
 
     @classmethod
     def from_quant(cls, layer: Any, activations: str | None = None) -> Any:
@@ -211,7 +231,7 @@ class PackedLayer(nn.Module):
         return reference.dequantize(self.codes, self.scale, self.levels)
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
-        if self._input is None:
+        if self._input is None or self.activations == "binary":  # binary: the kernel binarizes
             return x
         if self._activations == "int8":
             return self._input.source.int8_input(x)
@@ -258,6 +278,7 @@ class PackedLinear(PackedLayer):
         self._init_packed(
             out_features, in_features, levels, bias, granularity, activations, source, device
         )
+        self._init_threshold(in_features, device)
 
     @classmethod
     def empty_like(cls, layer: QuantLinear, activations: str | None = None) -> PackedLinear:
@@ -279,7 +300,14 @@ class PackedLinear(PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x if self._plain_input else self._transform(x)
-        if _eager(t):
+        if self._activations == "binary":
+            if _eager(t):
+                y = binary.linear(t, self.prepared(), self.bias, self.threshold)
+            else:
+                y = torch.ops.lowbit.binary_linear(
+                    t, self.codes, self.scale, self.bias, self.threshold
+                )
+        elif _eager(t):
             bias = self._parameters.get("bias")  # (a None bias is a plain attribute)
             y = kernels.linear(t, self.prepared(), bias, self._activations)
         else:
@@ -325,6 +353,7 @@ class PackedConv2d(PackedLayer):
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         k = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._init_packed(out_channels, k, levels, bias, granularity, activations, source, device)
+        self._init_threshold(in_channels, device)
 
     @classmethod
     def empty_like(cls, layer: QuantConv2d, activations: str | None = None) -> PackedConv2d:
@@ -353,7 +382,24 @@ class PackedConv2d(PackedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x if self._plain_input else self._transform(x)
-        if _eager(t):
+        geometry = [*self.kernel_size, *self.stride, *self.padding, *self.dilation]
+        if self._activations == "binary":
+            if _eager(t):
+                y = binary.conv2d(
+                    t,
+                    self.prepared(),
+                    self.bias,
+                    self.threshold,
+                    kernel_size=self.kernel_size,
+                    stride=self.stride,
+                    padding=self.padding,
+                    dilation=self.dilation,
+                )
+            else:
+                y = torch.ops.lowbit.binary_conv2d(
+                    t, self.codes, self.scale, self.bias, self.threshold, geometry
+                )
+        elif _eager(t):
             y = kernels.conv2d(
                 t,
                 self.prepared(),
@@ -365,7 +411,6 @@ class PackedConv2d(PackedLayer):
                 activations=self.activations,
             )
         else:
-            geometry = [*self.kernel_size, *self.stride, *self.padding, *self.dilation]
             y = torch.ops.lowbit.packed_conv2d(
                 t, self.codes, self.scale, self.bias, self.levels, geometry, self.activations
             )
@@ -424,6 +469,9 @@ def _fill_from(new: PackedLayer, layer: nn.Module, q: Quantizer) -> PackedLayer:
             )
         if layer.bias is not None:
             new.bias.copy_(layer.bias)
+        if new.threshold is not None:
+            t = binary_threshold(layer.input_quantizer)
+            new.threshold.copy_(0.0 if t is None else t)
         new.set_codes(
             codes.reshape(new.out_features_, new.k), scale.reshape(-1) if scale.dim() else scale
         )

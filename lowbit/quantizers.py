@@ -38,6 +38,31 @@ is off by one ulp in float, which would break the exact ``dequantize`` round tri
 A scale of zero (an all-zero tensor) is clamped to ``EPS`` so nothing divides by zero: zero weights
 quantize to level 0 (odd N) or to ±0.5 * EPS (even N) and never produce NaN.
 
+Binary activations (``get_activation``; weights and activations in {-1, +1} make a dot product an
+XNOR-popcount, see ``lowbit.kernels.binary``). Forward, for every kind::
+
+    x_b = sign(x - t) = +1 if x >= t else -1         sign(0) = +1 (the 2-level convention above:
+                                                     code 1 = +1 for x >= t, code 0 = -1)
+
+with ``t = 0`` except for ``rsign``. Choosing +1 at zero matches the weights' N = 2 rule and makes
+a zero-padded input binarize to +1, which is why binary convolutions pad with +1 (``nn``). The
+kinds differ in the threshold and in the pseudo-gradient handed to ``x`` (u = x - t):
+
+===============  =============================================  ==================================
+name             dL/dx = dL/dx_b * g(u)                         paper
+===============  =============================================  ==================================
+``sign``         g = 1[|u| <= 1]   (hard-tanh STE)              BinaryNet (Courbariaux, Hubara
+                                                                et al. 2016)
+``approx-sign``  g = (2 - 2|u|) 1[|u| < 1], the derivative of   Bi-Real Net (Liu et al. 2018)
+                 the piecewise polynomial F(u) = 2u - u|u| on
+                 |u| < 1, sign(u) outside
+``rsign``        as ``approx-sign``; ``t`` is a learnable       ReActNet (Liu et al. 2020)
+                 threshold per channel, dL/dt = -sum dL/du
+===============  =============================================  ==================================
+
+The hard-tanh STE is the gradient of clip(u, -1, 1); Bi-Real's polynomial is a closer fit of sign
+(its gradient peaks at u = 0 and falls linearly), which the paper found to train better.
+
 ``absmax8`` is the per-token 8-bit activation quantizer of BitNet: ``s = 127 / max|x|`` over the
 last dimension, ``x_hat = clip(round(x * s), -128, 127) / s``. Its levels are -127..127
 (N = 255, the odd convention); unlike the weight quantizers its ``scale`` is the multiplier
@@ -51,6 +76,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 EPS = 1e-8
@@ -63,9 +89,10 @@ MAX_LEVELS = 256
 """Level counts are 2..MAX_LEVELS (codes fit a uint8)."""
 FIXED_LEVELS = {"sign": 2, "ternary": 3, "ternary-median": 3}
 """The quantizers whose level count is part of their definition; ``nlevel`` takes any."""
-ACTIVATION_MODES = ("fp32", "int8")
-"""How a packed layer takes its input: float32 as given, or absmax8 integers per token (the
-input quantizer ``absmax8``; exact integer dot products, ``lowbit.integer``)."""
+ACTIVATION_MODES = ("fp32", "int8", "binary")
+"""How a packed layer takes its input: float32 as given, absmax8 integers per token (the
+input quantizer ``absmax8``; exact integer dot products, ``lowbit.integer``), or binarized to
+±1 against a threshold (the binary activations below; XNOR-popcount, ``lowbit.kernels.binary``)."""
 
 
 def check_levels(levels: Any, what: str = "levels") -> int:
@@ -313,6 +340,99 @@ class AbsMax8:
         return (codes.to(scale.dtype) - 127) / scale
 
 
+BINARY_STES = ("htanh", "approx")
+
+
+def _binary_grad(u: torch.Tensor, ste: str) -> torch.Tensor:
+    """g(u) of the module docstring: hard-tanh 1[|u| <= 1] or Bi-Real's (2 - 2|u|)+."""
+    if ste == "htanh":
+        return (u.abs() <= 1).to(u.dtype)
+    return (2 - 2 * u.abs()).clamp_(min=0)
+
+
+class _BinarySign(torch.autograd.Function):
+    """Forward ``where(x < t, -1, +1)``; backward ``g(x - t)`` to x, its negated sum to t."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, t: torch.Tensor, ste: str) -> torch.Tensor:
+        ctx.save_for_backward(x, t)
+        ctx.ste = ste
+        # x < t, not x - t < 0: the comparison the kernels make (identical for finite values)
+        return torch.where(x < t, -1.0, 1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, t = ctx.saved_tensors
+        gx = grad * _binary_grad(x - t, ctx.ste)
+        gt = -gx.sum_to_size(t.shape) if ctx.needs_input_grad[1] else None
+        return gx, gt, None
+
+
+def binary_sign(
+    x: torch.Tensor, threshold: torch.Tensor | None = None, ste: str = "htanh"
+) -> torch.Tensor:
+    """``sign(x - threshold)`` in {-1, +1} with sign(0) = +1 (same shape and dtype as ``x``);
+    the pseudo-gradient ``ste`` ("htanh" or "approx", see the module docstring) goes to ``x`` and
+    to ``threshold`` (broadcastable to ``x``; None = 0)."""
+    if ste not in BINARY_STES:
+        raise ValueError(f"ste must be one of {', '.join(BINARY_STES)}; got {ste!r}")
+    t = x.new_zeros(()) if threshold is None else threshold
+    if not (x.requires_grad or t.requires_grad) or not torch.is_grad_enabled():
+        return torch.where(x < t, -1.0, 1.0).to(x.dtype)
+    return _BinarySign.apply(x, t, ste)
+
+
+@dataclass(frozen=True)
+class BinaryActivation:
+    """``sign`` (hard-tanh STE) or ``approx-sign`` (Bi-Real's gradient): x -> {-1, +1}.
+
+    Stateless; the threshold is 0. ``codes(x)`` gives 1 where x >= 0 (value +1), 0 elsewhere."""
+
+    ste: str = "htanh"
+    name: str = "sign"
+    levels: int = 2
+
+    bits = 1.0
+
+    def __post_init__(self) -> None:
+        if self.ste not in BINARY_STES:
+            raise ValueError(f"ste must be one of {', '.join(BINARY_STES)}; got {self.ste!r}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return binary_sign(x, None, self.ste)
+
+
+class RSign(nn.Module):
+    """ReActNet's ``RSign``: ``sign(x - t_c)`` with a learnable threshold per channel.
+
+    ``threshold`` has shape (channels,) and is applied along ``channel_dim`` (-1 for a linear
+    layer's input (..., C), 1 for a convolution's (B, C, H, W)); it starts at 0 (plain sign).
+    Gradient: Bi-Real's ``approx`` by default (as ReActNet's code), or ``htanh``."""
+
+    name = "rsign"
+    levels = 2
+    bits = 1.0
+
+    def __init__(self, channels: int, channel_dim: int = -1, ste: str = "approx") -> None:
+        super().__init__()
+        if ste not in BINARY_STES:
+            raise ValueError(f"ste must be one of {', '.join(BINARY_STES)}; got {ste!r}")
+        if channel_dim not in (-1, 1):
+            raise ValueError(f"channel_dim must be -1 (linear) or 1 (conv), got {channel_dim}")
+        self.threshold = nn.Parameter(torch.zeros(channels))
+        self.channel_dim = channel_dim
+        self.ste = ste
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.threshold
+        if self.channel_dim == 1:
+            t = t.reshape(-1, *([1] * (x.dim() - 2)))  # (C, 1, 1) against (B, C, H, W)
+        return binary_sign(x, t, self.ste)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.threshold.numel()}, ste={self.ste}"
+
+
 # Default spread lambda of `nlevel` per level count, measured by benchmarks/lambda_sweep.py
 # (docs/results/lambda-sweep.md: short QAT runs on Fashion-MNIST around the MSE-optimal lambda,
 # one smooth model fitted to all runs). N = 3 is fixed at 1 so that nlevel(3) == ternary.
@@ -401,6 +521,44 @@ _REGISTRY = {
     "absmax8": _absmax8,
 }
 NAMES = tuple(_REGISTRY)
+
+
+ACTIVATION_NAMES = ("absmax8", "sign", "approx-sign", "rsign")
+BINARY_ACTIVATION_NAMES = ACTIVATION_NAMES[1:]
+ActivationQuantizer = AbsMax8 | BinaryActivation | RSign
+
+
+def get_activation(
+    name: str | ActivationQuantizer | None, *, channels: int | None = None, channel_dim: int = -1
+) -> ActivationQuantizer | None:
+    """Resolve an input (activation) quantizer by name: ``absmax8``, ``sign``, ``approx-sign``,
+    or ``rsign`` (a module with a learnable threshold per channel: needs ``channels``, the size of
+    ``channel_dim``); objects and None pass through."""
+    if name is None or isinstance(name, (AbsMax8, BinaryActivation, RSign)):
+        return name
+    if name == "absmax8":
+        return AbsMax8()
+    if name == "sign":
+        return BinaryActivation("htanh", "sign")
+    if name == "approx-sign":
+        return BinaryActivation("approx", "approx-sign")
+    if name == "rsign":
+        if channels is None:
+            raise ValueError("rsign needs the number of channels its threshold covers")
+        return RSign(channels, channel_dim)
+    raise ValueError(
+        f"unknown activation quantizer {name!r}; valid names: {', '.join(ACTIVATION_NAMES)}"
+    )
+
+
+def is_binary(q: object) -> bool:
+    """Whether ``q`` is a binary activation quantizer (its outputs are exactly -1 and +1)."""
+    return isinstance(q, (BinaryActivation, RSign))
+
+
+def binary_threshold(q: BinaryActivation | RSign) -> torch.Tensor | None:
+    """The threshold t a binary activation compares with, (channels,) detached; None for 0."""
+    return q.threshold.detach() if isinstance(q, RSign) else None
 
 
 def get(name: str | Quantizer | AbsMax8 | None, **kw: Any) -> Quantizer | AbsMax8 | None:

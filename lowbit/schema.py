@@ -29,7 +29,15 @@ from lowbit.packed import (
     empty_packed,
     packable,
 )
-from lowbit.quantizers import ACTIVATION_MODES, GRANULARITIES, AbsMax8, check_levels
+from lowbit.quantizers import (
+    ACTIVATION_MODES,
+    ACTIVATION_NAMES,
+    GRANULARITIES,
+    AbsMax8,
+    BinaryActivation,
+    RSign,
+    check_levels,
+)
 
 MAX_DEPTH = 64
 MAX_NODES = 1 << 14
@@ -188,8 +196,8 @@ _ARG_GETTERS: dict[str, Callable[[nn.Module], Any]] = {
 # The input transforms a packed layer can carry: the class whose quantize_input is called and the
 # attributes that method reads.
 INPUT_TYPES: dict[str, tuple[type[nn.Module], dict[str, Callable[[Any], Any]]]] = {
-    "QuantLinear": (QuantLinear, {"input_quantizer": _v_optional(_v_choice("absmax8"))}),
-    "QuantConv2d": (QuantConv2d, {"input_quantizer": _v_optional(_v_choice("absmax8"))}),
+    "QuantLinear": (QuantLinear, {"input_quantizer": _v_optional(_v_choice(*ACTIVATION_NAMES))}),
+    "QuantConv2d": (QuantConv2d, {"input_quantizer": _v_optional(_v_choice(*ACTIVATION_NAMES))}),
     "BitLinear8": (BitLinear8, {}),
     "SignLinear": (SignLinear, {"norm": _BOOL}),
     "MisbornLinear": (MisbornLinear, {}),
@@ -209,7 +217,7 @@ def _input_node(source: nn.Module | None) -> dict[str, Any] | None:
     args = {}
     for arg in INPUT_TYPES[name][1]:
         v = getattr(source, arg)
-        args[arg] = v.name if isinstance(v, AbsMax8) else v
+        args[arg] = v.name if isinstance(v, (AbsMax8, BinaryActivation, RSign)) else v
     return {"type": name, "args": args}
 
 

@@ -11,7 +11,10 @@ For each module holding tensors (a row)::
     packed bytes   bytes the layer's tensors take in the .lowbit file (codes, scale, bias, fp32)
     fp32 bytes     the same values as float32: 4 * params
     MACs           multiply-accumulates of one forward pass for ``input_shape`` (batch 1), of
-                   Linear/Conv2d layers (attention's activation products are not counted)
+                   Linear/Conv2d layers (attention's activation products are not counted),
+                   binary layers excepted:
+    BOPs           the binary layers' 1-bit x 1-bit multiply-accumulates (an XNOR and a
+                   popcount bit each), counted apart from the MACs as larq's summary does
 
 Totals: ``total_bytes`` is the size of the .lowbit file ``lowbit.save`` writes (tensors plus the
 header, computed the way ``save`` builds it: exact), ``fp32_bytes`` the float32 model,
@@ -45,6 +48,7 @@ class Row:
     packed_bytes: int
     fp32_bytes: int
     macs: int | None
+    bops: int | None = None
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Summary:
     fp32_bytes: int
     params: int
     macs: int | None
+    bops: int | None = None
     layout: str = "dense"
     file_bytes: int | None = None  # the real size, when summarising a .lowbit file
     source: str = ""
@@ -75,7 +80,18 @@ class Summary:
         return d
 
     def __str__(self) -> str:
-        head = ("layer", "type", "levels", "bits", "stored", "params", "packed B", "fp32 B", "MACs")
+        head = (
+            "layer",
+            "type",
+            "levels",
+            "bits",
+            "stored",
+            "params",
+            "packed B",
+            "fp32 B",
+            "MACs",
+            "BOPs",
+        )
         body = [
             (
                 r.name or "(root)",
@@ -87,6 +103,7 @@ class Summary:
                 f"{r.packed_bytes:,}",
                 f"{r.fp32_bytes:,}",
                 "-" if r.macs is None else f"{r.macs:,}",
+                "-" if r.bops is None else f"{r.bops:,}",
             )
             for r in self.rows
         ]
@@ -113,11 +130,21 @@ class Summary:
             f"MACs          {macs}"
             + ("" if self.input_shape is None else f" for input {tuple(self.input_shape)}"),
         ]
+        if self.bops:
+            out.append(f"BOPs          {self.bops:,} (binary 1-bit x 1-bit MACs)")
         return "\n".join(out)
 
 
+def _is_binary(module: nn.Module) -> bool:
+    """A binary (XNOR-popcount) layer, packed or still fake-quant."""
+    if getattr(module, "activations", None) == "binary":
+        return True
+    return callable(getattr(module, "is_binary", None)) and module.is_binary()  # type: ignore[operator]
+
+
 def _macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """MACs per Linear/Conv2d-like module from one zero-input forward pass (batch 1)."""
+    """MACs per Linear/Conv2d-like module from one zero-input forward pass (batch 1); a binary
+    layer's are its BOPs."""
     from lowbit.packed import PackedConv2d, PackedLinear
 
     names = {m: n for n, m in model.named_modules()}
@@ -206,14 +233,17 @@ def summary(
         if info is not None:
             weights = math.prod(info["shape"])
             codes = next(it for it in own if it.name.endswith("codes"))
-            bias = sum(math.prod(it.shape) for it in own if it.name.endswith("bias"))
-            params = weights + bias
+            # the bias and, for a binary layer, its input threshold
+            extra = [it for it in own if it.name.rpartition(".")[2] in ("bias", "threshold")]
+            params = weights + sum(math.prod(it.shape) for it in extra)
             levels, nominal = info["levels"], math.log2(info["levels"])
             stored = 8 * codes.nbytes / weights
         else:
             params = sum(math.prod(it.shape) for it in own)
             levels, nominal = None, 32.0
             stored = 8 * nbytes / params if params else 0.0
+        n = macs.get(fqn) if macs else None
+        binary = n is not None and _is_binary(module)
         rows.append(
             Row(
                 fqn,
@@ -224,7 +254,8 @@ def summary(
                 params,
                 nbytes,
                 4 * params,
-                macs.get(fqn) if macs else None,
+                0 if binary else n,
+                n if binary else None,
             )
         )
     return Summary(
@@ -233,7 +264,8 @@ def summary(
         header_bytes=total - data_bytes,
         fp32_bytes=sum(r.fp32_bytes for r in rows),
         params=sum(r.params for r in rows),
-        macs=sum(macs.values()) if macs else None,
+        macs=sum(r.macs or 0 for r in rows) if macs else None,
+        bops=sum(r.bops or 0 for r in rows) or None,
         layout=layout,
         file_bytes=file_bytes,
         source=source,

@@ -73,6 +73,24 @@ def _lr_cells(seeds):
                     )
 
 
+BIN_LAYERS = ("linear", "sign", "ternary", "bnn", "xnor", "bireal", "reactnet")
+
+
+def _bin_cells(seeds):
+    for seed in seeds:
+        for model, depth in (("binary_mlp", 3), ("binary_cnn", None)):
+            for layer in BIN_LAYERS:
+                yield _config(
+                    model=model,
+                    layer=layer,
+                    depth=depth,
+                    width=64,
+                    activation=None,
+                    dataset="fashion-mnist",
+                    seed=seed,
+                )
+
+
 def _curves(p: dict) -> tuple[list[float], list[float]]:
     """Accuracy ramps to p["acc"] by epoch p["ramp"]; p["drop"] dips it once; the loss sits at
     p["loss"] and alternates by a factor 10**p["fluct"]."""
@@ -180,6 +198,16 @@ def lr_larger(cfg, e):
     return {"acc": 0.8 - (0.03 if small == (e > 0) else 0.01)}
 
 
+def bin_gain(better):
+    return lambda cfg, e: {"acc": 0.8 + (0.03 * e if cfg["layer"] == better else 0.0)}
+
+
+def bin_85(cfg, e):
+    if cfg["layer"] in ("linear", "sign", "ternary"):
+        return {"acc": 0.9}
+    return {"acc": 0.85 + 0.02 * e}
+
+
 SCENARIOS = {
     "svl-bitlinear8-best": ("svl", svl_b8),
     "svl-misborn-beats-mybitlinear": ("svl", svl_mis),
@@ -193,6 +221,10 @@ SCENARIOS = {
     "lr-one-bit-small-fails": ("lr", lr_onebit),
     "lr-fewer-bits-more-epochs": ("lr", lr_epochs),
     "lr-larger-models-closer": ("lr", lr_larger),
+    "bin-xnor-scaling": ("bin", bin_gain("xnor")),
+    "bin-bireal-shortcut": ("bin", bin_gain("bireal")),
+    "bin-reactnet-thresholds": ("bin", bin_gain("reactnet")),
+    "bin-mlp-85": ("bin", bin_85),
 }
 
 
@@ -204,7 +236,7 @@ def _verdict(tmp, cid, signs, *, seeds=(0, 1, 2), chance_fp32=False, other_grid=
     kind, fn = SCENARIOS[cid]
     if other_grid:
         kind = "lr" if kind == "svl" else "svl"
-    cells = _svl_cells(seeds) if kind == "svl" else _lr_cells(seeds)
+    cells = {"svl": _svl_cells, "lr": _lr_cells, "bin": _bin_cells}[kind](seeds)
 
     def params(cfg):
         p = fn(cfg, signs[cfg["seed"]]) if not other_grid else {"acc": 0.8}

@@ -285,3 +285,63 @@ def test_seed_layers_follow_the_generic_interface(cls):
     assert torch.equal(
         layer.weight_quantizer.dequantize(codes, scale), layer.quantized_weight().detach()
     )
+
+
+# --- binary (XNOR-popcount) layers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activations", ["sign", "approx-sign", "rsign"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_binary_layers_are_the_scaled_sign_product(activations: str, granularity: str) -> None:
+    """y = (sign(x - t) @ sign(w - c).T) * alpha + b, the sum an exact integer, and a binary conv
+    pads its binarized input with +1."""
+    torch.manual_seed(0)
+    cfg = QATConfig(levels=2, quantizer="sign", granularity=granularity, activations=activations)
+    net = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, stride=2), nn.Flatten(), nn.Linear(80, 4))
+    quantize_(net, cfg)
+    conv, lin = net[0], net[2]
+    assert conv.is_binary() and lin.is_binary()
+    if activations == "rsign":
+        with torch.no_grad():
+            conv.input_quantizer.threshold.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 8, 8)
+    t = 0 if activations != "rsign" else conv.input_quantizer.threshold.reshape(-1, 1, 1)
+    xb = torch.where(x < t, -1.0, 1.0)
+    w = conv.weight
+    wc = w - w.mean(dim=(1, 2, 3), keepdim=True) if granularity == "channel" else w - w.mean()
+    wb = torch.where(wc < 0, -1.0, 1.0)
+    alpha = conv.weight_quantizer.scale(w).reshape(-1) / 2
+    dot = F.conv2d(F.pad(xb, (1, 1, 1, 1), value=1.0), wb, stride=2)
+    assert dot.eq(dot.round()).all()
+    want = dot * alpha.reshape(-1, 1, 1) + conv.bias.reshape(-1, 1, 1)
+    assert torch.equal(conv(x), want)
+    # the value is the unfactored layer's up to float rounding
+    loose = F.conv2d(F.pad(xb, (1, 1, 1, 1), value=1.0), conv.quantized_weight(), conv.bias, 2)
+    assert torch.allclose(conv(x), loose, atol=1e-5)
+    # gradients reach the latent weights, the input and rsign's threshold
+    net(x).square().sum().backward()
+    assert conv.weight.grad.abs().sum() > 0 and lin.weight.grad.abs().sum() > 0
+    if activations == "rsign":
+        assert conv.input_quantizer.threshold.grad.abs().sum() > 0
+
+
+def test_binary_layer_gradient_equals_the_unfactored_layer() -> None:
+    torch.manual_seed(1)
+    a = QuantLinear(6, 3, weight_quantizer="sign", input_quantizer="sign")
+    x = torch.randn(4, 6)
+    a(x).pow(2).sum().backward()
+    g_factored = a.weight.grad.clone()
+    a.weight.grad = None
+    F.linear(a.quantize_input(x), a.quantized_weight(), a.bias).pow(2).sum().backward()
+    assert torch.allclose(a.weight.grad, g_factored, rtol=1e-5, atol=1e-6)
+
+
+def test_qatconfig_accepts_the_binary_activations() -> None:
+    for name in ("sign", "approx-sign", "rsign"):
+        assert QATConfig(levels=2, quantizer="sign", activations=name).activations == name
+    with pytest.raises(ValueError, match="QATConfig.activations must be one of"):
+        QATConfig(activations="relu")
+    # rsign gets one threshold per input channel of each layer
+    net = quantize_(nn.Sequential(nn.Linear(7, 3)), QATConfig(levels=2, activations="rsign"))
+    assert net[0].input_quantizer.threshold.shape == (7,)
+    assert "0.input_quantizer.threshold" in dict(net.named_parameters())

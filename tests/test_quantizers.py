@@ -241,6 +241,54 @@ def test_get_errors_and_pass_through():
         quantizers.get(t, levels=3)
 
 
+# --- binary activations ------------------------------------------------------------------------
+
+X_BIN = torch.tensor([-2.0, -1.0, -0.75, -0.25, 0.0, 0.5, 1.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("name", "grad"),
+    [
+        # hard-tanh: 1 on |x| <= 1 (the ends included)
+        ("sign", [0, 1, 1, 1, 1, 1, 1, 0]),
+        # Bi-Real: 2 - 2|x| on |x| < 1
+        ("approx-sign", [0, 0, 0.5, 1.5, 2, 1, 0, 0]),
+    ],
+)
+def test_binary_activation_value_and_gradient(name: str, grad: list[float]) -> None:
+    q = quantizers.get_activation(name)
+    x = X_BIN.clone().requires_grad_(True)
+    y = q(x)
+    assert y.tolist() == [-1, -1, -1, -1, 1, 1, 1, 1]  # sign(0) = +1
+    y.sum().backward()
+    assert x.grad.tolist() == grad
+
+
+def test_rsign_threshold_per_channel_and_its_gradient() -> None:
+    q = quantizers.get_activation("rsign", channels=2, channel_dim=1)
+    with torch.no_grad():
+        q.threshold.copy_(torch.tensor([0.5, -1.0]))
+    x = torch.tensor([[[[0.25, 0.5]], [[-1.0, -1.5]]]], requires_grad=True)  # (1, 2, 1, 2)
+    y = q(x)
+    assert y.flatten().tolist() == [-1, 1, 1, -1]  # x >= t gives +1, x = t included
+    y.sum().backward()
+    # u = x - t = [-0.25, 0, 0, -0.5]: g = 2 - 2|u| = [1.5, 2, 2, 1]; dL/dt = -sum per channel
+    assert x.grad.flatten().tolist() == [1.5, 2, 2, 1]
+    assert q.threshold.grad.tolist() == [-3.5, -3.0]
+    assert quantizers.binary_threshold(q).tolist() == [0.5, -1.0]
+
+
+def test_activation_registry_errors() -> None:
+    with pytest.raises(ValueError, match="valid names: absmax8, sign, approx-sign, rsign"):
+        quantizers.get_activation("tanh")
+    with pytest.raises(ValueError, match="channels"):
+        quantizers.get_activation("rsign")
+    with pytest.raises(ValueError, match="ste must be one of htanh, approx"):
+        quantizers.BinaryActivation(ste="identity")
+    assert quantizers.is_binary(quantizers.get_activation("sign"))
+    assert not quantizers.is_binary(quantizers.get_activation("absmax8"))
+
+
 def test_a_parameter_is_quantized_once_per_version(monkeypatch: pytest.MonkeyPatch) -> None:
     q = quantizers.get("ternary")
     w = torch.nn.Parameter(torch.randn(16, 8))

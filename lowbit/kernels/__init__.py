@@ -49,7 +49,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit.errors import ConfigError
 from lowbit.kernels import native, reference
-from lowbit.quantizers import check_activation_mode, check_levels
+from lowbit.quantizers import check_levels
 
 BACKENDS = ("auto", "reference", *native.ISAS)
 
@@ -261,7 +261,7 @@ def linear(
     threads: int | None = None,
 ) -> torch.Tensor:
     """y = x W^T + b: x (..., K) -> (..., N_out) float32 (x is read as float32)."""
-    check_activation_mode(activations)
+    reference.check_dense_mode(activations)
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
@@ -335,7 +335,7 @@ def conv2d(
     never copied out where C_in is a multiple of 64 (see the C file), and the result is a
     channels-last (B, N_out, H', W') tensor. ``activations="int8"`` quantizes each image with
     one absmax multiplier (``reference.conv2d``), exact integer dot products."""
-    check_activation_mode(activations)
+    reference.check_dense_mode(activations)
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
     if weight.backend == "reference" or x.device.type != "cpu" or x.dim() != 4:

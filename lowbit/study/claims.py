@@ -478,6 +478,68 @@ def lr_larger_models_closer(study: Study) -> Measured | str:
     return Measured([t], used, [a for a in used if a.levels is None])
 
 
+# --- Binary networks: BinaryNet, XNOR-Net, Bi-Real Net, ReActNet (lowbit.bnn) -------------------
+
+# ImageNet is these papers' common benchmark; 256 epochs is ReActNet's budget per training stage,
+# taken as the reference budget of the binarization preset.
+BIN = Paper("binary-networks", ("imagenet",), lambda cfg: 256)
+BINARY_MODELS = ("binary_mlp", "binary_cnn")
+
+
+def _binary_groups(study: Study, names: tuple[str, ...]) -> list[dict[str, Agg]]:
+    """The binary models' networks (variant -> agg) that have every method in ``names``."""
+    out = []
+    for aggs in study.groups().values():
+        if aggs[0].group_config["model"] in BINARY_MODELS:
+            out.append({a.variant: a for a in aggs})
+    return _complete(out, names)
+
+
+def _bin_net(a: Agg) -> str:
+    return f"{a.group_config['model']} ({_net(a)})"
+
+
+def _binary_gain(better: str, worse: str) -> Callable[[Study], Measured | str]:
+    """accuracy(better) - accuracy(worse), paired by seed, one test per binary network."""
+
+    def measure(study: Study) -> Measured | str:
+        groups = _binary_groups(study, (better, worse))
+        if not groups:
+            return f"no binary network has both {better} and {worse}"
+        tests = [
+            Test(
+                f"{_bin_net(g[better])}: {better} - {worse}",
+                _paired([g[better], g[worse]], lambda v, g=g: v[g[better]] - v[g[worse]]),
+            )
+            for g in groups
+        ]
+        return Measured(tests, _cells(groups, (better, worse)), _fp32(groups))
+
+    return measure
+
+
+def bin_mlp_reaches_85(study: Study) -> Measured | str:
+    from lowbit.bnn import BINARY_METHODS
+
+    groups = [
+        g
+        for g in _binary_groups(study, ())
+        if next(iter(g.values())).group_config["model"] == "binary_mlp"
+    ]
+    tests, used = [], []
+    for g in groups:
+        methods = [m for m in BINARY_METHODS if m in g]
+        if not methods:
+            continue
+        best = max(methods, key=lambda m: g[m].mean())
+        per_seed = {s: v - 0.85 for s, v in g[best].by_seed().items()}
+        tests.append(Test(f"{_bin_net(g[best])}: {best} (best binary method) - 85%", per_seed))
+        used.append(g[best])
+    if not tests:
+        return "no binary_mlp network with a binary method"
+    return Measured(tests, used, _fp32(groups))
+
+
 # --- the registry --------------------------------------------------------------------------------
 
 CLAIMS: dict[str, Claim] = {
@@ -578,6 +640,40 @@ CLAIMS: dict[str, Claim] = {
             "gap to fp32 over the shared N, fcnn1/cvnn1/vit1 minus fcnn2/cvnn2/vit2, paired by "
             "seed, > 0",
             lr_larger_models_closer,
+        ),
+        Claim(
+            "bin-xnor-scaling",
+            BIN,
+            "XNOR-Net: scaling binary weights by alpha = mean|w| per output channel improves on "
+            "unscaled sign weights (BinaryNet).",
+            "xnor minus bnn final accuracy (same activations, STE and network; only the scale "
+            "differs), paired by seed, > 0 on each binary network",
+            _binary_gain("xnor", "bnn"),
+        ),
+        Claim(
+            "bin-bireal-shortcut",
+            BIN,
+            "Bi-Real Net: a real-valued shortcut around every binary layer (with the approx-sign "
+            "gradient) improves on XNOR-Net.",
+            "bireal minus xnor final accuracy, paired by seed, > 0 on each binary network (the "
+            "shortcut and the gradient change together, as in the paper's comparison)",
+            _binary_gain("bireal", "xnor"),
+        ),
+        Claim(
+            "bin-reactnet-thresholds",
+            BIN,
+            "ReActNet: learnable activation thresholds (RSign) and RPReLU improve on Bi-Real Net.",
+            "reactnet minus bireal final accuracy, paired by seed, > 0 on each binary network",
+            _binary_gain("reactnet", "bireal"),
+        ),
+        Claim(
+            "bin-mlp-85",
+            BIN,
+            "lowbit's binary MLP (binary hidden layers, fp32 first and last layers) reaches 85% "
+            "on Fashion-MNIST (issue 13's target, not a paper's).",
+            "final test accuracy of the best binary method (bnn, xnor, bireal, reactnet; best by "
+            "mean over seeds) minus 85%, per seed, > 0",
+            bin_mlp_reaches_85,
         ),
     )
 }

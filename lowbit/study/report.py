@@ -681,7 +681,7 @@ def _linearity(study: Study) -> list[tuple]:
 
 
 def _epochs_table(study: Study) -> list[tuple]:
-    from lowbit.study.claims import LR, SVL
+    from lowbit.study.claims import BIN, BINARY_MODELS, LR, SVL
 
     rows = []
     by_model: dict[tuple, list[Agg]] = {}
@@ -689,7 +689,7 @@ def _epochs_table(study: Study) -> list[tuple]:
         key = (a.group_config["model"], bool(a.group_config.get("augment")))
         by_model.setdefault(key, []).append(a)
     for (model, aug), aggs in sorted(by_model.items()):
-        paper = SVL if model == "mlp" else LR
+        paper = SVL if model == "mlp" else BIN if model in BINARY_MODELS else LR
         ran = [e for a in aggs for e in a.epochs]
         want = sorted({paper.epochs(a.group_config) for a in aggs})
         best = [b for a in aggs for b in a.best_val_epoch if b is not None]

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit import data, models, quantizers, train
+from lowbit import bnn, data, models, quantizers, train
 from lowbit.errors import ConfigError
 from lowbit.study.claims import CLAIMS
 from lowbit.study.variants import (
@@ -74,7 +74,8 @@ from lowbit.study.variants import (
 
 # The study accepts what the library accepts: one list of each, kept by its own module.
 MODELS = tuple(n for n in models.NAMES if n != "vit")  # the generic vit needs kwargs a grid lacks
-LAYERS = models.LAYERS
+# the binary models' methods (lowbit.bnn) are layer kinds too; the models check which they take
+LAYERS = models.LAYERS + tuple(m for m in bnn.METHODS if m not in models.LAYERS)
 DATASETS = data.NAMES
 OPTIMIZERS = train.OPTIMIZERS
 ACTIVATIONS = models.ACTIVATIONS
@@ -320,8 +321,12 @@ def _resolve(raw: dict[str, Any], spec: Spec, available: Callable[[str], bool] |
         if all(cfg[k] in vals for k, vals in ov["when"].items()):
             cfg.update(ov["set"])
     _fallback(cfg, spec, available)  # an override may have set the dataset
+    if cfg["model"] not in ("mlp", "binary_mlp"):
+        cfg["depth"] = None
+    if cfg["model"] not in ("mlp", "binary_mlp", "binary_cnn"):
+        cfg["width"] = None
     if cfg["model"] != "mlp":
-        cfg["depth"] = cfg["width"] = cfg["activation"] = None
+        cfg["activation"] = None
     if not cfg["model"].startswith("cvnn"):
         cfg["kernel_size"] = None
     if not cfg["model"].startswith("vit"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lowbit import bnn
 from lowbit.nn import MisbornLinear, SignLinear
 from lowbit.quantizers import FIXED_LEVELS
 
@@ -28,6 +29,7 @@ LAYER_LEVELS: dict[str, int | None] = {
     "mybitlinear": 2,
     "misborn": 2,
     **FIXED_LEVELS,
+    **{m: 2 for m in bnn.BINARY_METHODS},  # the binary models' methods (lowbit.bnn)
 }
 
 # layer kind -> {reading name: the layer's keyword options}; the first reading is the default.

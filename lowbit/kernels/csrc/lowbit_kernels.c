@@ -103,8 +103,9 @@ __attribute__((constructor)) static void register_fork_handler(void) {
     pthread_atfork(NULL, NULL, on_fork_child);
 }
 
-/* fn(ctx, i) for i in 0..nchunks-1 on up to `nthreads` threads (the caller included). */
-static void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads) {
+/* fn(ctx, i) for i in 0..nchunks-1 on up to `nthreads` threads (the caller included). Not static:
+ * lowbit_binary.c, in the same library, shares it (hidden by -fvisibility=hidden). */
+void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads) {
 #ifdef _OPENMP
     if (nthreads > 1 && nchunks > 1 && !forked_child && !omp_in_parallel()) {
         if (nthreads > nchunks) nthreads = (int)nchunks;

@@ -1,0 +1,349 @@
+"""XNOR-popcount kernels for binary layers (activations and weights in {-1, +1}).
+
+    w = prepare(codes, scale)                     # once: codes (N_out, K) in {0, 1}, scale
+    y = linear(x, w, bias, threshold)             # y = (sign(x - t) @ w_b.T) * alpha + b
+    y = conv2d(x, w, bias, threshold, kernel_size=..., stride=..., padding=..., dilation=...)
+
+The compiled kernels are ``csrc/lowbit_binary.c`` (bit layout and arithmetic in its header),
+part of the library ``native`` loads; they equal ``reference.binary_linear`` /
+``reference.binary_conv2d`` bit for bit on every path (``avx512`` = AVX-512 VPOPCNTDQ, ``avx2`` =
+the pshufb nibble table, ``portable``). ``LOWBIT_KERNELS`` and ``isa=`` choose the path as for the
+other packed kernels; where the library is missing the reference runs instead.
+
+Registered as ``torch.ops.lowbit.binary_linear(x, codes, scale, bias, threshold)`` and
+``torch.ops.lowbit.binary_conv2d(..., geometry)`` (with fake kernels): what tracers record, the
+packed bits a cache of the codes; eager calls go straight to the C function.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lowbit.errors import ConfigError
+from lowbit.kernels import _requested, _warn_fallback, native, reference
+
+ABI_VERSION = 1  # lb_binary_version() of the C code this binding matches
+ROWS = 8  # weight rows per block of the packed layout
+
+_declared: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL | None:
+    """The library with the binary functions declared, or None (missing or too old a build)."""
+    global _declared
+    lib = native.load()
+    if lib is None or not hasattr(lib, "lb_binary_version"):
+        return None
+    if _declared is not lib:
+        i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+        lib.lb_binary_version.restype = i32
+        lib.lb_binary_isa.restype = i32
+        if lib.lb_binary_version() != ABI_VERSION:
+            return None
+        lib.lb_binary_pack_weights.argtypes = [p, i64, i64, i64, p]
+        lib.lb_binary_pack_weights.restype = None
+        lib.lb_binary_pack_activations.argtypes = [i32, p, i64, i64, p, p]
+        lib.lb_binary_pack_activations.restype = None
+        lib.lb_binary_linear.argtypes = [i32, p, i64, i64, p, p, i64, p, i32, p, p, i32]
+        lib.lb_binary_linear.restype = i32
+        lib.lb_binary_conv2d.argtypes = [i32, p, p, p, p, i64, p, i32, p, p, i32]
+        lib.lb_binary_conv2d.restype = i32
+        _declared = lib
+    return lib
+
+
+def best_isa() -> str:
+    """The fastest binary path this CPU runs (avx512 needs VPOPCNTDQ), or "reference"."""
+    lib = _lib()
+    return native.ISAS[lib.lb_binary_isa()] if lib is not None else "reference"
+
+
+def _pick_isa(isa: str | None) -> str:
+    choice = _requested() if isa is None else isa
+    if choice not in ("auto", "reference", *native.ISAS):
+        raise ConfigError(f"isa must be one of auto, reference, {', '.join(native.ISAS)}")
+    if choice == "reference":
+        return choice
+    best = best_isa()
+    if best == "reference":
+        _warn_fallback()
+        return best
+    if choice == "auto":
+        return best
+    if native.ISAS.index(choice) > native.ISAS.index(best):
+        raise ConfigError(f"this CPU cannot run the {choice} binary kernels (best: {best})")
+    return choice
+
+
+class BinaryWeight:
+    """A binary weight ready for the kernels.
+
+    ``alpha`` = scale / 2, float32 (1,) or (N_out,); ``words`` the packed (ceil(N_out / 8),
+    KW * 8) int64 bits (see the C header; KW = taps * ceil(C / 64) for a convolution's tap-major
+    rows, ceil(K / 64) otherwise), or None on the reference backend, which keeps ``codes``."""
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        isa: str,
+        conv: tuple[int, tuple[int, int]] | None = None,
+    ) -> None:
+        self.shape = tuple(codes.shape)
+        self.scale = scale.detach().to(torch.float32).reshape(-1).contiguous()
+        self.alpha = self.scale * 0.5
+        self.isa = isa
+        self.conv = conv
+        self.codes: torch.Tensor | None = codes.contiguous() if isa == "reference" else None
+        self.words: torch.Tensor | None = None
+        if isa != "reference":
+            n, k = self.shape
+            taps, c = (1, k) if conv is None else (conv[1][0] * conv[1][1], conv[0])
+            tap_major = codes if conv is None else native.tap_major(codes, *conv)
+            tap_major = tap_major.contiguous()
+            kw = taps * -(-c // 64)
+            self.words = torch.empty((-(-n // ROWS), kw * ROWS), dtype=torch.int64)
+            _lib().lb_binary_pack_weights(  # type: ignore[union-attr]
+                tap_major.data_ptr(), n, taps, c, self.words.data_ptr()
+            )
+
+    @property
+    def per_channel(self) -> bool:
+        return self.alpha.numel() > 1
+
+    def __repr__(self) -> str:
+        n, k = self.shape
+        return f"BinaryWeight({n}x{k}, isa={self.isa})"
+
+
+def prepare(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    isa: str | None = None,
+    conv: tuple[int, tuple[int, int]] | None = None,
+) -> BinaryWeight:
+    """codes (N_out, K) uint8 in {0, 1} (a 2-level quantizer's codes), scale () or (N_out,).
+    ``conv=(C_in, (kh, kw))`` prepares a convolution's weight (K = C_in*kh*kw, ``F.unfold``
+    order)."""
+    if codes.dim() != 2 or codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be 2-D uint8, got {tuple(codes.shape)} {codes.dtype}")
+    if codes.numel() and int(codes.max()) > 1:
+        raise ValueError(f"binary codes must be 0 or 1, got a code {int(codes.max())}")
+    if scale.numel() not in (1, codes.shape[0]):
+        raise ValueError(f"scale must have 1 or {codes.shape[0]} elements, got {scale.numel()}")
+    if conv is not None and conv[0] * conv[1][0] * conv[1][1] != codes.shape[1]:
+        raise ValueError(f"conv geometry {conv} does not match {codes.shape[1]} code columns")
+    chosen = _pick_isa(isa) if codes.device.type == "cpu" else "reference"
+    return BinaryWeight(codes, scale, chosen, conv)
+
+
+def _threshold(threshold: torch.Tensor | None, channels: int) -> torch.Tensor | None:
+    if threshold is None:
+        return None
+    t = threshold.detach().to(torch.float32).reshape(-1).contiguous()
+    if t.numel() != channels:
+        raise ValueError(f"threshold has {t.numel()} values, the input {channels} channels")
+    return t
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().to(torch.float32).contiguous()
+
+
+def _linear_native(x, words, alpha, bias, threshold, n, isa, threads):  # noqa: ANN001, ANN202
+    m, k = x.shape
+    y = x.new_empty((m, n))
+    rc = _lib().lb_binary_linear(  # type: ignore[union-attr]
+        native.ISAS.index(isa),
+        x.data_ptr(),
+        m,
+        k,
+        _ptr(threshold),
+        words.data_ptr(),
+        n,
+        alpha.data_ptr(),
+        int(alpha.numel() > 1),
+        _ptr(bias),
+        y.data_ptr(),
+        threads or torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError(f"binary linear ({m}x{k} by {n}x{k}) could not allocate its buffers")
+    return y
+
+
+_prepared_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _prepared_for(
+    codes: torch.Tensor, scale: torch.Tensor, conv: tuple | None = None
+) -> BinaryWeight:
+    """``prepare(codes, scale, conv=conv)``, cached per codes tensor (weakly: the entry dies with
+    the tensor) until the codes or the scale change (identity, storage, version)."""
+    key = (scale, codes._version, scale._version, codes.data_ptr(), scale.data_ptr(), conv)
+    hit = _prepared_cache.get(codes)
+    if hit is not None and hit[0] is scale and hit[1:] == key[1:]:
+        return hit[-1]
+    weight = prepare(codes, scale, conv=conv)
+    _prepared_cache[codes] = (*key, weight)
+    return weight
+
+
+@torch.library.custom_op("lowbit::binary_linear", mutates_args=())
+def _binary_linear_op(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+) -> torch.Tensor:
+    """The binary linear as one op: x (..., K) -> (..., N_out) float32, the weight given by its
+    codes (N_out, K) in {0, 1} and scale () or (N_out,). What tracers record; the packed bits
+    are a cache."""
+    return linear(x, _prepared_for(codes, scale), bias, threshold)
+
+
+@_binary_linear_op.register_fake
+def _(x, codes, scale, bias, threshold):  # noqa: ANN001, ANN202
+    return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=torch.float32)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: BinaryWeight,
+    bias: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+    *,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """y = (sign(x - t) @ w_b.T) * alpha + b: x (..., K) -> (..., N_out) float32."""
+    n, k = weight.shape
+    if weight.conv is not None:
+        raise ValueError("this weight was prepared for a convolution (conv=...), not a linear")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
+    t = _threshold(threshold, k)
+    if weight.isa == "reference" or x.device.type != "cpu":
+        return reference.binary_linear(x, weight.codes, weight.scale, bias, t)  # type: ignore[arg-type]
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    y = _linear_native(x2, weight.words, weight.alpha, _bias(bias), t, n, weight.isa, threads)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _conv_native(x, words, alpha, bias, threshold, n, geometry, isa, threads):  # noqa: ANN001, ANN202
+    """x (B, C, H, W) channels-last float32 -> (B, N_out, Ho, Wo) channels-last."""
+    b, c, h, w = x.shape
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
+    y = torch.empty((b, max(ho, 0), max(wo, 0), n), dtype=torch.float32)
+    if y.numel():
+        dims = (ctypes.c_int64 * 14)(b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
+        rc = _lib().lb_binary_conv2d(  # type: ignore[union-attr]
+            native.ISAS.index(isa),
+            x.data_ptr(),
+            ctypes.addressof(dims),
+            _ptr(threshold),
+            words.data_ptr(),
+            n,
+            alpha.data_ptr(),
+            int(alpha.numel() > 1),
+            _ptr(bias),
+            y.data_ptr(),
+            threads or torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise MemoryError(f"binary conv2d on {tuple(x.shape)} could not allocate its buffers")
+    return y.permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("lowbit::binary_conv2d", mutates_args=())
+def _binary_conv2d_op(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    geometry: list[int],
+) -> torch.Tensor:
+    """The binary convolution as one op: x (B, C_in, H, W) -> (B, N_out, Ho, Wo) float32
+    (contiguous), codes (N_out, C_in*kh*kw); geometry = kh, kw, sh, sw, ph, pw, dh, dw."""
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    weight = _prepared_for(codes, scale, (x.shape[1], (kh, kw)))
+    y = conv2d(
+        x,
+        weight,
+        bias,
+        threshold,
+        kernel_size=(kh, kw),
+        stride=(sh, sw),
+        padding=(ph, pw),
+        dilation=(dh, dw),
+    )
+    return y.contiguous()
+
+
+@_binary_conv2d_op.register_fake
+def _(x, codes, scale, bias, threshold, geometry):  # noqa: ANN001, ANN202
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    ho, wo = _out_size(x.shape[2], kh, sh, ph, dh), _out_size(x.shape[3], kw, sw, pw, dw)
+    return x.new_empty((x.shape[0], codes.shape[0], ho, wo), dtype=torch.float32)
+
+
+def conv2d(
+    x: torch.Tensor,
+    weight: BinaryWeight,
+    bias: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    threads: int | None = None,
+) -> torch.Tensor:
+    """A binary convolution (groups 1, the binarized input padded with +1): x (B, C_in, H, W)
+    -> (B, N_out, H', W'), channels-last on the native paths (the next layer reads it in place),
+    ``weight`` prepared with ``conv=(C_in, kernel_size)``, threshold None or (C_in,)."""
+    t = _threshold(threshold, x.shape[1])
+    if weight.isa == "reference" or x.device.type != "cpu":
+        return reference.binary_conv2d(
+            x,
+            weight.codes,  # type: ignore[arg-type]
+            weight.scale,
+            bias,
+            t,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+        )
+    if weight.conv != (x.shape[1], tuple(kernel_size)):
+        raise ValueError(
+            f"weight was not prepared for this convolution (conv={weight.conv}, input channels "
+            f"{x.shape[1]}, kernel {tuple(kernel_size)}): prepare(..., conv=(C_in, kernel_size))"
+        )
+    x = x.to(torch.float32).contiguous(memory_format=torch.channels_last)
+    geometry = [*kernel_size, *stride, *padding, *dilation]
+    return _conv_native(
+        x,
+        weight.words,
+        weight.alpha,
+        _bias(bias),
+        t,
+        weight.shape[0],
+        geometry,
+        weight.isa,
+        threads,
+    )

@@ -1,0 +1,423 @@
+/* lowbit binary (XNOR-popcount) CPU kernels: activations and weights in {-1, +1}.
+ *
+ * Part of the same shared library as lowbit_kernels.c (plain C, called through ctypes, one binary
+ * for every x86-64 with per-function target attributes; `lb_binary_isa()` picks the path). The
+ * Python side is lowbit/kernels/binary.py; lowbit/kernels/reference.py (binary_linear,
+ * binary_conv2d) is the specification these kernels equal bit for bit.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Bits: a value v in {-1, +1} is the bit (v == -1); 64 values per uint64 word, value k of a row
+ * in bit k % 64 of word k / 64, the tail of the last word zero (= +1 in both operands):
+ *
+ *     word j:  bit 63 ............ bit 1  bit 0
+ *              v[64j + 63]   ...   v[64j + 1]  v[64j]          bit = 1  <=>  v = -1
+ *
+ * For two rows a, w of K values:   a . w = sum_k a_k w_k = K - 2 * popcount(a XOR w)
+ * (equal bits multiply to +1, different ones to -1; the zero tails XOR to 0 and add nothing).
+ *
+ * Activations: v = sign(x - t) with sign(0) = +1, i.e. bit = (x < t) (t: the per-channel
+ * threshold of rsign, or 0), packed on the fly from float32 rows: (M, KW) words, KW = ceil(K/64).
+ * Weights: codes c in {0, 1} (level c - 1/2, value sign = 2c - 1), bit = (c == 0), packed once
+ * into blocks of 8 rows with the rows' words interleaved, (ceil(N/8), KW, 8) words:
+ *
+ *     block b:  [w(8b,0) w(8b+1,0) ... w(8b+7,0)] [w(8b,1) ... w(8b+7,1)] ... (64 bytes per word j)
+ *
+ * so one 64-byte load gives word j of 8 rows (one zmm, two ymm), XORed with the broadcast word j
+ * of a token and popcounted per 64-bit lane. Rows past N are zero and their results dropped.
+ *
+ * Output: y[t, n] = (float)(K - 2 popcount) * alpha[n] + bias[n], a float32 product then a
+ * float32 sum, never fused (fp-contract off below): the exact arithmetic of the training layer
+ * ((x_b @ w_b.T) * alpha + b in torch), so a packed model gives bit-identical outputs.
+ *
+ * Convolutions (groups 1): the NHWC input is binarized once into a padded bit image
+ * (B, Hp, Wp, CW) words, CW = ceil(C/64) per pixel, the border bits 0: padding with +1, the
+ * value a zero-padded input binarizes to (sign(0) = +1), as the training layer pads. Patch rows
+ * are then gathered per output pixel, tap-major: word (i * kw + j) * CW + cw is channel word cw
+ * of tap (i, j) (each tap's channel tail zero), and the weights are packed in the same order
+ * with K = C * kh * kw: the convolution is the GEMM above.
+ *
+ * Paths: AVX-512 VPOPCNTDQ (vpopcntq on 8 words a lane each), AVX2 (Mula's pshufb nibble table:
+ * byte counts summed bytewise for up to 31 words, then vpsadbw into 64-bit lanes), portable C.
+ * Threads: parallel_for of lowbit_kernels.c (torch's OpenMP team, the fork guard included).
+ */
+
+#pragma GCC optimize("fp-contract=off")
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LB_EXPORT __attribute__((visibility("default")))
+#define LB_INLINE static inline __attribute__((always_inline))
+#define TPOP __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq")))
+#define TAVX2 __attribute__((target("avx2")))
+
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+/* BROWS: rows per weight block (one 64-byte word group); TOKENS: tokens per work item;
+ * NT512 / NT256: tokens sharing each weight load in the AVX-512 / AVX2 inner loops */
+enum { BROWS = 8, TOKENS = 32, NT512 = 8, NT256 = 2 };
+
+typedef void (*chunk_fn)(const void *ctx, int64_t chunk);
+/* lowbit_kernels.c: fn(ctx, i) for i < nchunks on torch's OpenMP team (or the calling thread) */
+void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads);
+
+LB_EXPORT int lb_binary_version(void) { return 1; }
+
+LB_EXPORT int lb_binary_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vpopcntdq"))
+        return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2")) return ISA_AVX2;
+    return ISA_PORTABLE;
+}
+
+static int64_t words_of(int64_t k) { return (k + 63) / 64; }
+
+static void *xalloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
+
+/* ---------------------------------------------------------------------------------------- */
+/* Packing                                                                                   */
+/* ---------------------------------------------------------------------------------------- */
+
+/* codes (n, taps * c) uint8 in {0, 1}, tap-major -> blocks (ceil(n/8), taps * CW, 8) words. */
+LB_EXPORT void lb_binary_pack_weights(const uint8_t *codes, int64_t n, int64_t taps, int64_t c,
+                                      uint64_t *out) {
+    const int64_t cw = words_of(c), kw = taps * cw, nblocks = (n + BROWS - 1) / BROWS;
+    memset(out, 0, (size_t)(nblocks * kw * BROWS) * sizeof(uint64_t));
+    for (int64_t r = 0; r < n; r++) {
+        uint64_t *o = out + (r / BROWS) * kw * BROWS + r % BROWS;
+        for (int64_t t = 0; t < taps; t++)
+            for (int64_t i = 0; i < c; i++)
+                if (codes[(r * taps + t) * c + i] == 0)
+                    o[(t * cw + i / 64) * BROWS] |= (uint64_t)1 << (i % 64);
+    }
+}
+
+/* One row of k floats -> KW words, bit = (x < t) (t NULL: 0). */
+static void pack_row_portable(const float *x, int64_t k, const float *t, uint64_t *out) {
+    for (int64_t j = 0; j < words_of(k); j++) {
+        const int64_t base = j * 64, len = k - base < 64 ? k - base : 64;
+        uint64_t word = 0;
+        for (int64_t i = 0; i < len; i++)
+            word |= (uint64_t)(x[base + i] < (t ? t[base + i] : 0.0f)) << i;
+        out[j] = word;
+    }
+}
+
+TAVX2 static void pack_row_256(const float *x, int64_t k, const float *t, uint64_t *out) {
+    const int64_t full = k / 64;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t j = 0; j < full; j++) {
+        uint64_t word = 0;
+        for (int q = 0; q < 8; q++) {
+            const int64_t e = j * 64 + q * 8;
+            const __m256 th = t ? _mm256_loadu_ps(t + e) : zero;
+            const __m256 lt = _mm256_cmp_ps(_mm256_loadu_ps(x + e), th, _CMP_LT_OQ);
+            word |= (uint64_t)(uint8_t)_mm256_movemask_ps(lt) << (q * 8);
+        }
+        out[j] = word;
+    }
+    if (k % 64) pack_row_portable(x + full * 64, k % 64, t ? t + full * 64 : NULL, out + full);
+}
+
+TPOP static void pack_row_512(const float *x, int64_t k, const float *t, uint64_t *out) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t j = 0; j < words_of(k); j++) {
+        uint64_t word = 0;
+        for (int q = 0; q < 4; q++) {
+            const int64_t e = j * 64 + q * 16, left = k - e;
+            if (left <= 0) break;
+            const __mmask16 live = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+            const __m512 th = t ? _mm512_maskz_loadu_ps(live, t + e) : zero;
+            const __m512 v = _mm512_maskz_loadu_ps(live, x + e);
+            word |= (uint64_t)_mm512_mask_cmp_ps_mask(live, v, th, _CMP_LT_OQ) << (q * 16);
+        }
+        out[j] = word;
+    }
+}
+
+static void pack_row(int isa, const float *x, int64_t k, const float *t, uint64_t *out) {
+    if (isa == ISA_AVX512) pack_row_512(x, k, t, out);
+    else if (isa == ISA_AVX2) pack_row_256(x, k, t, out);
+    else pack_row_portable(x, k, t, out);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Popcount dot products of one weight block with nt tokens: pop[t * 8 + r]                 */
+/* ---------------------------------------------------------------------------------------- */
+
+/* Where a token's words are: word (tap, c) of token t is a[t][toff_tap[tap] + c], c < cw. A linear
+ * layer has one tap (offset 0, cw = KW); a convolution reads its patches in place from the
+ * padded bit image, one offset per tap (the patch rows are never copied out). */
+typedef struct {
+    const int64_t *tapoff;
+    int64_t taps, cw;
+} word_map;
+
+static void block_portable(const uint64_t *w, const uint64_t *const *a, int nt, word_map m,
+                           int64_t *pop) {
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < BROWS; r++) {
+            int64_t s = 0;
+            for (int64_t tap = 0; tap < m.taps; tap++)
+                for (int64_t c = 0; c < m.cw; c++)
+                    s += __builtin_popcountll(a[t][m.tapoff[tap] + c] ^
+                                              w[(tap * m.cw + c) * BROWS + r]);
+            pop[t * BROWS + r] = s;
+        }
+}
+
+LB_INLINE TPOP void block_512_n(const uint64_t *w, const uint64_t *const *a, const int nt,
+                                word_map m, int64_t *pop) {
+    __m512i acc[NT512];
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_si512();
+    for (int64_t tap = 0; tap < m.taps; tap++) {
+        const int64_t off = m.tapoff[tap];
+        for (int64_t c = 0; c < m.cw; c++) {
+            const __m512i wv = _mm512_loadu_si512(w + (tap * m.cw + c) * BROWS);
+            for (int t = 0; t < nt; t++) {
+                const __m512i x = _mm512_xor_si512(wv, _mm512_set1_epi64((long long)a[t][off + c]));
+                acc[t] = _mm512_add_epi64(acc[t], _mm512_popcnt_epi64(x));
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) _mm512_storeu_si512(pop + t * BROWS, acc[t]);
+}
+
+TPOP static void block_512(const uint64_t *w, const uint64_t *const *a, int nt, word_map m,
+                           int64_t *pop) {
+    switch (nt) { /* constant token counts: the accumulators stay in registers */
+    case 8: block_512_n(w, a, 8, m, pop); break;
+    case 7: block_512_n(w, a, 7, m, pop); break;
+    case 6: block_512_n(w, a, 6, m, pop); break;
+    case 5: block_512_n(w, a, 5, m, pop); break;
+    case 4: block_512_n(w, a, 4, m, pop); break;
+    case 3: block_512_n(w, a, 3, m, pop); break;
+    case 2: block_512_n(w, a, 2, m, pop); break;
+    default: block_512_n(w, a, 1, m, pop); break;
+    }
+}
+
+/* byte-wise popcount of 32 bytes through the nibble table (Mula, Kurz, Lemire 2016) */
+LB_INLINE TAVX2 __m256i popcnt_bytes_256(__m256i v, __m256i table, __m256i low) {
+    const __m256i lo = _mm256_and_si256(v, low);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    return _mm256_add_epi8(_mm256_shuffle_epi8(table, lo), _mm256_shuffle_epi8(table, hi));
+}
+
+LB_INLINE TAVX2 void block_256_n(const uint64_t *w, const uint64_t *const *a, const int nt,
+                                 word_map m, int64_t *pop) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1,
+                                           2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+    __m256i acc[NT256][2], bytes[NT256][2];
+    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = bytes[t][0] = bytes[t][1] = zero;
+    int pending = 0; /* words summed bytewise: a byte holds at most 8 a word, 31 * 8 <= 255 */
+    for (int64_t tap = 0; tap < m.taps; tap++) {
+        const int64_t off = m.tapoff[tap];
+        for (int64_t c = 0; c < m.cw; c++) {
+            const uint64_t *wj = w + (tap * m.cw + c) * BROWS;
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)wj);
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wj + 4));
+            for (int t = 0; t < nt; t++) {
+                const __m256i x = _mm256_set1_epi64x((long long)a[t][off + c]);
+                bytes[t][0] = _mm256_add_epi8(
+                    bytes[t][0], popcnt_bytes_256(_mm256_xor_si256(w0, x), table, low));
+                bytes[t][1] = _mm256_add_epi8(
+                    bytes[t][1], popcnt_bytes_256(_mm256_xor_si256(w1, x), table, low));
+            }
+            if (++pending == 31) {
+                for (int t = 0; t < nt; t++)
+                    for (int h = 0; h < 2; h++) {
+                        acc[t][h] = _mm256_add_epi64(acc[t][h], _mm256_sad_epu8(bytes[t][h], zero));
+                        bytes[t][h] = zero;
+                    }
+                pending = 0;
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        for (int h = 0; h < 2; h++)
+            acc[t][h] = _mm256_add_epi64(acc[t][h], _mm256_sad_epu8(bytes[t][h], zero));
+        _mm256_storeu_si256((__m256i *)(pop + t * BROWS), acc[t][0]);
+        _mm256_storeu_si256((__m256i *)(pop + t * BROWS + 4), acc[t][1]);
+    }
+}
+
+TAVX2 static void block_256(const uint64_t *w, const uint64_t *const *a, int nt, word_map m,
+                            int64_t *pop) {
+    if (nt == 2) block_256_n(w, a, 2, m, pop);
+    else block_256_n(w, a, 1, m, pop);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* GEMM: y (M, N) = (K - 2 popcount(a XOR w)) * alpha + bias                                 */
+/* ---------------------------------------------------------------------------------------- */
+
+typedef struct {
+    int isa;
+    const uint64_t *a;    /* activation words: token t starts at a + toff[t] */
+    const int64_t *toff;  /* (M,) */
+    word_map map;         /* the words of a token (see word_map) */
+    const uint64_t *w;    /* (ceil(N/8), KW, 8) weight words */
+    int64_t m, n, k;
+    const float *alpha; /* (N,) or (1,) */
+    int per_channel;
+    const float *bias; /* (N,) or NULL */
+    float *y;          /* (M, N) */
+    int64_t blocks_per_chunk, token_chunks;
+} bgemm_job;
+
+/* y[t, 8b + r] for one token and block, r < rows: (float)(K - 2 pop) * alpha, then + bias */
+static void finish_scalar(const bgemm_job *j, const int64_t *pop, int64_t b, int rows, float *y) {
+    for (int r = 0; r < rows; r++) {
+        const int64_t col = b * BROWS + r;
+        float v = (float)(j->k - 2 * pop[r]);
+        v = v * j->alpha[j->per_channel ? col : 0];
+        if (j->bias) v = v + j->bias[col];
+        y[col] = v;
+    }
+}
+
+TPOP static void finish_512(const bgemm_job *j, const int64_t *pop, int64_t b, int rows,
+                            float *y) {
+    const __mmask8 live = (__mmask8)((1u << rows) - 1);
+    const __m512i dot = _mm512_sub_epi64(_mm512_set1_epi64(j->k),
+                                         _mm512_slli_epi64(_mm512_loadu_si512(pop), 1));
+    const __m256 alpha = j->per_channel ? _mm256_maskz_loadu_ps(live, j->alpha + b * BROWS)
+                                        : _mm256_set1_ps(j->alpha[0]);
+    __m256 v = _mm256_mul_ps(_mm512_cvtepi64_ps(dot), alpha); /* exact int -> float, one rounding */
+    if (j->bias) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(live, j->bias + b * BROWS));
+    _mm256_mask_storeu_ps(y + b * BROWS, live, v);
+}
+
+static void bgemm_chunk(const void *ctx, int64_t chunk) {
+    const bgemm_job *j = ctx;
+    const int64_t nblocks = (j->n + BROWS - 1) / BROWS;
+    const int64_t t0 = (chunk % j->token_chunks) * TOKENS;
+    const int64_t t1 = t0 + TOKENS < j->m ? t0 + TOKENS : j->m;
+    const int64_t b0 = (chunk / j->token_chunks) * j->blocks_per_chunk;
+    const int64_t b1 = b0 + j->blocks_per_chunk < nblocks ? b0 + j->blocks_per_chunk : nblocks;
+    const int step = j->isa == ISA_AVX512 ? NT512 : j->isa == ISA_AVX2 ? NT256 : 1;
+    const int64_t kw = j->map.taps * j->map.cw;
+    int64_t pop[NT512 * BROWS];
+    const uint64_t *a[NT512];
+    for (int64_t b = b0; b < b1; b++) {
+        const uint64_t *w = j->w + b * kw * BROWS;
+        const int rows = (int)(j->n - b * BROWS < BROWS ? j->n - b * BROWS : BROWS);
+        for (int64_t t = t0; t < t1; t += step) {
+            const int nt = (int)(t1 - t < step ? t1 - t : step);
+            for (int i = 0; i < nt; i++) a[i] = j->a + j->toff[t + i];
+            if (j->isa == ISA_AVX512) block_512(w, a, nt, j->map, pop);
+            else if (j->isa == ISA_AVX2) block_256(w, a, nt, j->map, pop);
+            else block_portable(w, a, nt, j->map, pop);
+            for (int i = 0; i < nt; i++) {
+                float *y = j->y + (t + i) * j->n;
+                if (j->isa == ISA_AVX512) finish_512(j, pop + i * BROWS, b, rows, y);
+                else finish_scalar(j, pop + i * BROWS, b, rows, y);
+            }
+        }
+    }
+}
+
+static void run_bgemm(bgemm_job *j, int nthreads) {
+    if (j->m <= 0 || j->n <= 0) return;
+    const int64_t nblocks = (j->n + BROWS - 1) / BROWS;
+    j->token_chunks = (j->m + TOKENS - 1) / TOKENS;
+    /* enough chunks for the threads to balance, each a run of blocks sharing its tokens */
+    const int64_t want = 4 * (int64_t)(nthreads > 0 ? nthreads : 1);
+    const int64_t per = (j->token_chunks * nblocks + want - 1) / want / j->token_chunks;
+    j->blocks_per_chunk = per < 1 ? 1 : per;
+    const int64_t block_chunks = (nblocks + j->blocks_per_chunk - 1) / j->blocks_per_chunk;
+    parallel_for(bgemm_chunk, j, j->token_chunks * block_chunks, nthreads);
+}
+
+/* Packing of activation rows, in chunks of rows. */
+typedef struct {
+    int isa;
+    const float *x;
+    const float *t;
+    int64_t rows, k, kw, per_chunk;
+    uint64_t *out;
+} pack_job;
+
+static void pack_chunk(const void *ctx, int64_t chunk) {
+    const pack_job *p = ctx;
+    const int64_t r1 = (chunk + 1) * p->per_chunk < p->rows ? (chunk + 1) * p->per_chunk : p->rows;
+    for (int64_t r = chunk * p->per_chunk; r < r1; r++)
+        pack_row(p->isa, p->x + r * p->k, p->k, p->t, p->out + r * p->kw);
+}
+
+static void pack_rows(int isa, const float *x, int64_t rows, int64_t k, const float *t,
+                      uint64_t *out, int nthreads) {
+    pack_job p = {isa, x, t, rows, k, words_of(k), 0, out};
+    p.per_chunk = rows * k < 65536 ? rows : (rows + 4 * nthreads - 1) / (4 * nthreads);
+    if (p.per_chunk < 1) p.per_chunk = 1;
+    parallel_for(pack_chunk, &p, (rows + p.per_chunk - 1) / p.per_chunk, nthreads);
+}
+
+/* Activation rows (M, K) float32 -> (M, KW) words, bit = (x < t[k]); exposed for the tests. */
+LB_EXPORT void lb_binary_pack_activations(int isa, const float *x, int64_t m, int64_t k,
+                                          const float *t, uint64_t *out) {
+    pack_rows(isa, x, m, k, t, out, 1);
+}
+
+/* y (M, N) = sign(x - t) . w_b * alpha + bias. Returns 0, or -1 when out of memory. */
+LB_EXPORT int lb_binary_linear(int isa, const float *x, int64_t m, int64_t k, const float *t,
+                               const uint64_t *w, int64_t n, const float *alpha, int per_channel,
+                               const float *bias, float *y, int nthreads) {
+    const int64_t kw = words_of(k), zero = 0;
+    uint64_t *a = xalloc((size_t)(m * kw) * sizeof(uint64_t));
+    int64_t *toff = xalloc((size_t)m * sizeof(int64_t));
+    int rc = -1;
+    if (!a || !toff) goto done;
+    pack_rows(isa, x, m, k, t, a, nthreads);
+    for (int64_t i = 0; i < m; i++) toff[i] = i * kw;
+    bgemm_job j = {isa, a, toff, {&zero, 1, kw}, w, m, n, k, alpha, per_channel, bias, y, 0, 0};
+    run_bgemm(&j, nthreads);
+    rc = 0;
+done:
+    free(a), free(toff);
+    return rc;
+}
+
+/* y (B * Ho * Wo, N) = conv(sign(x - t), w_b) * alpha + bias, x (B, H, W, C) float32 NHWC;
+ * dims: b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo. Returns 0, or -1 when out of memory. */
+LB_EXPORT int lb_binary_conv2d(int isa, const float *x, const int64_t *d, const float *t,
+                               const uint64_t *w, int64_t n, const float *alpha, int per_channel,
+                               const float *bias, float *y, int nthreads) {
+    const int64_t B = d[0], C = d[1], H = d[2], W = d[3], KH = d[4], KW = d[5], SH = d[6];
+    const int64_t SW = d[7], PH = d[8], PW = d[9], DH = d[10], DW = d[11], HO = d[12], WO = d[13];
+    const int64_t cw = words_of(C), hp = H + 2 * PH, wp = W + 2 * PW, m = B * HO * WO;
+    uint64_t *img = xalloc((size_t)(B * hp * wp * cw) * sizeof(uint64_t));
+    uint64_t *packed = xalloc((size_t)(B * H * W * cw) * sizeof(uint64_t));
+    int64_t *toff = xalloc((size_t)m * sizeof(int64_t));
+    int64_t *tapoff = xalloc((size_t)(KH * KW) * sizeof(int64_t));
+    int rc = -1;
+    if (!img || !packed || !toff || !tapoff) goto done;
+    /* binarize every pixel (B*H*W rows of C), then place the rows inside a +1 (zero-bit) border */
+    pack_rows(isa, x, B * H * W, C, t, packed, nthreads);
+    memset(img, 0, (size_t)(B * hp * wp * cw) * sizeof(uint64_t));
+    for (int64_t r = 0; r < B * H; r++) {
+        const int64_t b = r / H, yy = r % H;
+        memcpy(img + ((b * hp + yy + PH) * wp + PW) * cw, packed + r * W * cw,
+               (size_t)(W * cw) * sizeof(uint64_t));
+    }
+    /* output pixel p's patch: tap (i, j) at img + toff[p] + tapoff[i * KW + j], inside the image */
+    for (int64_t p = 0; p < m; p++) {
+        const int64_t b = p / (HO * WO), oy = (p / WO) % HO, ox = p % WO;
+        toff[p] = ((b * hp + oy * SH) * wp + ox * SW) * cw;
+    }
+    for (int64_t i = 0; i < KH; i++)
+        for (int64_t jj = 0; jj < KW; jj++) tapoff[i * KW + jj] = (i * DH * wp + jj * DW) * cw;
+    bgemm_job j = {isa,  img,         toff, {tapoff, KH * KW, cw}, w, m, n, C * KH * KW,
+                   alpha, per_channel, bias, y, 0, 0};
+    run_bgemm(&j, nthreads);
+    rc = 0;
+done:
+    free(img), free(packed), free(toff), free(tapoff);
+    return rc;
+}

@@ -1,0 +1,163 @@
+"""The binary networks' pieces and models (lowbit.bnn, registered in lowbit.models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit import bnn, models
+from lowbit.nn import QuantConv2d, QuantLinear
+
+
+def test_rprelu_pinned() -> None:
+    m = bnn.RPReLU(2)
+    with torch.no_grad():
+        m.bias.copy_(torch.tensor([-1.0, 0.0]))  # gamma = 1, 0
+        m.slope.copy_(torch.tensor([0.5, 0.25]))
+        m.zeta.copy_(torch.tensor([0.0, 2.0]))
+    x = torch.tensor([[3.0, -4.0], [0.0, 4.0]])
+    # channel 0: x - 1 = 2 -> 2; -1 -> -0.5.  channel 1: -4 -> -1 + 2 = 1; 4 -> 6
+    assert m(x).tolist() == [[2.0, 1.0], [-0.5, 6.0]]
+
+
+def test_shortcut_duplicates_channels() -> None:
+    x = torch.arange(4.0).reshape(1, 2, 1, 2)
+    y = bnn.Shortcut(2, 4, channel_dim=1)(x)
+    assert y.shape == (1, 4, 1, 2) and torch.equal(y[:, 2:], x)
+    with pytest.raises(ValueError, match="cannot map 3 to 4"):
+        bnn.Shortcut(3, 4)
+
+
+@pytest.mark.parametrize("method", list(bnn.METHODS))
+@pytest.mark.parametrize("name", ["binary_mlp", "binary_cnn"])
+def test_models_build_train_and_have_fp32_ends(name: str, method: str) -> None:
+    torch.manual_seed(0)
+    kw = {"width": 8} if name == "binary_cnn" else {"width": 16, "depth": 2}
+    shape = (3, 32, 32) if name == "binary_cnn" else (1, 28, 28)
+    net = models.get(name, layer=method, input_shape=shape, classes=10, **kw)
+    assert net.lowbit_spec["kwargs"]["layer"] == method
+    quant = [m for m in net.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    m = bnn.METHODS[method]
+    assert len(quant) == (4 if name == "binary_cnn" else 2)
+    assert all(q.is_binary() == (m.activations is not None) for q in quant)
+    assert all((q.weight_quantizer is None) == (m.weights is None) for q in quant)
+    # first and last layers are plain fp32
+    assert type(net.stem[1] if name == "binary_mlp" else net.stem[0]) in (
+        torch.nn.Linear,
+        torch.nn.Conv2d,
+    )
+    assert type(net.head[-1] if name == "binary_cnn" else net.head) is torch.nn.Linear
+    x = torch.randn(4, *shape)
+    out = net(x)
+    assert out.shape == (4, 10)
+    out.logsumexp(1).sum().backward()
+    assert all(q.weight.grad is not None and q.weight.grad.abs().sum() > 0 for q in quant)
+
+
+def test_binary_models_reject_bad_options() -> None:
+    with pytest.raises(ValueError, match="unknown binary method 'misborn'"):
+        models.get("binary_mlp", layer="misborn")
+    with pytest.raises(ValueError, match="leave levels unset"):
+        models.get("binary_cnn", layer="bnn", levels=2)
+
+
+def _train_a_little(net: torch.nn.Module, shape: tuple[int, ...], steps: int = 3) -> None:
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(steps):
+        x = torch.randn(16, *shape, generator=g)
+        y = torch.randint(0, 10, (16,), generator=g)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+
+
+@pytest.mark.parametrize("activations", ["sign", "approx-sign", "rsign"])
+def test_qat_binary_trains_converts_and_predicts_identically(tmp_path, activations: str) -> None:
+    """QATConfig(levels=2, activations=...) -> train -> convert_ -> save/load: the packed model's
+    outputs are the trained model's, bit for bit (so its predictions are identical)."""
+    import copy
+
+    from lowbit import QATConfig, convert_, load, quantize_, save
+    from lowbit.packed import PackedConv2d, PackedLinear
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),  # 3 channels: a binary conv off the 64-bit words
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 8 * 8, 10),
+    )
+    quantize_(net, QATConfig(levels=2, quantizer="sign", activations=activations))
+    _train_a_little(net, (3, 16, 16))
+    if activations == "rsign":
+        assert net[0].input_quantizer.threshold.abs().sum() > 0  # the thresholds learned
+    x = torch.randn(64, 3, 16, 16)
+    with torch.no_grad():
+        want = net(x)
+        packed = convert_(copy.deepcopy(net))
+        assert isinstance(packed[0], PackedConv2d) and isinstance(packed[4], PackedLinear)
+        assert packed[0].activations == "binary"
+        assert torch.equal(packed(x), want)
+        save(net, tmp_path / "m.lowbit")  # the fake-quant model, stored packed
+        loaded = load(tmp_path / "m.lowbit")
+        assert torch.equal(loaded(x), want)
+        assert torch.equal(loaded[0].threshold, packed[0].threshold)
+
+
+@pytest.mark.parametrize("method", bnn.BINARY_METHODS)
+def test_binary_models_convert_and_round_trip_identically(tmp_path, method: str) -> None:
+    import copy
+
+    from lowbit import convert_, load, save
+
+    for name, kw, shape in (
+        ("binary_cnn", {"width": 8, "input_shape": (3, 32, 32)}, (3, 32, 32)),
+        ("binary_mlp", {"width": 70, "depth": 2}, (1, 28, 28)),
+    ):
+        torch.manual_seed(1)
+        net = models.get(name, layer=method, **kw)
+        _train_a_little(net, shape)
+        x = torch.randn(32, *shape)
+        with torch.no_grad():
+            want = net(x)
+            assert torch.equal(convert_(copy.deepcopy(net))(x), want), (name, method)
+            save(net, tmp_path / f"{name}.lowbit")
+            assert torch.equal(load(tmp_path / f"{name}.lowbit")(x), want), (name, method)
+
+
+def test_summary_counts_bops_beside_macs() -> None:
+    from lowbit import convert_, summary
+
+    net = models.get("binary_mlp", layer="bireal", width=64, depth=2)
+    for model in (net, convert_(net)):
+        s = summary(model)
+        rows = {r.name: r for r in s.rows}
+        assert rows["blocks.0.layer"].bops == 64 * 64 and rows["blocks.0.layer"].macs == 0
+        assert rows["stem.1"].macs == 784 * 64 and rows["stem.1"].bops is None
+        assert s.bops == 2 * 64 * 64 and s.macs == 784 * 64 + 64 * 10
+        assert "BOPs          8,192" in str(s)
+        # a binary layer stores its 1-bit codes, scale, and the threshold (64 fp32 values)
+        assert rows["blocks.0.layer"].params == 64 * 64 + 64
+
+
+def test_rprelu_channel_last_3d_matches_the_formula() -> None:
+    m = bnn.RPReLU(3)
+    with torch.no_grad():
+        m.slope.copy_(torch.tensor([0.5, 0.1, 2.0]))
+    x = torch.randn(2, 4, 3)
+    assert torch.equal(m(x), torch.where(x >= 0, x, x * m.slope))
+
+
+def test_onnx_export_refuses_binary_layers_clearly() -> None:
+    pytest.importorskip("onnx")
+    from lowbit import QATConfig, export, quantize_
+    from lowbit.errors import LowbitError
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    quantize_(net, QATConfig(levels=2, quantizer="sign", activations="sign"))
+    with pytest.raises(LowbitError, match="binary \\(XNOR-popcount\\) layer"):
+        export.to_onnx(net.eval(), input_shape=(1, 4, 4))

@@ -1,0 +1,181 @@
+"""XNOR-popcount kernels (lowbit.kernels.binary) against the reference, bit for bit, on every
+ISA path this CPU runs; and the training layers against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.kernels import binary, reference
+from lowbit.nn import QuantConv2d, QuantLinear
+
+BEST = binary.best_isa()
+ISAS = (
+    ("portable", "avx2", "avx512")[: ("portable", "avx2", "avx512").index(BEST) + 1]
+    if (BEST != "reference")
+    else ()
+)
+needs_native = pytest.mark.skipif(not ISAS, reason="the compiled binary kernels are not built")
+
+# (batch, N_out, K): K off the 64-bit words and N_out off the 8-row blocks on purpose
+SHAPES = ((1, 5, 1), (3, 17, 63), (7, 9, 65), (33, 100, 200), (2, 8, 4101), (5, 13, 128))
+
+
+def _case(m: int, n: int, k: int, seed: int, per_channel: bool):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(n if per_channel else (), generator=g) + 0.05
+    x = torch.randn(m, k, generator=g)
+    x[x.abs() < 0.1] = 0.0  # ties: sign(0) = +1 must be kept
+    return codes, scale, torch.randn(n, generator=g), x
+
+
+def test_reference_pinned_by_hand() -> None:
+    x = torch.tensor([[0.5, -1.0, 0.0]])  # binarized: +1, -1, +1 (sign(0) = +1)
+    codes = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.uint8)  # w_b: (+1 +1 -1), (-1 +1 +1)
+    scale = torch.tensor([2.0, 4.0])  # alpha 1 and 2
+    y = reference.binary_linear(x, codes, scale, torch.tensor([0.5, 0.0]))
+    assert y.tolist() == [[(1 - 1 - 1) * 1 + 0.5, (-1 - 1 + 1) * 2.0]]
+    t = torch.tensor([0.6, -2.0, 0.0])  # x < t: -1, +1, +1
+    assert reference.binary_linear(x, codes, scale, None, t).tolist() == [[-1.0, 6.0]]
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_linear_equals_reference_exactly(isa: str, per_channel: bool) -> None:
+    for i, (m, n, k) in enumerate(SHAPES):
+        codes, scale, bias, x = _case(m, n, k, i, per_channel)
+        w = binary.prepare(codes, scale, isa=isa)
+        assert w.isa == isa
+        t = torch.randn(k) * 0.5 if i % 2 else None
+        for b in (bias, None):
+            got = binary.linear(x, w, b, t, threads=1 + i % 2)
+            want = reference.binary_linear(x, codes, scale, b, t)
+            assert torch.equal(got, want), (isa, m, n, k, (got - want).abs().max())
+
+
+@needs_native
+def test_activation_bits_layout() -> None:
+    """bit k % 64 of word k / 64 is (x_k < t_k); the tail stays zero."""
+    import ctypes
+
+    x = torch.randn(3, 70)
+    t = torch.randn(70) * 0.3
+    for isa in ISAS:
+        out = torch.zeros(3, 2, dtype=torch.int64)
+        lib = binary._lib()
+        lib.lb_binary_pack_activations(
+            ("portable", "avx2", "avx512").index(isa),
+            x.data_ptr(),
+            3,
+            70,
+            t.data_ptr(),
+            ctypes.c_void_p(out.data_ptr()),
+        )
+        bits = (out.unsqueeze(-1) >> torch.arange(64)) & 1  # (3, 2, 64)
+        bits = bits.reshape(3, 128)
+        assert torch.equal(bits[:, :70].bool(), x < t), isa
+        assert not bits[:, 70:].any()
+
+
+# (C_in, C_out, H, W, kernel, stride, padding, dilation)
+CONVS = (
+    (3, 5, 9, 7, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (70, 9, 8, 8, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (64, 16, 10, 9, (3, 2), (1, 2), (2, 0), (2, 1)),
+    (129, 3, 6, 6, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (16, 24, 7, 7, (5, 5), (1, 1), (2, 2), (1, 1)),
+)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_conv2d_equals_reference_exactly(isa: str) -> None:
+    for i, (c, n, h, w_, ks, st, pad, dil) in enumerate(CONVS):
+        g = torch.Generator().manual_seed(100 + i)
+        codes = torch.randint(0, 2, (n, c * ks[0] * ks[1]), generator=g, dtype=torch.uint8)
+        scale = torch.rand(n if i % 2 else (), generator=g) + 0.1
+        bias = torch.randn(n, generator=g) if i % 3 else None
+        x = torch.randn(2, c, h, w_, generator=g)
+        t = torch.randn(c, generator=g) * 0.3 if i % 2 == 0 else None
+        w = binary.prepare(codes, scale, isa=isa, conv=(c, ks))
+        geo = {"kernel_size": ks, "stride": st, "padding": pad, "dilation": dil}
+        got = binary.conv2d(x, w, bias, t, threads=2, **geo)
+        want = reference.binary_conv2d(x, codes, scale, bias, t, **geo)
+        assert got.shape == want.shape and torch.equal(got, want), (isa, i)
+
+
+@pytest.mark.parametrize("activations", ["sign", "approx-sign", "rsign"])
+def test_training_layers_equal_the_reference(activations: str) -> None:
+    """What makes packed predictions identical: the trained layer's own forward is the spec."""
+    torch.manual_seed(3)
+    lin = QuantLinear(77, 10, weight_quantizer="sign", input_quantizer=activations)
+    conv = QuantConv2d(
+        5,
+        6,
+        3,
+        stride=2,
+        padding=1,
+        dilation=2,
+        weight_quantizer="sign",
+        input_quantizer=activations,
+    )
+    for layer in (lin, conv):
+        if activations == "rsign":
+            torch.nn.init.uniform_(layer.input_quantizer.threshold, -0.3, 0.3)
+    from lowbit.quantizers import binary_threshold
+
+    x = torch.randn(4, 77)
+    codes, scale = lin.weight_quantizer.codes(lin.weight)
+    t = binary_threshold(lin.input_quantizer)
+    with torch.no_grad():
+        assert torch.equal(lin(x), reference.binary_linear(x, codes, scale, lin.bias, t))
+        xc = torch.randn(2, 5, 11, 11)
+        codes, scale = conv.weight_quantizer.codes(conv.weight)
+        want = reference.binary_conv2d(
+            xc,
+            codes.reshape(6, -1),
+            scale,
+            conv.bias,
+            binary_threshold(conv.input_quantizer),
+            kernel_size=(3, 3),
+            stride=(2, 2),
+            padding=(1, 1),
+            dilation=(2, 2),
+        )
+        assert torch.equal(conv(xc), want)
+
+
+@needs_native
+def test_registered_ops_match_the_eager_path() -> None:
+    codes, scale, bias, x = _case(4, 12, 100, 7, True)
+    t = torch.randn(100)
+    op = torch.ops.lowbit.binary_linear(x, codes, scale, bias, t)
+    assert torch.equal(op, binary.linear(x, binary.prepare(codes, scale), bias, t))
+    xc = torch.randn(1, 8, 5, 5)
+    codes = torch.randint(0, 2, (4, 72), dtype=torch.uint8)
+    geometry = [3, 3, 1, 1, 1, 1, 1, 1]
+    op = torch.ops.lowbit.binary_conv2d(xc, codes, scale[:4], None, None, geometry)
+    wc = binary.prepare(codes, scale[:4], conv=(8, (3, 3)))
+    assert torch.equal(op, binary.conv2d(xc, wc, kernel_size=(3, 3), padding=(1, 1)))
+
+
+def test_prepare_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="binary codes must be 0 or 1"):
+        binary.prepare(torch.full((2, 3), 2, dtype=torch.uint8), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="conv geometry"):
+        binary.prepare(torch.zeros(2, 9, dtype=torch.uint8), torch.tensor(1.0), conv=(2, (3, 3)))
+    w = binary.prepare(torch.zeros(2, 9, dtype=torch.uint8), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="expects 9"):
+        binary.linear(torch.zeros(1, 8), w)
+
+
+@needs_native
+def test_empty_batches() -> None:
+    codes, scale, bias, _ = _case(1, 5, 70, 0, True)
+    w = binary.prepare(codes, scale)
+    assert binary.linear(torch.zeros(0, 70), w, bias).shape == (0, 5)
+    wc = binary.prepare(torch.zeros(4, 27, dtype=torch.uint8), scale[:4], conv=(3, (3, 3)))
+    y = binary.conv2d(torch.zeros(0, 3, 5, 5), wc, kernel_size=(3, 3))
+    assert y.shape == (0, 4, 3, 3)
