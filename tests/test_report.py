@@ -54,3 +54,14 @@ def test_report_layout(tmp_path):
     assert re.search(r"\| 1\.\d\de\+05 \|", md)
     assert "**inconclusive**" in md and "1 paired seed(s), fewer than 3" in md
     assert "stability.png" in names
+
+
+def test_colours_of_readings_repeated_per_network_and_seed():
+    """The size plot passes one variant per point: a reading repeated over many networks and
+    seeds gets one colour, and more distinct readings than colours still get colours."""
+    from lowbit.study.report import _colors
+
+    readings = [f"misborn/r{i}" for i in range(9)]
+    colours = _colors(readings * 40 + ["bitlinear8"] * 40)
+    assert all(r in colours for r in readings)
+    assert len({colours[r] for r in readings[:7]}) == 7

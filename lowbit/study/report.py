@@ -27,6 +27,7 @@ lr or optimizer never overwrites a figure.
 from __future__ import annotations
 
 import html
+import itertools
 import math
 import os
 import re
@@ -69,8 +70,11 @@ def _colors(variants: list[str]) -> dict[str, Any]:
         "ternary-median": "tab:olive",
     }
     # readings of the seed layers (``misborn/weight-ste``): colours no fixed kind uses
-    extra = iter(["tab:brown", "tab:pink", "tab:cyan", "tab:gray", "gold", "navy", "lime"] * 3)
-    for v in sorted(v for v in variants if "/" in v):
+    # (``variants`` repeats a variant once per network and seed: colour each distinct one once)
+    extra = itertools.cycle(
+        ["tab:brown", "tab:pink", "tab:cyan", "tab:gray", "gold", "navy", "lime"]
+    )
+    for v in sorted({v for v in variants if "/" in v}):
         fixed[v] = next(extra)
     levels = sorted(int(v.split("-")[1]) for v in variants if v.startswith("nlevel-"))
     cmap = plt.get_cmap("viridis")
