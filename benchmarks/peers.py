@@ -32,7 +32,6 @@ writes ``docs/results/peers.md``.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lowbit.files import atomic_write
 
 sys.path.insert(0, str(Path(__file__).parent))
 import environment  # noqa: E402
@@ -221,9 +222,7 @@ def main() -> int:
         *rows,
     ]
     out = Path(args.out)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    atomic_write(out, "\n".join(lines) + "\n")
     print("\n".join(lines[: 12 + len(targets)]))
     return 0
 

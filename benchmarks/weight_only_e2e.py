@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from lowbit.files import atomic_write
 
 sys.path.insert(0, str(Path(__file__).parent))
 import environment  # noqa: E402
@@ -92,9 +93,7 @@ def main() -> int:
         *rows,
     ]
     out = Path(args.out)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    atomic_write(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
