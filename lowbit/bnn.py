@@ -160,7 +160,7 @@ class Block(nn.Module):
         self._epilogue_cache: tuple[tuple, list[int], BlockEpilogue] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.binary and self.norm.running_var is not None:
+        if not self.training and self.binary and self.norm.track_running_stats:
             return self.layer(x, epilogue=self.epilogue())
         h = self.norm(self.layer(x))
         if self.shortcut is not None:
@@ -171,10 +171,11 @@ class Block(nn.Module):
         """BatchNorm (running statistics, folded), shortcut and RPReLU as one ``BlockEpilogue``.
         Without gradients it is computed once per state of the parameters and buffers."""
         # the module dicts directly: nn.Module attribute access costs ~0.6 us each, per call
-        p, b = self.norm._parameters, self.norm._buffers
+        norm, act = self._modules["norm"], self._modules["act"]
+        p, b = norm._parameters, norm._buffers  # type: ignore[union-attr]
         weight, bias, mean, var = p["weight"], p["bias"], b["running_mean"], b["running_var"]
-        a = self.act._parameters
-        prelu = (a["bias"], a["slope"], a["zeta"]) if isinstance(self.act, RPReLU) else ()
+        a = act._parameters  # type: ignore[union-attr]
+        prelu = (a["bias"], a["slope"], a["zeta"]) if isinstance(act, RPReLU) else ()
         tensors = (weight, bias, mean, var, *prelu)
         versions = [t._version for t in tensors]  # type: ignore[union-attr]
         grad = torch.is_grad_enabled()
@@ -186,7 +187,7 @@ class Block(nn.Module):
             and all(map(operator.is_, cached[0], tensors))
         ):
             return cached[2]
-        scale = weight / torch.sqrt(var + self.norm.eps)  # type: ignore[operator]
+        scale = weight / torch.sqrt(var + norm.eps)  # type: ignore[operator,union-attr]
         e = BlockEpilogue(
             scale.contiguous(),
             (bias - mean * scale).contiguous(),  # type: ignore[operator]

@@ -407,8 +407,8 @@ class PackedConv2d(PackedLayer):
                 y = binary.conv2d(
                     t,
                     self.prepared(),
-                    self.bias,
-                    self.threshold,
+                    self._parameters.get("bias"),  # (the dicts: module attributes cost ~0.6 us)
+                    self._buffers["threshold"],
                     kernel_size=self.kernel_size,
                     stride=self.stride,
                     padding=self.padding,

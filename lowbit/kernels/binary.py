@@ -38,17 +38,15 @@ _declared: ctypes.CDLL | None = None
 
 
 class _Epilogue(ctypes.Structure):
-    """``lb_binary_epilogue`` of the C header (pointers into tensors the caller keeps alive)."""
+    """``lb_binary_epilogue`` of the C header (pointers into the ``BlockEpilogue``'s tensors)."""
 
     _fields_ = [
         ("scale", ctypes.c_void_p),
         ("shift", ctypes.c_void_p),
-        ("res", ctypes.c_void_p),
-        ("res_row", ctypes.c_int64),
-        ("res_channels", ctypes.c_int64),
         ("pbias", ctypes.c_void_p),
         ("pslope", ctypes.c_void_p),
         ("pshift", ctypes.c_void_p),
+        ("residual", ctypes.c_int64),
     ]
 
 
@@ -198,23 +196,17 @@ def _check_epilogue(e: BlockEpilogue | None, n: int, c_in: int) -> None:
         raise ValueError(f"a residual of {c_in} channels cannot be added to {n} outputs")
 
 
-def _epilogue_struct(e: BlockEpilogue | None, x: torch.Tensor, row: int) -> _Epilogue | None:
-    """The C view of ``e`` for the kernel input x (contiguous, ``row`` floats per token)."""
+def _epilogue_struct(e: BlockEpilogue | None) -> _Epilogue | None:
+    """The C view of ``e``; valid while ``e`` lives (its tensors are contiguous)."""
     if e is None:
         return None
-
-    def ptr(t: torch.Tensor | None) -> int | None:
-        return None if t is None else t.data_ptr()  # contiguous: _check_epilogue
-
     return _Epilogue(
-        ptr(e.scale),
-        ptr(e.shift),
-        x.data_ptr() if e.residual else None,
-        row,
-        row,
-        ptr(e.prelu_bias),
-        ptr(e.prelu_slope),
-        ptr(e.prelu_shift),
+        *(None if t is None else t.data_ptr() for t in (e.scale, e.shift)),
+        *(
+            None if t is None else t.data_ptr()
+            for t in (e.prelu_bias, e.prelu_slope, e.prelu_shift)
+        ),
+        int(e.residual),
     )
 
 
@@ -223,7 +215,7 @@ def _linear_native(x, weight, bias, threshold, threads, epilogue):  # noqa: ANN0
     m, k = x.shape
     n = weight.shape[0]
     y = x.new_empty((m, n))
-    ep = _epilogue_struct(epilogue, x, k)
+    ep = _epilogue_struct(epilogue)
     rc = _lib().lb_binary_linear(  # type: ignore[union-attr]
         native.ISAS.index(weight.isa),
         x.data_ptr(),
@@ -315,15 +307,14 @@ class _ConvCall:
     so a call only allocates y and passes the pointers. x (B, C, H, W) channels-last float32 ->
     (B, N_out, Ho, Wo) channels-last."""
 
-    def __init__(self, weight, shape, threshold, bias, geometry, out, epilogue, keep) -> None:  # noqa: ANN001
+    def __init__(self, weight, shape, threshold, bias, geometry, out, epilogue, keys) -> None:  # noqa: ANN001
         b, c, h, w = shape
-        self.keep = (weight, *keep)  # alive: the pointers below and the ids of the key stay valid
+        # alive while the call is: the pointers below, and the objects whose ids key it (keys)
+        self.keep = (threshold, bias, epilogue, *keys)
         self.y_shape = (b, weight.shape[0], *out)
         self.dims = (ctypes.c_int64 * 14)(b, c, h, w, *geometry, *out)
-        self.epilogue, self.channels = epilogue, c
-        self.head = (
-            native.ISAS.index(weight.isa),
-            None,  # x, per call
+        self.epilogue = _epilogue_struct(epilogue)
+        self.args = (  # the C arguments after x
             ctypes.addressof(self.dims),
             _ptr(threshold),
             weight.words.data_ptr(),
@@ -331,19 +322,17 @@ class _ConvCall:
             weight.alpha.data_ptr(),
             int(weight.per_channel),
             _ptr(bias),
+            None if self.epilogue is None else ctypes.addressof(self.epilogue),
         )
+        self.isa = native.ISAS.index(weight.isa)
 
     def __call__(self, x: torch.Tensor, threads: int | None) -> torch.Tensor:
         y = torch.empty(self.y_shape, dtype=torch.float32, memory_format=torch.channels_last)
         if y.numel():
-            # a new epilogue struct each call: it points at this call's x (thread safety)
-            ep = _epilogue_struct(self.epilogue, x, self.channels)
-            isa, _, *rest = self.head
             rc = _lib().lb_binary_conv2d(  # type: ignore[union-attr]
-                isa,
+                self.isa,
                 x.data_ptr(),
-                *rest,
-                None if ep is None else ctypes.addressof(ep),
+                *self.args,
                 y.data_ptr(),
                 threads or torch.get_num_threads(),
             )

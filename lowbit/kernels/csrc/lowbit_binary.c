@@ -34,12 +34,13 @@
  * operation rounded on its own:
  *
  *     v = v * scale[c];  v = v + shift[c]                  BatchNorm folded (eval statistics)
- *     v = v + res[token * res_row + c % res_channels]      real-valued shortcut (res: the layer's
- *                                                          float input, [x, x, ...] on channels)
+ *     v = v + x[token * C + c % C]                         real-valued shortcut, if residual:
+ *                                                          the layer's float input (C channels,
+ *                                                          [x, x, ...] along N)
  *     u = v + pbias[c];  u = u >= 0 ? u : u * pslope[c];  v = u + pshift[c]            RPReLU
  *
- * (res, pbias NULL: that step is skipped). A convolution's token is an output pixel, so its
- * shortcut needs the input's pixel grid (stride 1, same size): the caller checks.
+ * (residual 0, pbias NULL: that step is skipped). A convolution's token is an output pixel, so
+ * its shortcut needs the input's pixel grid (stride 1, same size): the caller checks.
  *
  * Convolutions (groups 1): the NHWC input is binarized once into a padded bit image
  * (B, Hp, Wp, CW) words, CW = ceil(C/64) per pixel, the border bits 0: padding with +1, the
@@ -78,10 +79,9 @@ LB_EXPORT int lb_binary_version(void) { return 2; }
 
 /* The block epilogue of the header; the Python side mirrors this layout (ctypes.Structure). */
 typedef struct {
-    const float *scale, *shift; /* (N,) */
-    const float *res;           /* the residual source, or NULL */
-    int64_t res_row, res_channels;
+    const float *scale, *shift;           /* (N,) */
     const float *pbias, *pslope, *pshift; /* (N,) RPReLU, or pbias NULL */
+    int64_t residual;                     /* add the layer's float input (res below) */
 } lb_binary_epilogue;
 
 LB_EXPORT int lb_binary_isa(void) {
@@ -297,6 +297,8 @@ typedef struct {
     int per_channel;
     const float *bias; /* (N,) or NULL */
     const lb_binary_epilogue *ep; /* or NULL */
+    const float *res;             /* the residual rows (token t at res + t * res_row), or NULL */
+    int64_t res_row;              /* = its channels */
     float *y;                     /* (M, N) */
     int64_t blocks_per_chunk, token_chunks;
 } bgemm_job;
@@ -317,7 +319,7 @@ static void finish_scalar(const bgemm_job *j, const int64_t *pop, int64_t t0, in
             if (e) {
                 v = v * e->scale[col];
                 v = v + e->shift[col];
-                if (e->res) v = v + e->res[(t0 + i) * e->res_row + col % e->res_channels];
+                if (j->res) v = v + j->res[(t0 + i) * j->res_row + col % j->res_row];
                 if (e->pbias) {
                     float u = v + e->pbias[col];
                     u = u >= 0.0f ? u : u * e->pslope[col];
@@ -350,9 +352,9 @@ TPOP static void finish_512(const bgemm_job *j, const int64_t *pop, int64_t t0, 
             pslope = _mm256_maskz_loadu_ps(live, e->pslope + col);
             pshift = _mm256_maskz_loadu_ps(live, e->pshift + col);
         }
-        if (e->res) {
-            if (e->res_channels % BROWS == 0) res_col = col % e->res_channels;
-            for (int r = 0; r < rows; r++) res_idx[r] = (int32_t)((col + r) % e->res_channels);
+        if (j->res) {
+            if (j->res_row % BROWS == 0) res_col = col % j->res_row;
+            for (int r = 0; r < rows; r++) res_idx[r] = (int32_t)((col + r) % j->res_row);
         }
     }
     const __m256i idx = _mm256_loadu_si256((const __m256i *)res_idx);
@@ -364,8 +366,8 @@ TPOP static void finish_512(const bgemm_job *j, const int64_t *pop, int64_t t0, 
         if (e) {
             v = _mm256_mul_ps(v, scale);
             v = _mm256_add_ps(v, shift);
-            if (e->res) {
-                const float *row = e->res + (t0 + i) * e->res_row;
+            if (j->res) {
+                const float *row = j->res + (t0 + i) * j->res_row;
                 v = _mm256_add_ps(v, res_col >= 0 ? _mm256_maskz_loadu_ps(live, row + res_col)
                                                   : _mm256_mmask_i32gather_ps(zero, live, idx, row, 4));
             }
@@ -471,8 +473,9 @@ LB_EXPORT int lb_binary_linear(int isa, const float *x, int64_t m, int64_t k, co
     if (!a || !toff) goto done;
     pack_rows(isa, x, m, k, t, a, nthreads);
     for (int64_t i = 0; i < m; i++) toff[i] = i * kw;
-    bgemm_job j = {isa,   a,           toff, {&zero, 1, kw}, w, m, n, k,
-                   alpha, per_channel, bias, ep,             y, 0, 0};
+    const float *res = ep && ep->residual ? x : NULL;
+    bgemm_job j = {isa,  a,           toff, {&zero, 1, kw}, w,   m, n, k, alpha,
+                   per_channel, bias, ep,   res,            k, y, 0, 0};
     run_bgemm(&j, nthreads);
     rc = 0;
 done:
@@ -511,8 +514,9 @@ LB_EXPORT int lb_binary_conv2d(int isa, const float *x, const int64_t *d, const 
     }
     for (int64_t i = 0; i < KH; i++)
         for (int64_t jj = 0; jj < KW; jj++) tapoff[i * KW + jj] = (i * DH * wp + jj * DW) * cw;
-    bgemm_job j = {isa,   img,         toff, {tapoff, KH * KW, cw}, w, m, n, C * KH * KW,
-                   alpha, per_channel, bias, ep,                     y, 0, 0};
+    const float *res = ep && ep->residual ? x : NULL; /* output pixel p reads input pixel p */
+    bgemm_job j = {isa,   img,         toff, {tapoff, KH * KW, cw}, w,   m, n, C * KH * KW,
+                   alpha, per_channel, bias, ep,                     res, C, y, 0, 0};
     run_bgemm(&j, nthreads);
     rc = 0;
 done:
