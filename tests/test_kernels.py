@@ -142,7 +142,7 @@ def test_lut_conv_within_its_stated_bound(isa: str, levels: int) -> None:
         patch = torch.nn.functional.conv2d(x.double().abs(), ones, None, stride, padding)
         base, group, planes = native.lut_shape(levels)
         taps = ks[0] * ks[1]
-        groups = taps * math.ceil(math.ceil(cin / group) / 6) * 6  # every tap padded
+        groups = taps * math.ceil(cin / group)  # each tap's channels in whole groups
         corr = abs((2**planes - levels) / 2) if base == 2 else 0.0
         a = (2**planes - 1) * (base - 1) / 2 + corr
         terms = group + groups + planes + 4

@@ -76,7 +76,7 @@ enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
  * bytes of one group of a row block; MAX_CHUNK_TOKENS: tokens per work item */
 enum { ROWS = 8, BLOCK_GROUP = ROWS * 64, MAX_CHUNK_TOKENS = 32 };
 
-LB_EXPORT int lb_version(void) { return 7; }
+LB_EXPORT int lb_version(void) { return 8; }
 
 LB_EXPORT int lb_isa(void) {
     __builtin_cpu_init();
@@ -990,8 +990,12 @@ static lut_shape lut_shape_of(int levels) {
     return s;
 }
 
-static int64_t lut_words(const lut_shape *s, int64_t k) { /* W: index words a row and plane */
-    const int64_t groups = (k + s->group - 1) / s->group;
+/* Groups of g columns a segment of c columns (the last one padded), and index words a row and
+ * plane of `seg` segments: the segments' groups follow one another, 6 to a word. */
+static int64_t lut_groups(const lut_shape *s, int64_t c) { return (c + s->group - 1) / s->group; }
+
+static int64_t lut_words(const lut_shape *s, int64_t k, int64_t seg) {
+    const int64_t groups = seg * lut_groups(s, k / seg);
     return (groups + LUT_GROUPS_PER_WORD - 1) / LUT_GROUPS_PER_WORD;
 }
 
@@ -1001,8 +1005,8 @@ LB_EXPORT void lb_lut_shape(int levels, int *out) {
     out[0] = s.base, out[1] = s.group, out[2] = s.planes;
 }
 
-/* A convolution with at least this many input channels gets tables per image pixel (each tap's
- * channels padded to whole words; see lut_conv); fewer channels gather patches into rows. */
+/* A convolution with at least this many input channels gets tables per image pixel (a tap's
+ * channels are whole groups; see lut_conv); fewer channels gather patches into rows. */
 enum { LUT_MIN_TAP_CHANNELS = 16 };
 
 /* The segments of the index layout of a conv weight with `taps` taps of `c` channels: `taps`
@@ -1014,16 +1018,16 @@ LB_EXPORT int64_t lb_lut_segments(int64_t c, int64_t taps) {
 /* uint32 words of the index layout of an (n, k) weight in `seg` segments of k / seg columns. */
 LB_EXPORT int64_t lb_lut_size(int levels, int64_t n, int64_t k, int64_t seg) {
     const lut_shape s = lut_shape_of(levels);
-    return (n + LUT_ROWS - 1) / LUT_ROWS * s.planes * seg * lut_words(&s, k / seg) * LUT_ROWS;
+    return (n + LUT_ROWS - 1) / LUT_ROWS * s.planes * lut_words(&s, k, seg) * LUT_ROWS;
 }
 
 /* codes (n, k) uint8 -> the index layout (lb_lut_size words). Column kk is channel kk % c of
- * segment kk / c (c = k / seg), which starts a word of its own: segment j's groups are
- * j * wps * 6 + (0 .. ceil(c / g) - 1), wps = words a segment. */
+ * segment kk / c (c = k / seg), which starts a group of its own: segment j's groups are
+ * j * gs + (0 .. gs - 1), gs = ceil(c / g), the last one padded with digit-0 weights. */
 LB_EXPORT void lb_lut_pack(const uint8_t *codes, int64_t n, int64_t k, int levels, int64_t seg,
                            uint32_t *out) {
     const lut_shape s = lut_shape_of(levels);
-    const int64_t c = k / seg, wps = lut_words(&s, c), W = seg * wps;
+    const int64_t c = k / seg, gs = lut_groups(&s, c), W = lut_words(&s, k, seg);
     const int64_t block = s.planes * W * LUT_ROWS;
     memset(out, 0, (size_t)lb_lut_size(levels, n, k, seg) * sizeof(uint32_t));
     for (int64_t r = 0; r < n; r++)
@@ -1037,7 +1041,7 @@ LB_EXPORT void lb_lut_pack(const uint8_t *codes, int64_t n, int64_t k, int level
                         e += (s.base == 2 ? (cr[q] >> p) & 1u : cr[q]) * mul;
                         mul *= (uint32_t)s.base;
                     }
-                    const int64_t gi = j * wps * LUT_GROUPS_PER_WORD + i;
+                    const int64_t gi = j * gs + i;
                     o[(gi / LUT_GROUPS_PER_WORD) * LUT_ROWS] |=
                         e << (LUT_FIELD * (gi % LUT_GROUPS_PER_WORD));
                 }
@@ -1083,14 +1087,14 @@ static void lut_tables_generic(const float *x, int64_t groups, int g, const floa
 }
 
 /* What a tile walks: the row blocks' index words (block words a row block, W a plane) and
- * the words to visit, [vr[2q], vr[2q+1]) for q < nvr, word v's tables at a token's tables +
- * woff[v]. A linear layer visits all W words; a convolution skips the taps that fall in the
- * zero padding of every token of the tile (their tables are zero: adding them changes no sum
- * but the sign of a zero, which the epilogue's + off turns into +0 either way). */
+ * the words to visit, [vr[2q], vr[2q+1]) for q < nvr, group i's table at a token's tables +
+ * goff[i]. A linear layer visits all W words; a convolution skips the words whose taps fall in
+ * the zero padding for every token of the tile (their tables are zero: adding them changes no
+ * sum but the sign of a zero, which the epilogue's + off turns into +0 either way). */
 typedef struct {
     int64_t block, W;
     int planes, nvr;
-    const int64_t *woff, *vr;
+    const int64_t *goff, *vr;
 } lut_walk;
 
 /* out[(t * R + r) * 16 + lane] = sum over planes and groups of row block r, token t.
@@ -1104,7 +1108,7 @@ typedef struct {
  * (0.60 -> 0.42 ns at 4x2, 0.61 -> 0.46 at 8x1). */
 LB_INLINE T512 void lut_tile_512(const uint32_t *w, const lut_walk *k, const float *const *tab,
                                  const int R, const int T, float *out) {
-    const int64_t block = k->block, W = k->W, *woff = k->woff;
+    const int64_t block = k->block, W = k->W, *goff = k->goff;
     const int planes = k->planes;
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int p = planes - 1; p >= 0; p--) {
@@ -1125,7 +1129,7 @@ LB_INLINE T512 void lut_tile_512(const uint32_t *w, const lut_walk *k, const flo
                 __m512 lo[2], hi[2];
 #pragma GCC unroll 2
                 for (int t = 0; t < T; t++) {
-                    const float *tg = tab[t] + woff[v] + s * LUT_ENTRIES;
+                    const float *tg = tab[t] + goff[v * LUT_GROUPS_PER_WORD + s];
                     lo[t] = _mm512_loadu_ps(tg), hi[t] = _mm512_loadu_ps(tg + 16);
                 }
 #pragma GCC unroll 8
@@ -1188,9 +1192,9 @@ static void lut_tiles_generic(const uint32_t *w, const lut_walk *k, const float 
                 for (int q = 0; q < k->nvr; q++)
                     for (int64_t v = k->vr[2 * q]; v < k->vr[2 * q + 1]; v++) {
                         const uint32_t word = wr[v * LUT_ROWS];
-                        const float *tg = tab[t] + k->woff[v];
+                        const int64_t *go = k->goff + v * LUT_GROUPS_PER_WORD;
                         for (int s = 0; s < LUT_GROUPS_PER_WORD; s++)
-                            a += tg[s * LUT_ENTRIES + ((word >> (LUT_FIELD * s)) & 31u)];
+                            a += tab[t][go[s] + ((word >> (LUT_FIELD * s)) & 31u)];
                     }
                 total = p == k->planes - 1 ? a : (total + total) + a;
             }
@@ -1212,18 +1216,18 @@ typedef struct {
     int64_t nch;
     int64_t tokens_per_chunk, token_chunks, blocks_per_chunk;
     int64_t tab_floats, row_floats; /* a token's tables (W * 6 * 32), its padded row (W*6*g) */
-    const int64_t *woff;            /* word v's tables at a token's tables + woff[v] (floats) */
+    const int64_t *goff;            /* group i's table at a token's tables + goff[i] (floats) */
     /* tables built per chunk (linear, gathered patches): per-thread slots of tables, a row,
      * token sums, and the token block a slot holds (-1: none) */
     int nslots;
     float *tabs, *rows, *sums;
     int64_t *owner;
     /* or prebuilt (lut_conv): token t's tables at fixed + ttab[t], its sum of x tsum[t]; the
-     * convolution's geometry (its taps are words [tap * wps, (tap + 1) * wps)) */
+     * convolution's geometry (its taps are groups [tap * gs, (tap + 1) * gs)) */
     const float *fixed, *tsum;
     const int64_t *ttab;
     const conv_geom *geom;
-    int64_t wps;
+    int64_t gs;
 } lut_job;
 
 static int worker_slot(int nslots) {
@@ -1295,19 +1299,22 @@ static void lut_valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t dil, 
     *i0 = lo < hi ? lo : 0, *i1 = hi;
 }
 
-/* Whether token t of a convolution reads any of the zero padding. */
-static int lut_border(const lut_job *j, int64_t t) {
+/* The taps of token t of a convolution that read inside the image, as one number: kernel rows
+ * [i0, i1) x columns [c0, c1) packed in 16-bit fields (tokens with the same rectangle can share
+ * a tile and its skipped taps). */
+static uint64_t lut_rect(const lut_job *j, int64_t t) {
     const conv_geom *g = j->geom;
     const int64_t rem = t % (g->ho * g->wo);
     int64_t a, b, c, d;
     lut_valid_taps(rem / g->wo, g->sh, g->ph, g->dh, g->h, g->kh, &a, &b);
     lut_valid_taps(rem % g->wo, g->sw, g->pw, g->dw, g->w, g->kw, &c, &d);
-    return a != 0 || b != g->kh || c != 0 || d != g->kw;
+    return (uint64_t)a | (uint64_t)b << 16 | (uint64_t)c << 32 | (uint64_t)d << 48;
 }
 
-/* The word ranges of a convolution tile of T tokens from t: the taps inside the image for any
- * of them (kernel rows [i0, i1) x columns [c0, c1), the union of the tokens' rectangles), one
- * range of words a kernel row (one range over them all beyond 16 rows). Returns the count. */
+/* The word ranges of a convolution tile of T tokens from t: the words holding a group of a tap
+ * inside the image for any of them (kernel rows [i0, i1) x columns [c0, c1), the union of the
+ * tokens' rectangles), one range a kernel row, ranges that meet merged (one range over them all
+ * beyond 16 rows). Returns the count. */
 static int lut_tap_words(const lut_job *j, int64_t t, int T, int64_t *vr) {
     const conv_geom *g = j->geom;
     int64_t i0 = g->kh, i1 = 0, c0 = g->kw, c1 = 0;
@@ -1319,16 +1326,20 @@ static int lut_tap_words(const lut_job *j, int64_t t, int T, int64_t *vr) {
         lut_valid_taps(ox, g->sw, g->pw, g->dw, g->w, g->kw, &a, &b);
         if (a < b) c0 = a < c0 ? a : c0, c1 = b > c1 ? b : c1;
     }
+    const int64_t G = LUT_GROUPS_PER_WORD;
+    if (c0 >= c1) return 0;
     if (i1 - i0 > 16) { /* more kernel rows than ranges: one range over them all */
-        vr[0] = i0 * g->kw * j->wps, vr[1] = i1 * g->kw * j->wps;
+        vr[0] = i0 * g->kw * j->gs / G, vr[1] = ((i1 - 1) * g->kw + c1) * j->gs;
+        vr[1] = (vr[1] + G - 1) / G;
         return 1;
     }
     int n = 0;
-    if (c0 < c1)
-        for (int64_t r = i0; r < i1; r++, n++) {
-            vr[2 * n] = (r * g->kw + c0) * j->wps;
-            vr[2 * n + 1] = (r * g->kw + c1) * j->wps;
-        }
+    for (int64_t r = i0; r < i1; r++) {
+        const int64_t v0 = (r * g->kw + c0) * j->gs / G;
+        const int64_t v1 = ((r * g->kw + c1) * j->gs + G - 1) / G;
+        if (n && v0 <= vr[2 * n - 1]) vr[2 * n - 1] = v1; /* shares a word with the last range */
+        else vr[2 * n] = v0, vr[2 * n + 1] = v1, n++;
+    }
     return n;
 }
 
@@ -1355,14 +1366,15 @@ static void lut_chunk(const void *ctx, int64_t chunk) {
          * row blocks left over (portable: 1x1, the same sums in the same order) */
         const int R = j->isa != ISA_AVX512 ? 1 : (b1 - b >= 8 ? 8 : (b1 - b >= 4 ? 4 : 1));
         for (int64_t t = t0; t < t1;) {
-            /* a token whose patch reaches into the padding goes alone, skipping those taps */
+            /* a convolution pairs tokens whose patches meet the padding alike (the tile skips
+             * the taps they both read there), a token differing from its neighbour goes alone */
             const int T = j->isa == ISA_AVX512 && t1 - t >= 2 &&
-                                  !(j->geom && (lut_border(j, t) || lut_border(j, t + 1)))
+                                  (!j->geom || lut_rect(j, t) == lut_rect(j, t + 1))
                               ? 2
                               : 1;
             const int RR = T == 2 ? (R >= 4 ? 4 : 1) : R;
             int64_t vr[2 * 16];
-            lut_walk walk = {j->block, j->W, j->sh.planes, 1, j->woff, vr};
+            lut_walk walk = {j->block, j->W, j->sh.planes, 1, j->goff, vr};
             vr[0] = 0, vr[1] = j->W;
             if (j->geom) walk.nvr = lut_tap_words(j, t, T, vr);
             for (int64_t bb = b; bb < b + R; bb += RR) {
@@ -1398,7 +1410,7 @@ static lut_job lut_setup(int isa, int64_t m, int64_t k, int64_t seg, const uint3
     j.m = m, j.n = n, j.k = k, j.w = w, j.scale = scale, j.bias = bias, j.y = y;
     j.per_channel = per_channel;
     j.nch = (k + 63) / 64;
-    j.W = seg * lut_words(&j.sh, k / seg);
+    j.W = lut_words(&j.sh, k, seg);
     j.block = j.sh.planes * j.W * LUT_ROWS;
     j.nblocks = (n + LUT_ROWS - 1) / LUT_ROWS;
     j.tab_floats = j.W * LUT_GROUPS_PER_WORD * LUT_ENTRIES;
@@ -1420,9 +1432,9 @@ static void lut_go(lut_job *j, int nthreads) {
     parallel_for(lut_chunk, j, j->token_chunks * nb, nthreads);
 }
 
-/* Word v's tables one after the other: woff[v] = 6 * 32 * v. */
-static int64_t *lut_word_offsets(int64_t W) {
-    return row_offsets(W, LUT_GROUPS_PER_WORD * LUT_ENTRIES);
+/* Group i's table at 32 i: a token's tables one after the other. */
+static int64_t *lut_group_offsets(int64_t W) {
+    return row_offsets(W * LUT_GROUPS_PER_WORD, LUT_ENTRIES);
 }
 
 /* The lookup-table GEMM over activations addressed as toff/coff (token rows, or gathered patch
@@ -1439,15 +1451,15 @@ static int lut_run(int isa, const float *x, const int64_t *toff, const int64_t *
     j.rows = xalloc((size_t)(j.nslots * j.row_floats) * sizeof(float));
     j.sums = xalloc((size_t)(j.nslots * j.tokens_per_chunk) * sizeof(float));
     j.owner = xalloc((size_t)j.nslots * sizeof(int64_t));
-    int64_t *woff = lut_word_offsets(j.W);
+    int64_t *goff = lut_group_offsets(j.W);
     int rc = -1;
-    if (j.tabs && j.rows && j.sums && j.owner && woff) {
+    if (j.tabs && j.rows && j.sums && j.owner && goff) {
         for (int i = 0; i < j.nslots; i++) j.owner[i] = -1;
-        j.woff = woff;
+        j.goff = goff;
         lut_go(&j, nthreads);
         rc = 0;
     }
-    free(j.tabs), free(j.rows), free(j.sums), free(j.owner), free(woff);
+    free(j.tabs), free(j.rows), free(j.sums), free(j.owner), free(goff);
     return rc;
 }
 
@@ -1561,34 +1573,37 @@ static void run_fill(chunk_fn fn, conv_fill_job *f, int64_t count, int nthreads)
 
 /* fp32 convolution by lookup tables, C_in >= LUT_MIN_TAP_CHANNELS: a patch's group of g channels
  * of tap (i, j) is a group of one pixel of the image, so the tables are built once per pixel of
- * the zero-padded NHWC image (each tap's channels padded to whole words, lb_lut_pack with one
- * segment a tap) rather than once per patch: kh * kw times fewer tables. Token t = (b, oy, ox)
- * reads its word v (tap (i, j) = v / wps) at the tables of pixel (b, oy sh + i dh, ox sw + j dw):
- *   ttab[t] = pixel(b, oy sh, ox sw) * gpp * 32,   woff[v] = (i dh Wp + j dw) * gpp * 32
- *                                                            + (v % wps) * 6 * 32
- * gpp = 6 wps groups a pixel. Images are taken in groups whose tables fit LUT_CONV_TABLES. */
+ * the zero-padded NHWC image (each tap's channels in gs = ceil(C / g) whole groups, lb_lut_pack
+ * with one segment a tap) rather than once per patch: kh * kw times fewer tables. Token
+ * t = (b, oy, ox) reads its group i (tap (ti, tj) = i / gs) at the tables of pixel
+ * (b, oy sh + ti dh, ox sw + tj dw):
+ *   ttab[t] = pixel(b, oy sh, ox sw) * gpp * 32,   goff[i] = ((ti dh Wp + tj dw) gpp + i % gs) 32
+ * gpp = gs + 1 tables a pixel, the last one zeros: the groups that pad the last index word
+ * (i >= kh kw gs) read it at goff = gs * 32. Images are taken in groups whose tables fit
+ * LUT_CONV_TABLES. */
 enum { LUT_CONV_TABLES = 64 << 20 };
 
 typedef struct {
     const lut_job *j;
     const float *img; /* padded NHWC images */
-    int64_t c, gpp, per_chunk, count;
-    float *tabs, *psum; /* per pixel: gpp tables, the sum of its channels (corr != 0) */
+    int64_t c, gs, per_chunk, count;
+    float *tabs, *psum; /* per pixel: gs + 1 tables, the sum of its channels (corr != 0) */
 } lut_pixel_job;
 
 static void lut_pixel_chunk(const void *ctx, int64_t chunk) {
     const lut_pixel_job *f = ctx;
     const lut_job *j = f->j;
     const int64_t p1 = (chunk + 1) * f->per_chunk < f->count ? (chunk + 1) * f->per_chunk : f->count;
-    const int64_t width = f->gpp * j->sh.group;
+    const int64_t width = f->gs * j->sh.group;
     float *row = xalloc((size_t)width * sizeof(float));
     if (!row) return; /* lut_conv checks every pixel's mark below */
     memset(row + f->c, 0, (size_t)(width - f->c) * sizeof(float));
     for (int64_t p = chunk * f->per_chunk; p < p1; p++) {
         memcpy(row, f->img + p * f->c, (size_t)f->c * sizeof(float));
-        float *tab = f->tabs + p * f->gpp * LUT_ENTRIES;
-        if (j->isa == ISA_AVX512) lut_tables_512(row, f->gpp, j->sh.group, j->L, tab);
-        else lut_tables_generic(row, f->gpp, j->sh.group, j->L, tab);
+        float *tab = f->tabs + p * (f->gs + 1) * LUT_ENTRIES;
+        if (j->isa == ISA_AVX512) lut_tables_512(row, f->gs, j->sh.group, j->L, tab);
+        else lut_tables_generic(row, f->gs, j->sh.group, j->L, tab);
+        memset(tab + f->gs * LUT_ENTRIES, 0, LUT_ENTRIES * sizeof(float));
         float sx = 0.0f;
         if (j->sh.corr != 0.0f)
             for (int64_t i = 0; i < f->c; i++) sx += row[i];
@@ -1604,7 +1619,7 @@ static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, i
     int nt = nthreads;
     lut_job j = lut_setup(isa, g.b * outs, k, taps, lut, n, levels, scale, per_channel, bias, y,
                           &nt);
-    const int64_t wps = j.W / taps, gpp = wps * LUT_GROUPS_PER_WORD;
+    const int64_t gs = lut_groups(&j.sh, g.c), gpp = gs + 1;
     const int64_t per_image = px * gpp * LUT_ENTRIES * (int64_t)sizeof(float);
     int64_t ib = LUT_CONV_TABLES / (per_image > 0 ? per_image : 1);
     ib = ib < 1 ? 1 : (ib > g.b ? g.b : ib);
@@ -1613,12 +1628,12 @@ static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, i
     float *psum = xalloc((size_t)(ib * px) * sizeof(float) + 64);
     float *tsum = xalloc((size_t)(ib * outs) * sizeof(float) + 64);
     int64_t *ttab = xalloc((size_t)(ib * outs) * sizeof(int64_t) + 64);
-    int64_t *woff = xalloc((size_t)j.W * sizeof(int64_t) + 64);
+    int64_t *goff = xalloc((size_t)(j.W * LUT_GROUPS_PER_WORD) * sizeof(int64_t) + 64);
     int rc = -1;
-    if (!img || !tabs || !psum || !tsum || !ttab || !woff) goto done;
-    for (int64_t v = 0; v < j.W; v++) {
-        const int64_t tap = v / wps, i = tap / g.kw, jj = tap % g.kw;
-        woff[v] = ((i * g.dh * g.wp + jj * g.dw) * gpp + (v % wps) * LUT_GROUPS_PER_WORD) *
+    if (!img || !tabs || !psum || !tsum || !ttab || !goff) goto done;
+    for (int64_t i = 0; i < j.W * LUT_GROUPS_PER_WORD; i++) {
+        const int64_t tap = i / gs, ti = tap / g.kw, tj = tap % g.kw;
+        goff[i] = (i < taps * gs ? (ti * g.dh * g.wp + tj * g.dw) * gpp + i % gs : gs) *
                   LUT_ENTRIES;
     }
     for (int64_t b0 = 0; b0 < g.b; b0 += ib) {
@@ -1628,7 +1643,7 @@ static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, i
         conv_fill_job f = {isa, 0, gg, x + b0 * g.h * g.w * g.c, NULL, NULL, img, NULL, 0, 0, 0};
         run_fill(fill_padded_chunk, &f, gg.b * g.h, nthreads);
         memset(psum, 0xff, (size_t)(gg.b * px) * sizeof(float)); /* NaN: not built */
-        lut_pixel_job pj = {&j, img, g.c, gpp, 0, gg.b * px, tabs, psum};
+        lut_pixel_job pj = {&j, img, g.c, gs, 0, gg.b * px, tabs, psum};
         pj.per_chunk = (pj.count + 4 * nthreads - 1) / (4 * nthreads);
         pj.per_chunk = pj.per_chunk < 1 ? 1 : pj.per_chunk;
         parallel_for(lut_pixel_chunk, &pj, (pj.count + pj.per_chunk - 1) / pj.per_chunk, nthreads);
@@ -1648,13 +1663,13 @@ static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, i
         int nt2 = nthreads;
         lut_job jj = lut_setup(isa, m, k, taps, lut, n, levels, scale, per_channel, bias,
                                y + b0 * outs * n, &nt2);
-        jj.woff = woff, jj.fixed = tabs, jj.ttab = ttab, jj.tsum = tsum;
-        jj.geom = &g, jj.wps = wps;
+        jj.goff = goff, jj.fixed = tabs, jj.ttab = ttab, jj.tsum = tsum;
+        jj.geom = &g, jj.gs = gs;
         lut_go(&jj, nt2);
     }
     rc = 0;
 done:
-    free(img), free(tabs), free(psum), free(tsum), free(ttab), free(woff);
+    free(img), free(tabs), free(psum), free(tsum), free(ttab), free(goff);
     return rc;
 }
 
