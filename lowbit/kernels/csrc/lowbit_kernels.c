@@ -52,16 +52,20 @@
  * kernels run on torch's own thread team. After each torch operator (a ReLU, a pooling) that
  * team's workers keep spinning for a while; a second pool of our own would have to share the
  * cores with them (measured: cvnn2 at batch 1, 5.9 ms on two threads vs 3.4 ms on one), while
- * the same team picks up the next parallel region at once. Chunks are claimed dynamically.
+ * the same team picks up the next parallel region at once. Chunks are claimed dynamically. A
+ * call whose barrier waited for a descheduled worker longer than it computed sends the next
+ * calls to the calling thread alone for a while (see parallel_for).
  * Without OpenMP (a compiler that lacks it) the kernels run on the calling thread.
  */
 
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -75,6 +79,8 @@ enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 /* ROWS: rows per block (the compute layout interleaves them, see the header); BLOCK_GROUP:
  * bytes of one group of a row block; MAX_CHUNK_TOKENS: tokens per work item */
 enum { ROWS = 8, BLOCK_GROUP = ROWS * 64, MAX_CHUNK_TOKENS = 32 };
+/* the GEMM drivers' work split (see make_job) */
+enum { CHUNKS_PER_THREAD = 16, MIN_CHUNK_BYTES = 16384 };
 
 LB_EXPORT int lb_version(void) { return 8; }
 
@@ -103,14 +109,62 @@ __attribute__((constructor)) static void register_fork_handler(void) {
     pthread_atfork(NULL, NULL, on_fork_child);
 }
 
-/* fn(ctx, i) for i in 0..nchunks-1 on up to `nthreads` threads (the caller included). Not static:
- * lowbit_binary.c, in the same library, shares it (hidden by -fvisibility=hidden). */
+/* A team that waits: an OpenMP region ends in a barrier that waits for every thread of the team,
+ * including one the OS has not run yet. Where the cores are shared with more runnable threads
+ * than they have (other jobs; another runtime's spinning workers), a worker woken for a 100 us
+ * GEMV may get its core only after another thread's time slice, milliseconds later, and the
+ * caller waits at the barrier doing nothing: measured on a 2-core Zen 4 at load ~4, int8 ternary
+ * 4096x4096 batch 1 took a median 7.3 ms on two threads against 0.21 ms on one. So each call
+ * measures its own wait: the caller's time from running out of chunks to the region's end,
+ * against its time computing. A call that waited longer than it computed (and longer than
+ * STALL_SECONDS) would have been faster on one thread; the next calls then run on the caller
+ * alone, for a number of calls that doubles with every such call in a row (1, 2, 4, ...
+ * MAX_SERIAL_CALLS), and the first call after that tries the team again. A quiet machine never
+ * waits that long and keeps its threads; a loaded one pays one slow call per back-off instead
+ * of one per call. (A pool whose caller never waits for a worker that has not started was
+ * tried: it cannot use torch's team, already spinning after each torch operator, and packed
+ * cvnn2 at batch 1 on two threads got slower: 3.0 ms against 1.85, best decile, at load ~5.) */
+enum { MAX_SERIAL_CALLS = 256 };
+#define STALL_SECONDS 50e-6 /* shorter waits are a team's ordinary barrier, not a stall */
+static _Atomic int serial_calls = 0; /* calls left to run on the caller alone */
+static _Atomic int backoff = 0;      /* the next back-off's length; 0 after a call that scaled */
+
+static double seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void note_team_call(double computed, double waited) {
+    if (waited > computed && waited > STALL_SECONDS) {
+        const int b = atomic_load(&backoff);
+        atomic_store(&serial_calls, b > 0 ? b : 1);
+        atomic_store(&backoff, b == 0 ? 2 : (2 * b < MAX_SERIAL_CALLS ? 2 * b : MAX_SERIAL_CALLS));
+    } else {
+        atomic_store(&backoff, 0);
+    }
+}
+
+/* fn(ctx, i) for i in 0..nchunks-1 on up to `nthreads` threads (the caller included), chunks
+ * claimed one at a time in order. Not static: lowbit_binary.c, in the same library, shares it
+ * (hidden by -fvisibility=hidden). */
 void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads) {
 #ifdef _OPENMP
-    if (nthreads > 1 && nchunks > 1 && !forked_child && !omp_in_parallel()) {
+    if (nthreads > 1 && nchunks > 1 && !forked_child && !omp_in_parallel() &&
+        atomic_fetch_sub(&serial_calls, 1) <= 0) {
+        atomic_store(&serial_calls, 0);
         if (nthreads > nchunks) nthreads = (int)nchunks;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int64_t i = 0; i < nchunks; i++) fn(ctx, i);
+        _Atomic int64_t next = 0;
+        double t0 = 0.0, t1 = 0.0;
+#pragma omp parallel num_threads(nthreads)
+        {
+            const int caller = omp_get_thread_num() == 0;
+            if (caller) t0 = seconds();
+            for (int64_t i; (i = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < nchunks;)
+                fn(ctx, i);
+            if (caller) t1 = seconds();
+        }
+        note_team_call(t1 - t0, seconds() - t1);
         return;
     }
 #endif
@@ -814,13 +868,19 @@ static gemm_job make_job(int isa, int64_t m, int64_t k, const uint8_t *w, int64_
     j.rowbytes = kp * bits / 8;
     if ((double)m * (double)n * (double)k < 2.0e5) *nthreads = 1;
     /* Tokens in blocks of 32 (a block's activations stay in L1/L2 while every row block passes
-     * over them), rows split further until there are about 4 chunks a thread; whole 8-row
-     * blocks. */
+     * over them), rows split further until there are about CHUNKS_PER_THREAD chunks a thread,
+     * whole 8-row blocks of at least MIN_CHUNK_BYTES of weights. Chunks are claimed in order as
+     * threads come free, so the threads finish within about one chunk of each other: with 4
+     * chunks a thread a worker that starts late left the caller up to 1/8 of a 2-thread GEMV to
+     * finish alone; with 16, 1/32. */
     j.tokens_per_chunk = m < MAX_CHUNK_TOKENS ? (m > 0 ? m : 1) : MAX_CHUNK_TOKENS;
     j.token_chunks = (m + j.tokens_per_chunk - 1) / j.tokens_per_chunk;
     if (j.token_chunks < 1) j.token_chunks = 1;
     const int64_t nblocks = (n + ROWS - 1) / ROWS;
-    int64_t row_chunks = (4 * (int64_t)*nthreads + j.token_chunks - 1) / j.token_chunks;
+    const int64_t max_chunks = nblocks * ROWS * j.rowbytes / MIN_CHUNK_BYTES;
+    int64_t row_chunks =
+        (CHUNKS_PER_THREAD * (int64_t)*nthreads + j.token_chunks - 1) / j.token_chunks;
+    if (row_chunks > max_chunks) row_chunks = max_chunks;
     row_chunks = row_chunks < 1 ? 1 : (row_chunks > nblocks ? nblocks : row_chunks);
     j.rows_per_chunk = ROWS * ((nblocks + row_chunks - 1) / row_chunks);
     return j;
