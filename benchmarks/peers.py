@@ -1,4 +1,4 @@
-"""Peers in the same run: lowbit's packed ternary linear against onnxruntime's MatMulNBits.
+"""Peers in the same run: lowbit's packed ternary linear against onnxruntime and ggml.
 
 Claim checked (issue 12): lowbit's int8 mode is >= 1.2x faster than the fastest peer at batch 1
 and batch 8, on 1 and 2 threads, for ternary 4096x4096 and 11008x4096 (N_out x K) weights;
@@ -14,17 +14,25 @@ Contenders, all holding the same ternary weight W = s * (c - 1), c in {0, 1, 2}:
   block, all = s), accuracy level 0 (fp32 activations) or 4 (activations quantized to int8 per
   block, onnxruntime's fastest CPU path); one InferenceSession each, ``intra_op_num_threads`` =
   the threads of the row, default session options otherwise (its workers spin between calls,
-  as shipped).
-
-ggml's TQ1_0 / TQ2_0 are not measured here (they need ggml built from source; not done).
+  as shipped);
+* ``ggml-tq1_0`` / ``ggml-tq2_0`` (optional): ``ggml_mul_mat`` on ggml's CPU backend with the
+  weight in ggml's ternary formats (TQ1_0: 1.69 bits a weight, TQ2_0: 2.06; one fp16 scale per
+  256 weights; activations quantized to 8 bits (Q8_K) inside the call), through our harness
+  ``benchmarks/ggml_peer.c`` on a ggml threadpool of the row's threads. It needs ggml built from
+  a local checkout (nothing is downloaded): ``sh benchmarks/ggml_peer_build.sh GGML_DIR``, then
+  ``--ggml-peer build/ggml_peer/libggml_peer.so`` (the default path); without it the run says
+  so and goes on.
 
 Timing: per (shape, batch, threads) every contender runs once per round in a fresh random order,
 so none inherits a fixed predecessor's cache traffic (the fp32 weights, 64-180 MB, evict the L3
 between the packed calls: these are weights-from-memory figures); median over rounds. Every
 contender's output is checked against the float64 product before timing (max |error| listed).
+Clock: on one thread, the calling thread's CPU time (every contender computes on the calling
+thread there, so time the OS gave to other jobs is not counted); on more threads, wall-clock
+time (the work of other threads is the point), with the load average beside each row set.
 
     .venv/bin/pip install 'lowbit[onnx]'   # onnx, onnxruntime
-    python benchmarks/peers.py [--quick] [--rounds 25]
+    python benchmarks/peers.py [--quick] [--rounds 25] [--threads 1,2] [--ggml-peer LIB]
 
 writes ``docs/results/peers.md``.
 """
@@ -32,6 +40,7 @@ writes ``docs/results/peers.md``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import random
 import statistics
 import sys
@@ -52,6 +61,43 @@ from lowbit import kernels  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ((4096, 4096), (11008, 4096))  # (N_out, K)
 ORT_CONFIGS = tuple((b, bs, a) for b in (2, 4) for bs in (32, 128) for a in (0, 4))
+GGML_TYPES = {"tq1_0": 34, "tq2_0": 35}  # enum ggml_type values (ggml.h)
+PEERS = ("ort-", "ggml-")
+GGML_DEFAULT = ROOT / "build" / "ggml_peer" / "libggml_peer.so"
+
+
+class _GgmlPeer:
+    """One ggml_mul_mat contender of benchmarks/ggml_peer.c: weight quantized once, its own
+    threadpool; called with x (m, k) float32 C-contiguous, returns y (m, n)."""
+
+    def __init__(self, lib: ctypes.CDLL, kind: int, w: np.ndarray, m: int, threads: int):
+        n, k = w.shape
+        self._lib, self._y = lib, np.empty((m, n), dtype=np.float32)
+        self._h = lib.gp_new(kind, n, k, m, w.ctypes.data, threads)
+        if not self._h:
+            raise RuntimeError(f"ggml_peer: gp_new failed for {n}x{k}, batch {m}")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._lib.gp_run(self._h, x.ctypes.data, self._y.ctypes.data) != 0:
+            raise RuntimeError("ggml_peer: graph compute failed")
+        return self._y
+
+    def close(self) -> None:
+        if self._h:
+            self._lib.gp_free(self._h)
+            self._h = None
+
+
+def _load_ggml(path: Path) -> ctypes.CDLL | None:
+    """The harness library, or None when it is not built (the run then says so)."""
+    if not path.is_file():
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.gp_new.restype = ctypes.c_void_p
+    lib.gp_new.argtypes = [ctypes.c_int, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int]
+    lib.gp_run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.gp_free.argtypes = [ctypes.c_void_p]
+    return lib
 
 
 def _ort_model(codes: np.ndarray, scale: float, bits: int, block: int, accuracy: int):
@@ -100,7 +146,9 @@ def _ort_model(codes: np.ndarray, scale: float, bits: int, block: int, accuracy:
     return model.SerializeToString()
 
 
-def _contenders(n: int, k: int, batch: int, threads: int, quick: bool) -> dict:
+def _contenders(n: int, k: int, batch: int, threads: int, quick: bool, ggml) -> tuple:
+    """Contenders by name (each a call of no arguments), their max |error| against the float64
+    product, and the ggml handles to close after timing."""
     import onnxruntime as ort
 
     g = torch.Generator().manual_seed(0)
@@ -124,12 +172,18 @@ def _contenders(n: int, k: int, batch: int, threads: int, quick: bool) -> dict:
         model = _ort_model(codes.numpy(), scale, bits, block, acc)
         sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         out[f"ort-q{bits}-b{block}-a{acc}"] = lambda s=sess: s.run(None, {"A": xn})[0]
+    handles = []
+    if ggml is not None:
+        w32n = w32.numpy()
+        for kind, value in GGML_TYPES.items():
+            handles.append(_GgmlPeer(ggml, value, w32n, batch, threads))
+            out[f"ggml-{kind}"] = lambda h=handles[-1]: h(xn)
     errors = {}
     for name, fn in out.items():
         y = fn()
         y = torch.from_numpy(y) if isinstance(y, np.ndarray) else y
         errors[name] = float((y.double() - exact).abs().max())
-    return out, errors
+    return out, errors, handles
 
 
 def _time(fns: dict, rounds: int, timer) -> dict[str, float]:
@@ -146,39 +200,70 @@ def _time(fns: dict, rounds: int, timer) -> dict[str, float]:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def _threads(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"--threads wants counts like 1,2, got {text!r}")
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="4096x4096 only, two ORT variants")
     p.add_argument("--rounds", type=int, default=25)
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "peers.md"))
+    p.add_argument("--threads", type=_threads, default=(1, 2), help="thread counts (1,2)")
     p.add_argument(
-        "--thread-clock",
-        action="store_true",
-        help="one thread only, timed in the thread's CPU time (for a machine loaded beyond its "
-        "cores, where wall-clock medians measure the scheduler)",
+        "--clock",
+        choices=("auto", "wall"),
+        default="auto",
+        help="auto: the calling thread's CPU time on one thread, wall-clock time on more; "
+        "wall: wall-clock time everywhere",
     )
+    p.add_argument(
+        "--ggml-peer",
+        default=str(GGML_DEFAULT),
+        help="benchmarks/ggml_peer.c built by benchmarks/ggml_peer_build.sh (skipped if absent)",
+    )
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "peers.md"))
     args = p.parse_args()
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
     except ImportError:
         print("peers.py needs onnxruntime: pip install 'lowbit[onnx]'", file=sys.stderr)
         return 2
+    ggml = _load_ggml(Path(args.ggml_peer))
+    if ggml is None:
+        print(
+            f"peers.py: no ggml harness at {args.ggml_peer}: ggml not measured "
+            "(build it: sh benchmarks/ggml_peer_build.sh GGML_DIR)",
+            file=sys.stderr,
+        )
     info = environment.describe()
     default_threads = torch.get_num_threads()
     rows, targets = [], []
     for n, k in SHAPES[:1] if args.quick else SHAPES:
         for batch in (1, 8):
-            for threads in (1,) if args.thread_clock else (1, 2):
+            for threads in args.threads:
+                thread_clock = args.clock == "auto" and threads == 1
                 torch.set_num_threads(threads)
+                handles = []
                 try:
-                    fns, errors = _contenders(n, k, batch, threads, args.quick)
+                    fns, errors, handles = _contenders(n, k, batch, threads, args.quick, ggml)
                     for fn in fns.values():  # warm-up
                         fn()
-                    timer = time.thread_time if args.thread_clock else time.perf_counter
-                    med = _time(fns, args.rounds, timer)
+                    load0 = environment.load()
+                    med = _time(
+                        fns, args.rounds, time.thread_time if thread_clock else time.perf_counter
+                    )
+                    load1 = environment.load()
                 finally:
                     torch.set_num_threads(default_threads)
-                peers = {name: t for name, t in med.items() if name.startswith("ort-")}
+                    for h in handles:
+                        h.close()
+                peers = {name: t for name, t in med.items() if name.startswith(PEERS)}
                 best = min(peers, key=peers.get)
                 label = f"{n}x{k} b{batch} t{threads}"
                 print(label, {k_: round(v * 1e6, 1) for k_, v in med.items()}, file=sys.stderr)
@@ -191,27 +276,31 @@ def main() -> int:
                 int8 = peers[best] / med["lowbit-int8"]
                 fp32 = peers[best] / med["lowbit-fp32"]
                 targets.append(
-                    f"| {label} | {best} {peers[best] * 1e6:.1f} us | "
+                    f"| {label} | {'thread CPU' if thread_clock else 'wall'} | {load0} -> {load1} "
+                    f"| {best} {peers[best] * 1e6:.1f} us | "
                     f"{med['lowbit-int8'] * 1e6:.1f} us, {int8:.2f}x | "
                     f"{'yes' if int8 >= 1.2 else 'no'} | "
                     f"{med['lowbit-fp32'] * 1e6:.1f} us, {fp32:.2f}x |"
                 )
+    versions = f"onnxruntime {onnxruntime.__version__}; ggml: " + (
+        f"{args.ggml_peer} (TQ1_0, TQ2_0)" if ggml else "not measured (harness not built)"
+    )
     lines = [
-        "# Peers: lowbit's packed ternary linear vs onnxruntime MatMulNBits, one process",
+        "# Peers: lowbit's packed ternary linear vs onnxruntime MatMulNBits and ggml, one process",
         "",
         environment.markdown(info) + f"- load average at end: {environment.load()}",
-        f"- onnxruntime {onnxruntime.__version__}; {args.rounds} rounds, contenders in a fresh "
-        "random order each round; medians of "
-        + ("the thread's CPU time (one thread)" if args.thread_clock else "wall-clock time")
-        + ". The machine is shared with other jobs (see the "
-        "load): ratios within a row set are the comparable figures.",
-        "- ggml TQ1_0 / TQ2_0 and bitnet.cpp: not measured in this run.",
+        f"- {versions}",
+        f"- {args.rounds} rounds, contenders in a fresh random order each round; medians of the "
+        "calling thread's CPU time on one thread and of wall-clock time on more (column "
+        "'clock'). The machine is shared with other jobs (see the load): ratios within a row "
+        "set are the comparable figures.",
         "",
         "## Target: lowbit int8 >= 1.2x the fastest peer",
         "",
-        "| shape, batch, threads | fastest peer | lowbit int8 (speed-up over it) | met "
+        "| shape, batch, threads | clock | load average (1/5/15 min) before -> after "
+        "| fastest peer | lowbit int8 (speed-up over it) | met "
         "| lowbit weight-only (speed-up over it) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
         *targets,
         "",
         "## All contenders",
