@@ -142,7 +142,7 @@ def test_lut_conv_within_its_stated_bound(isa: str, levels: int) -> None:
         patch = torch.nn.functional.conv2d(x.double().abs(), ones, None, stride, padding)
         base, group, planes = native.lut_shape(levels)
         taps = ks[0] * ks[1]
-        groups = taps * math.ceil(math.ceil(cin / group) / 6) * 6  # every tap padded
+        groups = taps * math.ceil(cin / group)  # each tap's channels in whole groups
         corr = abs((2**planes - levels) / 2) if base == 2 else 0.0
         a = (2**planes - 1) * (base - 1) / 2 + corr
         terms = group + groups + planes + 4
@@ -160,6 +160,36 @@ def test_lut_avx512_equals_the_portable_loop_bit_for_bit(levels: int) -> None:
         fast = kernels.prepare(codes, scale, levels, isa="avx512")
         slow = kernels.prepare(codes, scale, levels, isa="portable")
         assert torch.equal(kernels.linear(x, fast, bias), kernels.linear(x, slow, bias))
+
+
+@needs_native
+@pytest.mark.skipif("avx512" not in ISAS, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("levels", LEVELS)
+def test_lut_conv_avx512_equals_the_portable_loop_bit_for_bit(levels: int) -> None:
+    """The AVX-512 tiles (token pairs, lone border tokens that skip their padded taps, row
+    blocks in 8s / 4s / 1s) against the portable loop (one token, one row block, every tap)."""
+    gen = torch.Generator().manual_seed(100 + levels)
+    geometries = (  # C_in, C_out, kernel, stride, padding, dilation, H, W, batch
+        (16, 70, (3, 3), (1, 1), (1, 1), (1, 1), 7, 5, 2),
+        (21, 131, (3, 2), (2, 1), (2, 1), (1, 1), 6, 9, 1),
+        (17, 9, (5, 5), (1, 1), (2, 2), (2, 1), 5, 7, 3),
+        (40, 33, (1, 1), (1, 1), (1, 1), (1, 1), 3, 4, 1),  # border tokens read only padding
+    )
+    for cin, cout, ks, stride, padding, dilation, h, w, b in geometries:
+        codes = torch.randint(0, levels, (cout, cin * ks[0] * ks[1]), generator=gen)
+        codes, scale = codes.to(torch.uint8), torch.rand(cout, generator=gen) + 0.1
+        bias = torch.randn(cout, generator=gen)
+        x = torch.relu(torch.randn(b, cin, h, w, generator=gen))
+        kw = dict(kernel_size=ks, stride=stride, padding=padding, dilation=dilation)
+        got = {
+            isa: kernels.conv2d(
+                x, kernels.prepare(codes, scale, levels, isa=isa, conv=(cin, ks)), bias, **kw
+            )
+            for isa in ("avx512", "portable")
+        }
+        assert torch.equal(got["avx512"], got["portable"]), (levels, cin, ks)
+        want = reference.conv2d(x, codes, scale, levels, bias, **kw)  # float32, another order
+        assert torch.allclose(got["avx512"], want, rtol=1e-4, atol=1e-4), (levels, cin, ks)
 
 
 @needs_native

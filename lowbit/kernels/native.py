@@ -27,7 +27,7 @@ ISAS = ("portable", "avx2", "avx512")
 # ISAs whose fp32-activation path is the lookup-table kernel (``lut_pack``); AVX2 keeps the
 # level-table FMA tiles of the lane layout (a 32-entry table costs it four 8-entry lookups)
 LUT_ISAS = ("portable", "avx512")
-ABI_VERSION = 7  # lb_version() of the C library this binding matches (layout, signatures)
+ABI_VERSION = 8  # lb_version() of the C library this binding matches (layout, signatures)
 MAX_LEVELS = 17
 ROWS = 8  # rows per block of the compute layout
 
