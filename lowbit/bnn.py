@@ -38,6 +38,8 @@ multiply and one add per channel (``scale = gamma / sqrt(var + eps)``, ``shift =
 scale``) and everything after the binary layer written as ``lowbit.epilogue.BlockEpilogue``: the
 trained (QAT) layer applies it with torch operations, a packed layer inside its XNOR-popcount
 kernel, with the same float32 operations in the same order, so the two stay bit-identical.
+The CNN's fp32 stem folds its BatchNorm into its convolution in eval mode the same way
+(``ConvStem``); both folds are the same function as the unfolded layers up to float rounding.
 """
 
 from __future__ import annotations
