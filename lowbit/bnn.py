@@ -367,10 +367,9 @@ class BinaryCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.stem(x))  # (B, 4 width, H/4, W/4), real valued
-        # packed convolutions return channels-last tensors, and average pooling sums in another
-        # order there: pool a contiguous tensor so packed and trained outputs stay bit-identical
-        return self.head(h.contiguous())
+        # (B, 4 width, H/4, W/4), real valued; channels-last from the binary blocks in eval mode,
+        # trained or packed (lowbit.epilogue), so their average pooling sums in the same order
+        return self.head(self.blocks(self.stem(x)))
 
 
 def binary_mlp(config: BinaryMLPConfig | None = None, **fields: object) -> BinaryMLP:
