@@ -1288,6 +1288,8 @@ typedef struct {
     const int64_t *ttab;
     const conv_geom *geom;
     int64_t gs;
+    const uint64_t *rect; /* token t's taps inside the image (lut_rect) */
+    const int64_t *order; /* the tokens in the order visited: sorted by rect */
 } lut_job;
 
 static int worker_slot(int nslots) {
@@ -1371,32 +1373,21 @@ static uint64_t lut_rect(const lut_job *j, int64_t t) {
     return (uint64_t)a | (uint64_t)b << 16 | (uint64_t)c << 32 | (uint64_t)d << 48;
 }
 
-/* The word ranges of a convolution tile of T tokens from t: the words holding a group of a tap
- * inside the image for any of them (kernel rows [i0, i1) x columns [c0, c1), the union of the
- * tokens' rectangles), one range a kernel row, ranges that meet merged (one range over them all
- * beyond 16 rows). Returns the count. */
-static int lut_tap_words(const lut_job *j, int64_t t, int T, int64_t *vr) {
-    const conv_geom *g = j->geom;
-    int64_t i0 = g->kh, i1 = 0, c0 = g->kw, c1 = 0;
-    for (int i = 0; i < T; i++) {
-        const int64_t rem = (t + i) % (g->ho * g->wo), oy = rem / g->wo, ox = rem % g->wo;
-        int64_t a, b;
-        lut_valid_taps(oy, g->sh, g->ph, g->dh, g->h, g->kh, &a, &b);
-        if (a < b) i0 = a < i0 ? a : i0, i1 = b > i1 ? b : i1;
-        lut_valid_taps(ox, g->sw, g->pw, g->dw, g->w, g->kw, &a, &b);
-        if (a < b) c0 = a < c0 ? a : c0, c1 = b > c1 ? b : c1;
-    }
-    const int64_t G = LUT_GROUPS_PER_WORD;
-    if (c0 >= c1) return 0;
+/* The word ranges of a convolution token with the tap rectangle `rect` (lut_rect): the words
+ * holding a group of a tap inside the image, one range a kernel row, ranges that meet merged
+ * (one range over them all beyond 16 rows). Returns the count. */
+static int lut_tap_words(const lut_job *j, uint64_t rect, int64_t *vr) {
+    const int64_t i0 = rect & 0xffff, i1 = rect >> 16 & 0xffff, c0 = rect >> 32 & 0xffff,
+                  c1 = rect >> 48, kw = j->geom->kw, G = LUT_GROUPS_PER_WORD;
+    if (c0 >= c1 || i0 >= i1) return 0;
     if (i1 - i0 > 16) { /* more kernel rows than ranges: one range over them all */
-        vr[0] = i0 * g->kw * j->gs / G, vr[1] = ((i1 - 1) * g->kw + c1) * j->gs;
-        vr[1] = (vr[1] + G - 1) / G;
+        vr[0] = i0 * kw * j->gs / G, vr[1] = (((i1 - 1) * kw + c1) * j->gs + G - 1) / G;
         return 1;
     }
     int n = 0;
     for (int64_t r = i0; r < i1; r++) {
-        const int64_t v0 = (r * g->kw + c0) * j->gs / G;
-        const int64_t v1 = ((r * g->kw + c1) * j->gs + G - 1) / G;
+        const int64_t v0 = (r * kw + c0) * j->gs / G;
+        const int64_t v1 = ((r * kw + c1) * j->gs + G - 1) / G;
         if (n && v0 <= vr[2 * n - 1]) vr[2 * n - 1] = v1; /* shares a word with the last range */
         else vr[2 * n] = v0, vr[2 * n + 1] = v1, n++;
     }
@@ -1410,7 +1401,7 @@ static void lut_chunk(const void *ctx, int64_t chunk) {
     const int64_t t1 = t0 + j->tokens_per_chunk < j->m ? t0 + j->tokens_per_chunk : j->m;
     const int64_t b0 = bc * j->blocks_per_chunk;
     const int64_t b1 = b0 + j->blocks_per_chunk < j->nblocks ? b0 + j->blocks_per_chunk : j->nblocks;
-    const float *tabs = NULL, *sums = j->tsum ? j->tsum + t0 : NULL;
+    const float *tabs = NULL, *sums = NULL;
     if (!j->fixed) {
         const int slot = worker_slot(j->nslots);
         if (j->owner[slot] != tc) {
@@ -1426,30 +1417,34 @@ static void lut_chunk(const void *ctx, int64_t chunk) {
          * row blocks left over (portable: 1x1, the same sums in the same order) */
         const int R = j->isa != ISA_AVX512 ? 1 : (b1 - b >= 8 ? 8 : (b1 - b >= 4 ? 4 : 1));
         for (int64_t t = t0; t < t1;) {
-            /* a convolution pairs tokens whose patches meet the padding alike (the tile skips
-             * the taps they both read there), a token differing from its neighbour goes alone */
+            /* a convolution visits its tokens sorted by tap rectangle (j->order) and pairs
+             * those whose patches meet the padding alike (the tile skips the taps they read
+             * there); a token whose rectangle differs from the next one's goes alone */
+            const int64_t tok[2] = {j->order ? j->order[t] : t,
+                                    t + 1 < t1 ? (j->order ? j->order[t + 1] : t + 1) : 0};
             const int T = j->isa == ISA_AVX512 && t1 - t >= 2 &&
-                                  (!j->geom || lut_rect(j, t) == lut_rect(j, t + 1))
+                                  (!j->geom || j->rect[tok[0]] == j->rect[tok[1]])
                               ? 2
                               : 1;
             const int RR = T == 2 ? (R >= 4 ? 4 : 1) : R;
             int64_t vr[2 * 16];
             lut_walk walk = {j->block, j->W, j->sh.planes, 1, j->goff, vr};
             vr[0] = 0, vr[1] = j->W;
-            if (j->geom) walk.nvr = lut_tap_words(j, t, T, vr);
+            if (j->geom) walk.nvr = lut_tap_words(j, j->rect[tok[0]], vr);
             for (int64_t bb = b; bb < b + R; bb += RR) {
                 const float *tab[2];
                 for (int i = 0; i < T; i++)
-                    tab[i] = j->fixed ? j->fixed + j->ttab[t + i]
+                    tab[i] = j->fixed ? j->fixed + j->ttab[tok[i]]
                                       : tabs + (t - t0 + i) * j->tab_floats;
                 const uint32_t *w = j->w + bb * j->block;
                 if (j->isa == ISA_AVX512) lut_tiles_512(w, &walk, tab, RR, T, out);
                 else lut_tiles_generic(w, &walk, tab, RR, T, out);
                 for (int i = 0; i < T; i++) {
-                    const float off = j->sh.corr != 0.0f ? j->sh.corr * sums[t - t0 + i] : 0.0f;
+                    const float sx = j->fixed ? j->tsum[tok[i]] : sums[t - t0 + i];
+                    const float off = j->sh.corr != 0.0f ? j->sh.corr * sx : 0.0f;
                     for (int r = 0; r < RR; r++)
                         lut_store(j, out + (i * RR + r) * LUT_ROWS, off, (bb + r) * LUT_ROWS,
-                                  j->y + (t + i) * j->n);
+                                  j->y + tok[i] * j->n);
                 }
             }
             t += T;
@@ -1672,6 +1667,18 @@ static void lut_pixel_chunk(const void *ctx, int64_t chunk) {
     free(row);
 }
 
+/* Tokens sorted by tap rectangle (then index: the interior stays in raster order). */
+typedef struct {
+    uint64_t rect;
+    int64_t t;
+} lut_token;
+
+static int lut_token_cmp(const void *a, const void *b) {
+    const lut_token *x = a, *y = b;
+    if (x->rect != y->rect) return x->rect < y->rect ? -1 : 1;
+    return (x->t > y->t) - (x->t < y->t);
+}
+
 static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, int64_t n,
                     int levels, const float *scale, int per_channel, const float *bias, float *y,
                     int nthreads) {
@@ -1689,8 +1696,11 @@ static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, i
     float *tsum = xalloc((size_t)(ib * outs) * sizeof(float) + 64);
     int64_t *ttab = xalloc((size_t)(ib * outs) * sizeof(int64_t) + 64);
     int64_t *goff = xalloc((size_t)(j.W * LUT_GROUPS_PER_WORD) * sizeof(int64_t) + 64);
+    uint64_t *rect = xalloc((size_t)(ib * outs) * sizeof(uint64_t) + 64);
+    int64_t *order = xalloc((size_t)(ib * outs) * sizeof(int64_t) + 64);
+    lut_token *sorted = xalloc((size_t)(ib * outs) * sizeof(lut_token) + 64);
     int rc = -1;
-    if (!img || !tabs || !psum || !tsum || !ttab || !goff) goto done;
+    if (!img || !tabs || !psum || !tsum || !ttab || !goff || !rect || !order || !sorted) goto done;
     for (int64_t i = 0; i < j.W * LUT_GROUPS_PER_WORD; i++) {
         const int64_t tap = i / gs, ti = tap / g.kw, tj = tap % g.kw;
         goff[i] = (i < taps * gs ? (ti * g.dh * g.wp + tj * g.dw) * gpp + i % gs : gs) *
@@ -1724,12 +1734,17 @@ static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, i
         lut_job jj = lut_setup(isa, m, k, taps, lut, n, levels, scale, per_channel, bias,
                                y + b0 * outs * n, &nt2);
         jj.goff = goff, jj.fixed = tabs, jj.ttab = ttab, jj.tsum = tsum;
-        jj.geom = &g, jj.gs = gs;
+        jj.geom = &g, jj.gs = gs, jj.rect = rect, jj.order = order;
+        for (int64_t t = 0; t < m; t++) rect[t] = lut_rect(&jj, t), sorted[t].rect = rect[t];
+        for (int64_t t = 0; t < m; t++) sorted[t].t = t;
+        qsort(sorted, (size_t)m, sizeof(lut_token), lut_token_cmp);
+        for (int64_t t = 0; t < m; t++) order[t] = sorted[t].t;
         lut_go(&jj, nt2);
     }
     rc = 0;
 done:
     free(img), free(tabs), free(psum), free(tsum), free(ttab), free(goff);
+    free(rect), free(order), free(sorted);
     return rc;
 }
 
