@@ -990,14 +990,20 @@ LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const
  *                                31 30 29     25 24     20        9      5 4      0
  *
  * stored (blocks, P, W, 16) so a row block is one sequential stream; K is padded with digit-0
- * weights to W = ceil(ceil(K / g) / 6) words (their activations are zero, T = 0 there). Bits a
- * weight: 5/3 (ternary, entropy 1.585), 5/5 x P (binary 1.0), 5/2 (5 levels).
+ * weights to G = ceil(K / g) groups, W = ceil(G / 6) words (their activations are zero, T = 0
+ * there). A convolution's weight with tables per pixel is packed in segments, one a tap: each
+ * tap's C channels in ceil(C / g) groups of their own, the taps' groups one after the other
+ * (G = kh kw ceil(C / g)). Bits a weight: 5/3 (ternary, entropy 1.585), 5/5 x P (binary 1.0),
+ * 5/2 (5 levels).
  *
  * Kernel: for 16 rows at once, `vpermt2ps` (two 16-float registers = one 32-entry table) looks
  * up the 16 rows' entries of group i from the 16 indices of a register (it reads only the 5
- * low bits of each 32-bit lane, so one shift per group selects the field), and a `vaddps`
- * accumulates. Per plane, each row sums its groups in order i = 0, 1, ... in float32; planes
- * combine from the top, acc = 2 acc + acc_p (exact doubling), then
+ * low bits of each 32-bit lane, so one shift per group selects the field), and an add
+ * accumulates (every second one issued as fma(value, 1, acc): the same rounding, see
+ * lut_tile_512). Per plane, each row sums its groups in order i = 0, 1, ... in float32 (a
+ * convolution leaves out the groups whose taps read only zero padding: adding their zero
+ * tables changes nothing but the sign of a zero sum); planes combine from the top,
+ * acc = 2 acc + acc_p (exact doubling), then
  *
  *   y[t, n] = s[n] * (acc[t, n] + corr * sum_k x[t, k]) + b[n]          (float32)
  *
@@ -1007,7 +1013,7 @@ LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const
  *
  *   |y - y_exact| <= (g + G + P + 4) u * |s[n]| * A * sum_k |x[t,k]| + |b[n]| u,
  *
- * G = ceil(K / g) (the padded count for a conv with a segment a tap), A = (2^P - 1)(D - 1)/2 +
+ * G the groups of a row (above), A = (2^P - 1)(D - 1)/2 +
  * |corr| the largest |level| the digits can sum to (1/2 binary, 1 ternary, 2 for 5 levels, 3/2
  * for 4, 15/2 + 0 for 16, 31/2 + 15/2 for 17); the reference (float32 F.linear) has an error
  * of the same order in its own summation order. tests/test_kernels.py checks this bound against
@@ -1159,13 +1165,15 @@ typedef struct {
 
 /* out[(t * R + r) * 16 + lane] = sum over planes and groups of row block r, token t.
  *
- * Tiles of R row blocks x T tokens, each group loads T tables (2 registers each) and shifts R
- * index registers, then does R * T lookups. Measured on Zen 4 (one core, tables in L2, ns a
- * lookup): 4x2 0.42, 6x2 0.43, 8x1 0.46, 4x4 0.60 (28 live registers: the copies that
- * vpermt2ps's destroyed table operand needs no longer fit). Half of the accumulations are
- * issued as fma(value, 1, acc): the same rounding as the add (value * 1 is exact), but on the
- * multiply pipes, so the adds no longer queue behind the permutes on the shared pipes
- * (0.60 -> 0.42 ns at 4x2, 0.61 -> 0.46 at 8x1). */
+ * Tiles of R row blocks x T tokens: each group loads T tables (2 registers each) and shifts R
+ * index registers, then does R * T lookups. Half of the accumulations are issued as
+ * fma(value, 1, acc), which rounds as the add does (value * 1 is exact) but runs on the
+ * multiply pipes, where the adds otherwise compete with the permutes. Measured on Zen 4, one
+ * core, cvnn2's five 3x3 convolutions at batch 1 (lut_conv, ms, two runs): 4x2 with the fma
+ * 4.30-4.46, 4x2 adds only 5.60-5.71, 8x2 4.63-4.95, 3x2 4.94, 6x2 5.90-6.23 (one register
+ * too many: spills); the former 4x4 tiles (adds only) 4.87 on the same layers. A loop of
+ * permute + add alone runs at 0.38 ns a lookup on that core; the 4x2 tile at 0.42-0.45, the
+ * shifts hidden (0.42 without them). One token (8x1) measured 0.46. */
 LB_INLINE T512 void lut_tile_512(const uint32_t *w, const lut_walk *k, const float *const *tab,
                                  const int R, const int T, float *out) {
     const int64_t block = k->block, W = k->W, *goff = k->goff;
@@ -1413,8 +1421,8 @@ static void lut_chunk(const void *ctx, int64_t chunk) {
     }
     float out[8 * LUT_ROWS];
     for (int64_t b = b0; b < b1;) {
-        /* tiles (row blocks x tokens): 8x1 for a lone token, 4x2 for pairs, 1x2 / 1x1 for the
-         * row blocks left over (portable: 1x1, the same sums in the same order) */
+        /* tiles (row blocks x tokens): 8x1 / 4x1 for a lone token, 4x2 for pairs, 1x2 / 1x1
+         * for the row blocks left over (portable: 1x1, the same sums in the same order) */
         const int R = j->isa != ISA_AVX512 ? 1 : (b1 - b >= 8 ? 8 : (b1 - b >= 4 ? 4 : 1));
         for (int64_t t = t0; t < t1;) {
             /* a convolution visits its tokens sorted by tap rectangle (j->order) and pairs
