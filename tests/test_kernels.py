@@ -135,7 +135,8 @@ def _check_lut_conv(isa, levels, gen, cin, cout, ks, stride, padding, b, h, w) -
     patch = torch.nn.functional.conv2d(x.double().abs(), ones, None, stride, padding)
     base, group, planes = native.lut_shape(levels)
     taps = ks[0] * ks[1]
-    groups = taps * math.ceil(cin / group)  # each tap's channels in whole groups
+    # tables per pixel: each tap's channels in whole groups; per gathered patch: K's groups
+    groups = taps * math.ceil(cin / group) if cin >= 16 else math.ceil(cin * taps / group)
     corr = abs((2**planes - levels) / 2) if base == 2 else 0.0
     a = (2**planes - 1) * (base - 1) / 2 + corr
     terms = group + groups + planes + 4
@@ -148,10 +149,16 @@ def _check_lut_conv(isa, levels, gen, cin, cout, ks, stride, padding, b, h, w) -
 @pytest.mark.parametrize("isa", LUT_ISAS)
 @pytest.mark.parametrize("levels", range(2, 18))
 def test_lut_conv_within_its_stated_bound(isa: str, levels: int) -> None:
-    """Tables per pixel (C_in >= 16, each tap's channels whole groups) and per gathered patch
-    (fewer channels), against the float64 convolution, within the header's bound."""
+    """Tables per pixel (C_in >= 16, each tap's channels whole groups), per gathered patch
+    (fewer channels) and direct products (K <= 9), against the float64 convolution, within
+    the header's bound."""
     gen = torch.Generator().manual_seed(levels)
-    for cin, ks, stride, padding in ((19, (3, 2), (2, 1), (1, 0)), (5, (3, 3), (1, 1), (1, 1))):
+    for cin, ks, stride, padding in (
+        (19, (3, 2), (2, 1), (1, 0)),
+        (5, (3, 3), (1, 1), (1, 1)),
+        (1, (3, 3), (1, 1), (1, 1)),  # K = 9: direct products (LUT_DIRECT_MAX_K)
+        (2, (2, 2), (2, 1), (0, 1)),
+    ):
         _check_lut_conv(isa, levels, gen, cin, 21, ks, stride, padding, b=2, h=7, w=6)
 
 
@@ -189,6 +196,7 @@ def test_lut_conv_avx512_equals_the_portable_loop_bit_for_bit(levels: int) -> No
         (21, 131, (3, 2), (2, 1), (2, 1), (1, 1), 6, 9, 1),
         (17, 9, (5, 5), (1, 1), (2, 2), (2, 1), 5, 7, 3),
         (40, 33, (1, 1), (1, 1), (1, 1), (1, 1), 3, 4, 1),  # border tokens read only padding
+        (1, 130, (3, 3), (1, 1), (1, 1), (1, 1), 6, 5, 2),  # K = 9: direct products
     )
     for cin, cout, ks, stride, padding, dilation, h, w, b in geometries:
         codes = torch.randint(0, levels, (cout, cin * ks[0] * ks[1]), generator=gen)
