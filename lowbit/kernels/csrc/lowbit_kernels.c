@@ -1659,8 +1659,9 @@ enum { LUT_CONV_WINDOW = 768 << 10 };
 
 typedef struct {
     const lut_job *j;
-    const float *img; /* padded NHWC images */
-    int64_t c, gs, per_chunk, count;
+    const conv_geom *g;
+    const float *img; /* the image (H, W, C), read as its zero-padded (Hp, Wp, C) */
+    int64_t y0, gs, per_chunk, count; /* pixels p of the padded rows from y0 */
     float *tabs, *psum; /* per pixel: gs + 1 tables, the sum of its channels (corr != 0) */
 } lut_pixel_job;
 
@@ -1668,19 +1669,26 @@ static void lut_pixel_chunk(const void *ctx, int64_t chunk) {
     const lut_pixel_job *f = ctx;
     const lut_job *j = f->j;
     const int64_t p1 = (chunk + 1) * f->per_chunk < f->count ? (chunk + 1) * f->per_chunk : f->count;
+    const conv_geom *g = f->g;
     const int64_t width = f->gs * j->sh.group;
     float *row = xalloc((size_t)width * sizeof(float));
     if (!row) return; /* lut_conv checks every pixel's mark below */
-    memset(row + f->c, 0, (size_t)(width - f->c) * sizeof(float));
+    memset(row + g->c, 0, (size_t)(width - g->c) * sizeof(float));
     for (int64_t p = chunk * f->per_chunk; p < p1; p++) {
-        memcpy(row, f->img + p * f->c, (size_t)f->c * sizeof(float));
+        const int64_t yy = f->y0 + p / g->wp - g->ph, xx = p % g->wp - g->pw;
         float *tab = f->tabs + p * (f->gs + 1) * LUT_ENTRIES;
+        f->psum[p] = 0.0f;
+        if (yy < 0 || yy >= g->h || xx < 0 || xx >= g->w) { /* padding: zero tables */
+            memset(tab, 0, (size_t)((f->gs + 1) * LUT_ENTRIES) * sizeof(float));
+            continue;
+        }
+        memcpy(row, f->img + (yy * g->w + xx) * g->c, (size_t)g->c * sizeof(float));
         if (j->isa == ISA_AVX512) lut_tables_512(row, f->gs, j->sh.group, j->L, tab);
         else lut_tables_generic(row, f->gs, j->sh.group, j->L, tab);
         memset(tab + f->gs * LUT_ENTRIES, 0, LUT_ENTRIES * sizeof(float));
         float sx = 0.0f;
         if (j->sh.corr != 0.0f)
-            for (int64_t i = 0; i < f->c; i++) sx += row[i];
+            for (int64_t i = 0; i < g->c; i++) sx += row[i];
         f->psum[p] = sx;
     }
     free(row);
@@ -1712,7 +1720,6 @@ static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, i
     band = band < 2 ? 2 : band; /* one row a band would build every row kh / sh times */
     band = band > g.ho ? g.ho : band;
     const int64_t wrows = (band - 1) * g.sh + span, tokens = band * g.wo;
-    float *img = xalloc((size_t)(g.hp * g.wp * g.c) * sizeof(float) + 64);
     float *tabs = xalloc((size_t)(wrows * row_bytes) + 64);
     float *psum = xalloc((size_t)(wrows * g.wp) * sizeof(float) + 64);
     float *tsum = xalloc((size_t)tokens * sizeof(float) + 64);
@@ -1722,23 +1729,19 @@ static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, i
     int64_t *order = xalloc((size_t)tokens * sizeof(int64_t) + 64);
     lut_token *sorted = xalloc((size_t)tokens * sizeof(lut_token) + 64);
     int rc = -1;
-    if (!img || !tabs || !psum || !tsum || !ttab || !goff || !rect || !order || !sorted) goto done;
+    if (!tabs || !psum || !tsum || !ttab || !goff || !rect || !order || !sorted) goto done;
     for (int64_t i = 0; i < j.W * LUT_GROUPS_PER_WORD; i++) {
         const int64_t tap = i / gs, ti = tap / g.kw, tj = tap % g.kw;
         goff[i] = (i < taps * gs ? (ti * g.dh * g.wp + tj * g.dw) * gpp + i % gs : gs) *
                   LUT_ENTRIES;
     }
     for (int64_t b = 0; b < g.b; b++) {
-        conv_geom one = g;
-        one.b = 1;
-        memset(img, 0, (size_t)(g.hp * g.wp * g.c) * sizeof(float));
-        conv_fill_job f = {isa, 0, one, x + b * g.h * g.w * g.c, NULL, NULL, img, NULL, 0, 0, 0};
-        run_fill(fill_padded_chunk, &f, g.h, nthreads);
+        const float *img = x + b * g.h * g.w * g.c;
         for (int64_t oy0 = 0; oy0 < g.ho; oy0 += band) {
             const int64_t oy1 = oy0 + band < g.ho ? oy0 + band : g.ho, y0 = oy0 * g.sh;
             const int64_t rows = (oy1 - 1) * g.sh + span - y0, m = (oy1 - oy0) * g.wo;
             memset(psum, 0xff, (size_t)(rows * g.wp) * sizeof(float)); /* NaN: not built */
-            lut_pixel_job pj = {&j, img + y0 * g.wp * g.c, g.c, gs, 0, rows * g.wp, tabs, psum};
+            lut_pixel_job pj = {&j, &g, img, y0, gs, 0, rows * g.wp, tabs, psum};
             pj.per_chunk = (pj.count + 4 * nthreads - 1) / (4 * nthreads);
             pj.per_chunk = pj.per_chunk < 1 ? 1 : pj.per_chunk;
             parallel_for(lut_pixel_chunk, &pj, (pj.count + pj.per_chunk - 1) / pj.per_chunk,
@@ -1771,7 +1774,7 @@ static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, i
     }
     rc = 0;
 done:
-    free(img), free(tabs), free(psum), free(tsum), free(ttab), free(goff);
+    free(tabs), free(psum), free(tsum), free(ttab), free(goff);
     free(rect), free(order), free(sorted);
     return rc;
 }
