@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import integer, quantizers
+from lowbit.epilogue import BlockEpilogue, binary_epilogue
 from lowbit.quantizers import (
     ACTIVATION_NAMES,
     FIXED_LEVELS,
@@ -52,6 +53,11 @@ def _describe(q: Quantizer | AbsMax8 | None) -> str:
     if q is None:
         return "fp32"
     return f"{q.name}(levels={q.levels}, bits={q.bits:.2f})"
+
+
+def _no_epilogue(epilogue: BlockEpilogue | None) -> None:
+    if epilogue is not None:
+        raise ValueError("an epilogue follows binary layers only (binary activations, 2 levels)")
 
 
 class _QuantMixin:
@@ -154,11 +160,15 @@ class QuantLinear(_QuantMixin, nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._set_quantizers(weight_quantizer, input_quantizer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, epilogue: BlockEpilogue | None = None) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features); ``epilogue`` (binary layers only): what
+        follows the layer in an eval-mode ``lowbit.bnn.Block`` (``lowbit.epilogue``)."""
         if self.is_binary():
             w_b, alpha = self.binary_weight()
             y = F.linear(self.quantize_input(x), w_b) * alpha
-            return y if self.bias is None else y + self.bias
+            y = y if self.bias is None else y + self.bias
+            return y if epilogue is None else binary_epilogue(y, x, epilogue, -1)
+        _no_epilogue(epilogue)
         if self.integer_inference:
             codes, scale = self._codes()
             levels = self.weight_quantizer.levels  # type: ignore[union-attr]
@@ -247,9 +257,12 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
             return self.input_quantizer(x, dim=(-3, -2, -1))
         return super().quantize_input(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, epilogue: BlockEpilogue | None = None) -> torch.Tensor:
+        """x (B, C_in, H, W) -> (B, C_out, H', W'); ``epilogue`` as ``QuantLinear.forward``."""
         if self.is_binary():
-            return self._binary_forward(x)
+            y = self._binary_forward(x)
+            return y if epilogue is None else binary_epilogue(y, x, epilogue, 1)
+        _no_epilogue(epilogue)
         if self.integer_inference and self.groups == 1 and self.padding_mode == "zeros":
             codes, scale = self._codes()
             return integer.conv2d(

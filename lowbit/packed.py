@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lowbit import kernels
+from lowbit.epilogue import BlockEpilogue
 from lowbit.kernels import binary, reference
 from lowbit.nn import QuantConv2d, QuantLinear, replace_modules
 from lowbit.quantizers import (
@@ -88,6 +89,14 @@ def _eager(x: torch.Tensor) -> bool:
     return (
         type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
     )
+
+
+def _check_epilogue_use(layer: PackedLayer, epilogue: BlockEpilogue | None) -> None:
+    if epilogue is not None and layer._activations != "binary":
+        raise ValueError(
+            f"an epilogue runs in the binary kernels only; this layer's activations are "
+            f"{layer.activations!r}"
+        )
 
 
 class PackedLayer(nn.Module):
@@ -298,15 +307,20 @@ class PackedLinear(PackedLayer):
     def weight_shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, epilogue: BlockEpilogue | None = None) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features); ``epilogue`` (binary layers only): what
+        follows the layer in an eval-mode ``lowbit.bnn.Block``, run inside the kernel."""
         t = x if self._plain_input else self._transform(x)
+        _check_epilogue_use(self, epilogue)
         if self._activations == "binary":
             if _eager(t):
-                y = binary.linear(t, self.prepared(), self.bias, self.threshold)
+                y = binary.linear(t, self.prepared(), self.bias, self.threshold, epilogue=epilogue)
             else:
                 y = torch.ops.lowbit.binary_linear(
                     t, self.codes, self.scale, self.bias, self.threshold
                 )
+                if epilogue is not None:
+                    y = reference.binary_epilogue(y, t, epilogue, -1)
         elif _eager(t):
             bias = self._parameters.get("bias")  # (a None bias is a plain attribute)
             y = kernels.linear(t, self.prepared(), bias, self._activations)
@@ -376,29 +390,37 @@ class PackedConv2d(PackedLayer):
     def _layout(self) -> dict[str, Any]:
         return {"conv": (self.in_channels, self.kernel_size)}
 
+    def _geometry(self) -> list[int]:
+        """kh, kw, sh, sw, ph, pw, dh, dw: the custom ops' geometry argument."""
+        return [*self.kernel_size, *self.stride, *self.padding, *self.dilation]
+
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, epilogue: BlockEpilogue | None = None) -> torch.Tensor:
+        """x (B, C_in, H, W) -> (B, C_out, H', W'); ``epilogue`` as ``PackedLinear.forward``."""
         t = x if self._plain_input else self._transform(x)
-        geometry = [*self.kernel_size, *self.stride, *self.padding, *self.dilation]
+        _check_epilogue_use(self, epilogue)
         if self._activations == "binary":
             if _eager(t):
                 y = binary.conv2d(
                     t,
                     self.prepared(),
-                    self.bias,
-                    self.threshold,
+                    self._parameters.get("bias"),  # (the dicts: module attributes cost ~0.6 us)
+                    self._buffers["threshold"],
                     kernel_size=self.kernel_size,
                     stride=self.stride,
                     padding=self.padding,
                     dilation=self.dilation,
+                    epilogue=epilogue,
                 )
             else:
                 y = torch.ops.lowbit.binary_conv2d(
-                    t, self.codes, self.scale, self.bias, self.threshold, geometry
+                    t, self.codes, self.scale, self.bias, self.threshold, self._geometry()
                 )
+                if epilogue is not None:
+                    y = reference.binary_epilogue(y, t, epilogue, 1)
         elif _eager(t):
             y = kernels.conv2d(
                 t,
@@ -411,6 +433,7 @@ class PackedConv2d(PackedLayer):
                 activations=self.activations,
             )
         else:
+            geometry = self._geometry()
             y = torch.ops.lowbit.packed_conv2d(
                 t, self.codes, self.scale, self.bias, self.levels, geometry, self.activations
             )

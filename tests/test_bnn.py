@@ -161,3 +161,66 @@ def test_onnx_export_refuses_binary_layers_clearly() -> None:
     quantize_(net, QATConfig(levels=2, quantizer="sign", activations="sign"))
     with pytest.raises(LowbitError, match="binary \\(XNOR-popcount\\) layer"):
         export.to_onnx(net.eval(), input_shape=(1, 4, 4))
+
+
+def _unfused(block: bnn.Block, x: torch.Tensor) -> torch.Tensor:
+    """The block's training-mode formula with the BatchNorm on its running statistics."""
+    h = torch.nn.functional.batch_norm(
+        block.layer(x),
+        block.norm.running_mean,
+        block.norm.running_var,
+        block.norm.weight,
+        block.norm.bias,
+        False,
+        0.0,
+        block.norm.eps,
+    )
+    if block.shortcut is not None:
+        h = h + block.shortcut(x)
+    return block.act(h)
+
+
+@pytest.mark.parametrize("method", bnn.BINARY_METHODS)
+def test_eval_blocks_fold_batchnorm_into_the_same_function(method: str) -> None:
+    torch.manual_seed(3)
+    net = models.get("binary_cnn", layer=method, width=8)
+    _train_a_little(net, (1, 28, 28))
+    net.eval()
+    h = net.blocks[0](net.stem(torch.randn(4, 1, 28, 28)))
+    with torch.no_grad():
+        for block in [b for b in net.blocks if isinstance(b, bnn.Block)][:2]:
+            got, want = block(h), _unfused(block, h)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+            h = got
+
+
+def test_eval_epilogue_follows_in_place_changes_and_keeps_gradients() -> None:
+    torch.manual_seed(4)
+    net = models.get("binary_mlp", layer="reactnet", width=16, depth=1)
+    _train_a_little(net, (1, 28, 28))
+    net.eval()
+    block = net.blocks[0]
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        before = block(x)
+        block.norm.running_var.mul_(4.0)  # in place: the cached epilogue must notice
+        block.act.zeta.add_(1.0)
+        after = block(x)
+    assert not torch.equal(before, after)
+    assert torch.allclose(after, _unfused(block, x).detach(), rtol=1e-5, atol=1e-5)
+    block(x).sum().backward()  # eval mode with gradients: BN and RPReLU parameters still learn
+    assert block.norm.weight.grad is not None and block.act.slope.grad is not None
+
+
+def test_maxpool2x2_gives_max_pool2d_values_in_every_layout() -> None:
+    pool, ref = bnn.MaxPool2x2().eval(), torch.nn.MaxPool2d(2)
+    for shape in ((2, 3, 8, 8), (1, 5, 7, 9), (1, 1, 3, 2)):
+        x = torch.randn(shape)
+        x[..., 0, :] = x[..., 1, :]  # ties
+        for layout in (torch.contiguous_format, torch.channels_last):
+            got = pool(x.contiguous(memory_format=layout))
+            assert torch.equal(got, ref(x)), (shape, layout)
+    pool.train()
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    pool(x).sum().backward()
+    assert x.grad.sum().item() == 8  # one input per window takes the gradient, as max_pool2d

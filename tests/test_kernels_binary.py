@@ -179,3 +179,91 @@ def test_empty_batches() -> None:
     wc = binary.prepare(torch.zeros(4, 27, dtype=torch.uint8), scale[:4], conv=(3, (3, 3)))
     y = binary.conv2d(torch.zeros(0, 3, 5, 5), wc, kernel_size=(3, 3))
     assert y.shape == (0, 4, 3, 3)
+
+
+def _epilogue(n: int, g: torch.Generator, residual: bool, prelu: bool) -> reference.BlockEpilogue:
+    def vec() -> torch.Tensor:
+        return torch.randn(n, generator=g)
+
+    p = (vec(), vec().abs() * 0.5, vec()) if prelu else (None, None, None)
+    return reference.BlockEpilogue(vec().abs() + 0.1, vec(), residual, *p)
+
+
+# (C_in, C_out, H, W, batch): channels on and off the 8-channel blocks (the residual's gather
+# path), outputs that repeat the input channels, fewer tokens than a token group
+EPILOGUE_CONVS = ((16, 16, 7, 7, 1), (12, 24, 5, 6, 2), (64, 128, 4, 4, 1), (5, 15, 3, 2, 1))
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_conv2d_epilogue_equals_reference_exactly(isa: str) -> None:
+    for i, (c, n, h, w_, b) in enumerate(EPILOGUE_CONVS):
+        g = torch.Generator().manual_seed(300 + i)
+        codes = torch.randint(0, 2, (n, c * 9), generator=g, dtype=torch.uint8)
+        scale = torch.rand(n, generator=g) + 0.1
+        x = torch.randn(b, c, h, w_, generator=g)
+        t = torch.randn(c, generator=g) * 0.3
+        w = binary.prepare(codes, scale, isa=isa, conv=(c, (3, 3)))
+        geo = {"kernel_size": (3, 3), "padding": (1, 1)}
+        for residual in (False, True):
+            for prelu in (False, True):
+                e = _epilogue(n, g, residual, prelu)
+                got = binary.conv2d(x, w, None, t, epilogue=e, threads=1 + i % 2, **geo)
+                want = reference.binary_conv2d(x, codes, scale, None, t, epilogue=e, **geo)
+                assert torch.equal(got, want), (isa, i, residual, prelu)
+                again = binary.conv2d(x, w, None, t, epilogue=e, **geo)  # the cached call
+                assert torch.equal(again, want)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_epilogue_equals_reference_exactly(isa: str) -> None:
+    for i, (m, k, n) in enumerate(((1, 70, 70), (9, 64, 128), (3, 20, 60), (17, 200, 200))):
+        g = torch.Generator().manual_seed(400 + i)
+        codes = torch.randint(0, 2, (n, k), generator=g, dtype=torch.uint8)
+        scale = torch.rand(n, generator=g) + 0.1
+        x = torch.randn(m, k, generator=g)
+        w = binary.prepare(codes, scale, isa=isa)
+        for residual in (False, True):
+            e = _epilogue(n, g, residual, prelu=i % 2 == 0)
+            bias = torch.randn(n, generator=g) if i % 2 else None
+            got = binary.linear(x, w, bias, epilogue=e, threads=1 + i % 2)
+            want = reference.binary_linear(x, codes, scale, bias, None, e)
+            assert torch.equal(got, want), (isa, i, residual)
+
+
+def test_epilogue_reference_is_the_block_arithmetic() -> None:
+    """z = y * scale + shift; + [x, x]; RPReLU: written out by hand for one value per branch."""
+    y = torch.tensor([[1.0, -2.0]])
+    x = torch.tensor([[0.5]])
+    e = reference.BlockEpilogue(
+        torch.tensor([2.0, 3.0]),
+        torch.tensor([1.0, 0.0]),
+        True,
+        torch.tensor([-1.0, -1.0]),
+        torch.tensor([0.25, 0.5]),
+        torch.tensor([10.0, 20.0]),
+    )
+    # channel 0: 1*2+1 = 3, +0.5 = 3.5, -1 = 2.5 >= 0, +10 = 12.5
+    # channel 1: -2*3+0 = -6, +0.5 = -5.5, -1 = -6.5 < 0: *0.5 = -3.25, +20 = 16.75
+    assert reference.binary_epilogue(y, x, e, -1).tolist() == [[12.5, 16.75]]
+
+
+def test_epilogue_rejects_bad_input() -> None:
+    v = torch.ones(4)
+    with pytest.raises(ValueError, match="come together"):
+        reference.BlockEpilogue(v, v, False, v, None, None)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        reference.BlockEpilogue(v, torch.ones(5))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        reference.BlockEpilogue(v, torch.ones(4, dtype=torch.float64))
+    w = binary.prepare(torch.ones(6, 27, dtype=torch.uint8), torch.ones(6), conv=(3, (3, 3)))
+    x = torch.randn(1, 3, 5, 5)
+    with pytest.raises(ValueError, match="4 channels, the layer 6 outputs"):
+        binary.conv2d(x, w, epilogue=reference.BlockEpilogue(v, v), kernel_size=(3, 3))
+    six = torch.ones(6)
+    with pytest.raises(ValueError, match="pixel grid"):
+        binary.conv2d(x, w, epilogue=reference.BlockEpilogue(six, six, True), kernel_size=(3, 3))
+    w4 = binary.prepare(torch.ones(4, 3, dtype=torch.uint8), torch.ones(4))
+    with pytest.raises(ValueError, match="residual of 3 channels"):
+        binary.linear(torch.randn(2, 3), w4, epilogue=reference.BlockEpilogue(v, v, True))

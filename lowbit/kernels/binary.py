@@ -3,6 +3,11 @@
     w = prepare(codes, scale)                     # once: codes (N_out, K) in {0, 1}, scale
     y = linear(x, w, bias, threshold)             # y = (sign(x - t) @ w_b.T) * alpha + b
     y = conv2d(x, w, bias, threshold, kernel_size=..., stride=..., padding=..., dilation=...)
+    y = linear(x, w, epilogue=e)                  # + a block's BatchNorm, shortcut and RPReLU
+
+``epilogue`` (``lowbit.epilogue.BlockEpilogue``) runs what follows the layer in an eval-mode binary
+block inside the kernel, on each output as it is finished: one pass instead of five to eight
+torch operations on the output tensor, with the same float32 operations in the same order.
 
 The compiled kernels are ``csrc/lowbit_binary.c`` (bit layout and arithmetic in its header),
 part of the library ``native`` loads; they equal ``reference.binary_linear`` /
@@ -22,13 +27,27 @@ import ctypes
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lowbit.epilogue import BlockEpilogue
 from lowbit.errors import ConfigError
 from lowbit.kernels import _requested, _warn_fallback, native, reference
 
-ABI_VERSION = 1  # lb_binary_version() of the C code this binding matches
+ABI_VERSION = 2  # lb_binary_version() of the C code this binding matches
 ROWS = 8  # weight rows per block of the packed layout
 
 _declared: ctypes.CDLL | None = None
+
+
+class _Epilogue(ctypes.Structure):
+    """``lb_binary_epilogue`` of the C header (pointers into the ``BlockEpilogue``'s tensors)."""
+
+    _fields_ = [
+        ("scale", ctypes.c_void_p),
+        ("shift", ctypes.c_void_p),
+        ("pbias", ctypes.c_void_p),
+        ("pslope", ctypes.c_void_p),
+        ("pshift", ctypes.c_void_p),
+        ("residual", ctypes.c_int64),
+    ]
 
 
 def _lib() -> ctypes.CDLL | None:
@@ -47,9 +66,9 @@ def _lib() -> ctypes.CDLL | None:
         lib.lb_binary_pack_weights.restype = None
         lib.lb_binary_pack_activations.argtypes = [i32, p, i64, i64, p, p]
         lib.lb_binary_pack_activations.restype = None
-        lib.lb_binary_linear.argtypes = [i32, p, i64, i64, p, p, i64, p, i32, p, p, i32]
+        lib.lb_binary_linear.argtypes = [i32, p, i64, i64, p, p, i64, p, i32, p, p, p, i32]
         lib.lb_binary_linear.restype = i32
-        lib.lb_binary_conv2d.argtypes = [i32, p, p, p, p, i64, p, i32, p, p, i32]
+        lib.lb_binary_conv2d.argtypes = [i32, p, p, p, p, i64, p, i32, p, p, p, i32]
         lib.lb_binary_conv2d.restype = i32
         _declared = lib
     return lib
@@ -99,6 +118,7 @@ class BinaryWeight:
         self.conv = conv
         self.codes: torch.Tensor | None = codes.contiguous() if isa == "reference" else None
         self.words: torch.Tensor | None = None
+        self.calls: dict[tuple, _ConvCall] = {}  # conv2d's checked calls, per input and arguments
         if isa != "reference":
             n, k = self.shape
             taps, c = (1, k) if conv is None else (conv[1][0] * conv[1][1], conv[0])
@@ -144,10 +164,17 @@ def prepare(
 def _threshold(threshold: torch.Tensor | None, channels: int) -> torch.Tensor | None:
     if threshold is None:
         return None
-    t = threshold.detach().to(torch.float32).reshape(-1).contiguous()
+    t = threshold
+    if t.dtype != torch.float32 or t.dim() != 1 or not t.is_contiguous():  # (cheap when it is)
+        t = t.detach().to(torch.float32).reshape(-1).contiguous()
     if t.numel() != channels:
         raise ValueError(f"threshold has {t.numel()} values, the input {channels} channels")
     return t
+
+
+def _identity(t: torch.Tensor | None) -> tuple[int, int]:
+    """What a cached call keys an argument tensor by: the object and its in-place version."""
+    return (0, 0) if t is None else (id(t), t._version)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -158,20 +185,49 @@ def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.detach().to(torch.float32).contiguous()
 
 
-def _linear_native(x, words, alpha, bias, threshold, n, isa, threads):  # noqa: ANN001, ANN202
+def _check_epilogue(e: BlockEpilogue | None, n: int, c_in: int) -> None:
+    """An epilogue fits a layer of n outputs and c_in input channels (its tensors were checked
+    when it was made)."""
+    if e is None:
+        return
+    if e.channels != n:
+        raise ValueError(f"the epilogue has {e.channels} channels, the layer {n} outputs")
+    if e.residual and n % c_in:
+        raise ValueError(f"a residual of {c_in} channels cannot be added to {n} outputs")
+
+
+def _epilogue_struct(e: BlockEpilogue | None) -> _Epilogue | None:
+    """The C view of ``e``; valid while ``e`` lives (its tensors are contiguous)."""
+    if e is None:
+        return None
+    return _Epilogue(
+        *(None if t is None else t.data_ptr() for t in (e.scale, e.shift)),
+        *(
+            None if t is None else t.data_ptr()
+            for t in (e.prelu_bias, e.prelu_slope, e.prelu_shift)
+        ),
+        int(e.residual),
+    )
+
+
+def _linear_native(x, weight, bias, threshold, threads, epilogue):  # noqa: ANN001, ANN202
+    """x (M, K) contiguous float32 -> (M, N_out)."""
     m, k = x.shape
+    n = weight.shape[0]
     y = x.new_empty((m, n))
+    ep = _epilogue_struct(epilogue)
     rc = _lib().lb_binary_linear(  # type: ignore[union-attr]
-        native.ISAS.index(isa),
+        native.ISAS.index(weight.isa),
         x.data_ptr(),
         m,
         k,
         _ptr(threshold),
-        words.data_ptr(),
+        weight.words.data_ptr(),
         n,
-        alpha.data_ptr(),
-        int(alpha.numel() > 1),
+        weight.alpha.data_ptr(),
+        int(weight.per_channel),
         _ptr(bias),
+        None if ep is None else ctypes.addressof(ep),
         y.data_ptr(),
         threads or torch.get_num_threads(),
     )
@@ -222,19 +278,22 @@ def linear(
     bias: torch.Tensor | None = None,
     threshold: torch.Tensor | None = None,
     *,
+    epilogue: BlockEpilogue | None = None,
     threads: int | None = None,
 ) -> torch.Tensor:
-    """y = (sign(x - t) @ w_b.T) * alpha + b: x (..., K) -> (..., N_out) float32."""
+    """y = (sign(x - t) @ w_b.T) * alpha + b, then ``epilogue``: x (..., K) -> (..., N_out)
+    float32."""
     n, k = weight.shape
     if weight.conv is not None:
         raise ValueError("this weight was prepared for a convolution (conv=...), not a linear")
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
     t = _threshold(threshold, k)
+    _check_epilogue(epilogue, n, k)
     if weight.isa == "reference" or x.device.type != "cpu":
-        return reference.binary_linear(x, weight.codes, weight.scale, bias, t)  # type: ignore[arg-type]
+        return reference.binary_linear(x, weight.codes, weight.scale, bias, t, epilogue)  # type: ignore[arg-type]
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    y = _linear_native(x2, weight.words, weight.alpha, _bias(bias), t, n, weight.isa, threads)
+    y = _linear_native(x2, weight, _bias(bias), t, threads, epilogue)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -242,30 +301,44 @@ def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _conv_native(x, words, alpha, bias, threshold, n, geometry, isa, threads):  # noqa: ANN001, ANN202
-    """x (B, C, H, W) channels-last float32 -> (B, N_out, Ho, Wo) channels-last."""
-    b, c, h, w = x.shape
-    kh, kw, sh, sw, ph, pw, dh, dw = geometry
-    ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
-    y = torch.empty((b, max(ho, 0), max(wo, 0), n), dtype=torch.float32)
-    if y.numel():
-        dims = (ctypes.c_int64 * 14)(b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)
-        rc = _lib().lb_binary_conv2d(  # type: ignore[union-attr]
-            native.ISAS.index(isa),
-            x.data_ptr(),
-            ctypes.addressof(dims),
+class _ConvCall:
+    """One binary convolution's C call for one input shape and one set of arguments, checked
+    and laid out once: at batch 1 the Python around a ~20 us kernel costs as much as the kernel,
+    so a call only allocates y and passes the pointers. x (B, C, H, W) channels-last float32 ->
+    (B, N_out, Ho, Wo) channels-last."""
+
+    def __init__(self, weight, shape, threshold, bias, geometry, out, epilogue, keys) -> None:  # noqa: ANN001
+        b, c, h, w = shape
+        # alive while the call is: the pointers below, and the objects whose ids key it (keys)
+        self.keep = (threshold, bias, epilogue, *keys)
+        self.y_shape = (b, weight.shape[0], *out)
+        self.dims = (ctypes.c_int64 * 14)(b, c, h, w, *geometry, *out)
+        self.epilogue = _epilogue_struct(epilogue)
+        self.args = (  # the C arguments after x
+            ctypes.addressof(self.dims),
             _ptr(threshold),
-            words.data_ptr(),
-            n,
-            alpha.data_ptr(),
-            int(alpha.numel() > 1),
+            weight.words.data_ptr(),
+            weight.shape[0],
+            weight.alpha.data_ptr(),
+            int(weight.per_channel),
             _ptr(bias),
-            y.data_ptr(),
-            threads or torch.get_num_threads(),
+            None if self.epilogue is None else ctypes.addressof(self.epilogue),
         )
-        if rc != 0:
-            raise MemoryError(f"binary conv2d on {tuple(x.shape)} could not allocate its buffers")
-    return y.permute(0, 3, 1, 2)
+        self.isa = native.ISAS.index(weight.isa)
+
+    def __call__(self, x: torch.Tensor, threads: int | None) -> torch.Tensor:
+        y = torch.empty(self.y_shape, dtype=torch.float32, memory_format=torch.channels_last)
+        if y.numel():
+            rc = _lib().lb_binary_conv2d(  # type: ignore[union-attr]
+                self.isa,
+                x.data_ptr(),
+                *self.args,
+                y.data_ptr(),
+                threads or torch.get_num_threads(),
+            )
+            if rc != 0:
+                raise MemoryError(f"binary conv2d on {tuple(x.shape)} could not allocate buffers")
+        return y
 
 
 @torch.library.custom_op("lowbit::binary_conv2d", mutates_args=())
@@ -311,39 +384,50 @@ def conv2d(
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
+    epilogue: BlockEpilogue | None = None,
     threads: int | None = None,
 ) -> torch.Tensor:
     """A binary convolution (groups 1, the binarized input padded with +1): x (B, C_in, H, W)
     -> (B, N_out, H', W'), channels-last on the native paths (the next layer reads it in place),
-    ``weight`` prepared with ``conv=(C_in, kernel_size)``, threshold None or (C_in,)."""
-    t = _threshold(threshold, x.shape[1])
-    if weight.isa == "reference" or x.device.type != "cpu":
-        return reference.binary_conv2d(
-            x,
-            weight.codes,  # type: ignore[arg-type]
-            weight.scale,
-            bias,
-            t,
-            kernel_size=kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
+    ``weight`` prepared with ``conv=(C_in, kernel_size)``, threshold None or (C_in,), then
+    ``epilogue`` (a residual needs H' = H and W' = W)."""
+    geometry = (*kernel_size, *stride, *padding, *dilation)
+    key = (x.shape, x.dtype, x.device, geometry, *_identity(threshold), *_identity(bias))
+    key += (id(epilogue),)
+    call = weight.calls.get(key)
+    if call is None:
+        t = _threshold(threshold, x.shape[1])
+        _check_epilogue(epilogue, weight.shape[0], x.shape[1])
+        out = tuple(max(0, _out_size(x.shape[2 + i], *geometry[i::2])) for i in (0, 1))
+        if epilogue is not None and epilogue.residual and out != tuple(x.shape[2:]):
+            raise ValueError(
+                f"a residual needs the output on the input's pixel grid: input "
+                f"{tuple(x.shape[2:])}, output {out} (stride 1 and 'same' padding)"
+            )
+        if weight.isa == "reference" or x.device.type != "cpu":
+            return reference.binary_conv2d(
+                x,
+                weight.codes,  # type: ignore[arg-type]
+                weight.scale,
+                bias,
+                t,
+                kernel_size=kernel_size,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                epilogue=epilogue,
+            )
+        if weight.conv != (x.shape[1], tuple(kernel_size)):
+            raise ValueError(
+                f"weight was not prepared for this convolution (conv={weight.conv}, input "
+                f"channels {x.shape[1]}, kernel {tuple(kernel_size)}): prepare(..., conv=(C_in, "
+                f"kernel_size))"
+            )
+        if len(weight.calls) >= 8:  # inputs of many shapes: keep the newest few
+            weight.calls.clear()
+        call = weight.calls[key] = _ConvCall(
+            weight, x.shape, t, _bias(bias), geometry, out, epilogue, (threshold, bias)
         )
-    if weight.conv != (x.shape[1], tuple(kernel_size)):
-        raise ValueError(
-            f"weight was not prepared for this convolution (conv={weight.conv}, input channels "
-            f"{x.shape[1]}, kernel {tuple(kernel_size)}): prepare(..., conv=(C_in, kernel_size))"
-        )
-    x = x.to(torch.float32).contiguous(memory_format=torch.channels_last)
-    geometry = [*kernel_size, *stride, *padding, *dilation]
-    return _conv_native(
-        x,
-        weight.words,
-        weight.alpha,
-        _bias(bias),
-        t,
-        weight.shape[0],
-        geometry,
-        weight.isa,
-        threads,
-    )
+    if x.dtype != torch.float32 or not x.is_contiguous(memory_format=torch.channels_last):
+        x = x.to(torch.float32).contiguous(memory_format=torch.channels_last)
+    return call(x, threads)

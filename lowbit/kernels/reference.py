@@ -23,11 +23,14 @@ from __future__ import annotations
 import torch
 
 from lowbit import integer
+from lowbit.epilogue import BlockEpilogue, binary_epilogue
 from lowbit.integer import dequantize, quantize_activations
 from lowbit.quantizers import check_activation_mode
 
 __all__ = [
+    "BlockEpilogue",
     "binarize",
+    "binary_epilogue",
     "binary_conv2d",
     "binary_linear",
     "conv2d",
@@ -116,12 +119,15 @@ def binary_linear(
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     threshold: torch.Tensor | None = None,
+    epilogue: BlockEpilogue | None = None,
 ) -> torch.Tensor:
     """x (..., K) float32 -> (..., N_out); codes (N_out, K) in {0, 1}, scale () or (N_out,),
-    threshold None or (K,). The dot products of ±1 are taken in float64 (exact)."""
+    threshold None or (K,), then ``epilogue`` (None: none). The dot products of ±1 are taken in
+    float64 (exact)."""
     x_b = binarize(x, threshold).to(torch.float64)
     w_b = codes.to(torch.float64) * 2 - 1
-    return _binary_out(torch.nn.functional.linear(x_b, w_b), scale, bias, conv=False)
+    y = _binary_out(torch.nn.functional.linear(x_b, w_b), scale, bias, conv=False)
+    return y if epilogue is None else binary_epilogue(y, x, epilogue, -1)
 
 
 def binary_conv2d(
@@ -135,14 +141,16 @@ def binary_conv2d(
     stride: tuple[int, int] = (1, 1),
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
+    epilogue: BlockEpilogue | None = None,
 ) -> torch.Tensor:
     """x (B, C, H, W) -> (B, N_out, H', W') (groups 1), codes (N_out, C*kh*kw) in
     ``weight.reshape(N_out, -1)``'s order, threshold None or (C,); the binarized input is padded
-    with +1."""
+    with +1; then ``epilogue`` (None: none; a residual needs H' = H, W' = W)."""
     t = None if threshold is None else threshold.reshape(-1, 1, 1)
     x_b = binarize(x, t).to(torch.float64)
     ph, pw = padding
     x_b = torch.nn.functional.pad(x_b, (pw, pw, ph, ph), value=1.0)
     w_b = (codes.to(torch.float64) * 2 - 1).reshape(codes.shape[0], x.shape[1], *kernel_size)
     dot = torch.nn.functional.conv2d(x_b, w_b, None, stride, 0, dilation)
-    return _binary_out(dot, scale, bias, conv=True)
+    y = _binary_out(dot, scale, bias, conv=True)
+    return y if epilogue is None else binary_epilogue(y, x, epilogue, 1)
