@@ -162,7 +162,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor, epilogue: BlockEpilogue | None = None) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features); ``epilogue`` (binary layers only): what
-        follows the layer in an eval-mode ``lowbit.bnn.Block`` (``reference.binary_epilogue``)."""
+        follows the layer in an eval-mode ``lowbit.bnn.Block`` (``lowbit.epilogue``)."""
         if self.is_binary():
             w_b, alpha = self.binary_weight()
             y = F.linear(self.quantize_input(x), w_b) * alpha

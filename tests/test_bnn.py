@@ -210,3 +210,17 @@ def test_eval_epilogue_follows_in_place_changes_and_keeps_gradients() -> None:
     assert torch.allclose(after, _unfused(block, x).detach(), rtol=1e-5, atol=1e-5)
     block(x).sum().backward()  # eval mode with gradients: BN and RPReLU parameters still learn
     assert block.norm.weight.grad is not None and block.act.slope.grad is not None
+
+
+def test_maxpool2x2_gives_max_pool2d_values_in_every_layout() -> None:
+    pool, ref = bnn.MaxPool2x2().eval(), torch.nn.MaxPool2d(2)
+    for shape in ((2, 3, 8, 8), (1, 5, 7, 9), (1, 1, 3, 2)):
+        x = torch.randn(shape)
+        x[..., 0, :] = x[..., 1, :]  # ties
+        for layout in (torch.contiguous_format, torch.channels_last):
+            got = pool(x.contiguous(memory_format=layout))
+            assert torch.equal(got, ref(x)), (shape, layout)
+    pool.train()
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    pool(x).sum().backward()
+    assert x.grad.sum().item() == 8  # one input per window takes the gradient, as max_pool2d
