@@ -8,7 +8,8 @@ A lighter cousin of ``end_to_end.py`` for a loaded machine: everything on one th
 the thread's CPU time, the models trained briefly (``--train`` images, one epoch; the claim is
 about speed and agreement, not accuracy), agreement of the packed model with the fake-quant
 model it was converted from on ``--test`` images (default all 10,000); the fp32 / packed /
-packed-int8 forwards interleaved image by image in a fresh random order.
+packed-int8 forwards interleaved image by image in a fresh random order. Where the time goes:
+each layer of the three (sequential) models timed on its own, the same interleaving, medians.
 
     python benchmarks/weight_only_e2e.py [--models cvnn2 mlp] [--train 600] [--test 10000]
 
@@ -20,11 +21,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lowbit.files import atomic_write
 
@@ -37,6 +41,31 @@ from lowbit.packed import convert_  # noqa: E402
 from lowbit.train import TrainConfig, fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@torch.inference_mode()
+def layer_times(named: dict[str, nn.Sequential], x: torch.Tensor, images: int) -> list[list]:
+    """Median thread CPU seconds of each layer of each (sequential) model at batch 1, the models
+    interleaved image by image in a fresh random order, as ``latency`` does: rows of (layer
+    index, layer kind, one time per model)."""
+    times: dict[str, list[list[float]]] = {k: [[] for _ in m] for k, m in named.items()}
+    order = list(named.items())
+    shuffle = random.Random(1).shuffle
+    for i in range(images + 3):
+        shuffle(order)
+        for name, model in order:
+            h = x[i : i + 1]
+            for j, layer in enumerate(model):
+                t = time.thread_time()
+                h = layer(h)
+                if i >= 3:  # warm-up
+                    times[name][j].append(time.thread_time() - t)
+    first = next(iter(named.values()))
+    return [
+        [j, type(layer).__name__.removeprefix("Packed")]
+        + [statistics.median(times[k][j]) for k in named]
+        for j, layer in enumerate(first)
+    ]
 
 
 def main() -> int:
@@ -52,7 +81,7 @@ def main() -> int:
     info = environment.describe()
     data = lbdata.load("fashion-mnist")
     n_test = args.test or len(data.test_y)
-    rows = []
+    rows, profiles = [], []
     for arch in args.models:
         model = build(arch, None)
         # fit's own test evaluation on 300 images: the agreement below covers the test set
@@ -76,6 +105,22 @@ def main() -> int:
             f"{lat['fp32'] / lat['packed-int8']:.2f}x |"
         )
         print(rows[-1], file=sys.stderr)
+        per_layer = layer_times(named, data.test_x, args.images)
+        profiles += [
+            "",
+            f"### {arch}: per layer (median us at batch 1; packed conv/linear layers include "
+            "their Python call)",
+            "",
+            "| # | layer | fp32 | packed | packed-int8 |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {j} | {kind} | " + " | ".join(f"{t * 1e6:.1f}" for t in ts) + " |"
+                for j, kind, *ts in per_layer
+            ),
+            "| | sum | "
+            + " | ".join(f"{sum(r[2 + c] for r in per_layer) * 1e6:.1f}" for c in range(3))
+            + " |",
+        ]
     lines = [
         "# Weight-only models end to end at batch 1 (lookup-table kernels), one thread",
         "",
@@ -91,6 +136,9 @@ def main() -> int:
         "dlogit | fp32 ms | packed ms | speed-up | packed-int8 ms | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        "## Where the time goes",
+        *profiles,
     ]
     out = Path(args.out)
     atomic_write(out, "\n".join(lines) + "\n")

@@ -118,37 +118,59 @@ def test_lut_kernel_within_its_stated_bound(isa: str, levels: int) -> None:
             assert torch.equal(kernels.linear(x, w, bias, "fp32", threads=threads), got)
 
 
+def _check_lut_conv(isa, levels, gen, cin, cout, ks, stride, padding, b, h, w) -> None:
+    """One packed convolution against the float64 one, within the header's bound."""
+    codes = torch.randint(0, levels, (cout, cin * ks[0] * ks[1]), generator=gen)
+    codes = codes.to(torch.uint8)
+    scale = torch.rand(cout, generator=gen) + 0.1
+    bias = torch.randn(cout, generator=gen)
+    x = torch.randn(b, cin, h, w, generator=gen)
+    weight = kernels.prepare(codes, scale, levels, isa=isa, conv=(cin, ks))
+    kw = dict(kernel_size=ks, stride=stride, padding=padding)
+    got = kernels.conv2d(x, weight, bias, **kw)
+    w64 = reference.dequantize(codes, scale.double(), levels).double().reshape(cout, cin, *ks)
+    exact = torch.nn.functional.conv2d(x.double(), w64, bias.double(), stride, padding)
+    # the bound's sum_k |x| over a patch, from the convolution of |x| with ones
+    ones = torch.ones(1, cin, *ks, dtype=torch.float64)
+    patch = torch.nn.functional.conv2d(x.double().abs(), ones, None, stride, padding)
+    base, group, planes = native.lut_shape(levels)
+    taps = ks[0] * ks[1]
+    # tables per pixel: each tap's channels in whole groups; per gathered patch: K's groups
+    groups = taps * math.ceil(cin / group) if cin >= 16 else math.ceil(cin * taps / group)
+    corr = abs((2**planes - levels) / 2) if base == 2 else 0.0
+    a = (2**planes - 1) * (base - 1) / 2 + corr
+    terms = group + groups + planes + 4
+    bound = terms * 2.0**-24 * a * scale.double().reshape(1, -1, 1, 1) * patch
+    bound = bound + bias.double().abs().reshape(1, -1, 1, 1) * 2.0**-24
+    assert ((got.double() - exact).abs() <= bound).all(), (isa, levels, cin)
+
+
 @needs_native
 @pytest.mark.parametrize("isa", LUT_ISAS)
 @pytest.mark.parametrize("levels", range(2, 18))
 def test_lut_conv_within_its_stated_bound(isa: str, levels: int) -> None:
-    """Tables per pixel (C_in >= 16, each tap padded to whole words) and per gathered patch
-    (fewer channels), against the float64 convolution, within the header's bound."""
+    """Tables per pixel (C_in >= 16, each tap's channels whole groups), per gathered patch
+    (fewer channels) and direct products (K <= 9), against the float64 convolution, within
+    the header's bound."""
     gen = torch.Generator().manual_seed(levels)
-    for cin, ks, stride, padding in ((19, (3, 2), (2, 1), (1, 0)), (5, (3, 3), (1, 1), (1, 1))):
-        cout, b, h, w = 21, 2, 7, 6
-        codes = torch.randint(0, levels, (cout, cin * ks[0] * ks[1]), generator=gen)
-        codes = codes.to(torch.uint8)
-        scale = torch.rand(cout, generator=gen) + 0.1
-        bias = torch.randn(cout, generator=gen)
-        x = torch.randn(b, cin, h, w, generator=gen)
-        weight = kernels.prepare(codes, scale, levels, isa=isa, conv=(cin, ks))
-        kw = dict(kernel_size=ks, stride=stride, padding=padding)
-        got = kernels.conv2d(x, weight, bias, **kw)
-        w64 = reference.dequantize(codes, scale.double(), levels).double().reshape(cout, cin, *ks)
-        exact = torch.nn.functional.conv2d(x.double(), w64, bias.double(), stride, padding)
-        # the bound's sum_k |x| over a patch, from the convolution of |x| with ones
-        ones = torch.ones(1, cin, *ks, dtype=torch.float64)
-        patch = torch.nn.functional.conv2d(x.double().abs(), ones, None, stride, padding)
-        base, group, planes = native.lut_shape(levels)
-        taps = ks[0] * ks[1]
-        groups = taps * math.ceil(cin / group)  # each tap's channels in whole groups
-        corr = abs((2**planes - levels) / 2) if base == 2 else 0.0
-        a = (2**planes - 1) * (base - 1) / 2 + corr
-        terms = group + groups + planes + 4
-        bound = terms * 2.0**-24 * a * scale.double().reshape(1, -1, 1, 1) * patch
-        bound = bound + bias.double().abs().reshape(1, -1, 1, 1) * 2.0**-24
-        assert ((got.double() - exact).abs() <= bound).all(), (isa, levels, cin)
+    for cin, ks, stride, padding in (
+        (19, (3, 2), (2, 1), (1, 0)),
+        (5, (3, 3), (1, 1), (1, 1)),
+        (1, (3, 3), (1, 1), (1, 1)),  # K = 9: direct products (LUT_DIRECT_MAX_K)
+        (2, (2, 2), (2, 1), (0, 1)),
+    ):
+        _check_lut_conv(isa, levels, gen, cin, 21, ks, stride, padding, b=2, h=7, w=6)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", LUT_ISAS)
+@pytest.mark.parametrize("levels", (2, 3, 5, 17))
+def test_lut_conv_in_bands_of_rows(isa: str, levels: int) -> None:
+    """Wide pixels (many channels) make the tables of a band of output rows fill the window
+    (LUT_CONV_WINDOW): an image in several bands, whose shared rows are built twice."""
+    gen = torch.Generator().manual_seed(50 + levels)
+    for ks, stride, padding, h in (((3, 3), (1, 1), (1, 1), 11), ((3, 2), (2, 1), (2, 0), 13)):
+        _check_lut_conv(isa, levels, gen, 390, 19, ks, stride, padding, b=2, h=h, w=12)
 
 
 @needs_native
@@ -174,6 +196,7 @@ def test_lut_conv_avx512_equals_the_portable_loop_bit_for_bit(levels: int) -> No
         (21, 131, (3, 2), (2, 1), (2, 1), (1, 1), 6, 9, 1),
         (17, 9, (5, 5), (1, 1), (2, 2), (2, 1), 5, 7, 3),
         (40, 33, (1, 1), (1, 1), (1, 1), (1, 1), 3, 4, 1),  # border tokens read only padding
+        (1, 130, (3, 3), (1, 1), (1, 1), (1, 1), 6, 5, 2),  # K = 9: direct products
     )
     for cin, cout, ks, stride, padding, dilation, h, w, b in geometries:
         codes = torch.randint(0, levels, (cout, cin * ks[0] * ks[1]), generator=gen)

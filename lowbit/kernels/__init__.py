@@ -267,14 +267,17 @@ def linear(
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
-    if weight.backend == "reference" or x.device.type != "cpu":
+    if weight.backend == "reference" or not x.is_cpu:
         return reference.linear(x, weight.codes, weight.scale, weight.levels, bias, activations)
     if not x.is_contiguous():
         x = x.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
     y = x.new_empty((*x.shape[:-1], n))
-    lut = weight.lut if activations == "fp32" else None
+    # the cached layout without the property's call (a per-layer cost at batch 1)
+    lut = (
+        (weight._lut if weight._lut is not None else weight.lut) if activations == "fp32" else None
+    )
     m = x.numel() // k if k else 0
     native.call(weight.call_args, x, m, bias, y, activations, threads, lut)
     return y
@@ -338,7 +341,7 @@ def conv2d(
     reference.check_dense_mode(activations)
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
-    if weight.backend == "reference" or x.device.type != "cpu" or x.dim() != 4:
+    if weight.backend == "reference" or not x.is_cpu or x.dim() != 4:
         return reference.conv2d(
             x,
             weight.codes,
@@ -359,7 +362,10 @@ def conv2d(
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().to(torch.float32).contiguous()
     x = x.contiguous(memory_format=torch.channels_last)
-    lut = weight.lut if activations == "fp32" else None
+    # the cached layout without the property's call (a per-layer cost at batch 1)
+    lut = (
+        (weight._lut if weight._lut is not None else weight.lut) if activations == "fp32" else None
+    )
     return native.conv2d(
         weight.call_args, x, bias, kernel_size, stride, padding, dilation, activations, threads, lut
     )

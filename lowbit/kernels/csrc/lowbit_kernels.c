@@ -53,8 +53,8 @@
  * team's workers keep spinning for a while; a second pool of our own would have to share the
  * cores with them (measured: cvnn2 at batch 1, 5.9 ms on two threads vs 3.4 ms on one), while
  * the same team picks up the next parallel region at once. Chunks are claimed dynamically. A
- * call whose barrier waited for a descheduled worker longer than it computed sends the next
- * calls to the calling thread alone for a while (see parallel_for).
+ * call that a descheduled worker made slower than the calling thread alone would have been
+ * sends the next calls to the calling thread alone for a while (see parallel_for).
  * Without OpenMP (a compiler that lacks it) the kernels run on the calling thread.
  */
 
@@ -110,22 +110,23 @@ __attribute__((constructor)) static void register_fork_handler(void) {
 }
 
 /* A team that waits: an OpenMP region ends in a barrier that waits for every thread of the team,
- * including one the OS has not run yet. Where the cores are shared with more runnable threads
- * than they have (other jobs; another runtime's spinning workers), a worker woken for a 100 us
- * GEMV may get its core only after another thread's time slice, milliseconds later, and the
- * caller waits at the barrier doing nothing: measured on a 2-core Zen 4 at load ~4, int8 ternary
- * 4096x4096 batch 1 took a median 7.3 ms on two threads against 0.21 ms on one. So each call
- * measures its own wait: the caller's time from running out of chunks to the region's end,
- * against its time computing. A call that waited longer than it computed (and longer than
- * STALL_SECONDS) would have been faster on one thread; the next calls then run on the caller
- * alone, for a number of calls that doubles with every such call in a row (1, 2, 4, ...
- * MAX_SERIAL_CALLS), and the first call after that tries the team again. A quiet machine never
- * waits that long and keeps its threads; a loaded one pays one slow call per back-off instead
- * of one per call. (A pool whose caller never waits for a worker that has not started was
- * tried: it cannot use torch's team, already spinning after each torch operator, and packed
- * cvnn2 at batch 1 on two threads got slower: 3.0 ms against 1.85, best decile, at load ~5.) */
+ * including one the OS has not run yet or has taken off its core in the middle of a chunk.
+ * Where the cores are shared with more runnable threads than they have (other jobs; another
+ * runtime's spinning workers), such a worker may get its core back only after another thread's
+ * time slice, milliseconds later, while the caller waits at the barrier doing nothing: measured
+ * on a 2-core Zen 4 at load ~4, int8 ternary 4096x4096 batch 1 took a median 7.3 ms on two
+ * threads against 0.21 ms on one. So each call checks itself: from the caller's own chunks it
+ * estimates what the call would have cost on the caller alone (its time computing / its chunks
+ * x all chunks), and a call that took longer than that (and by more than STALL_SECONDS) sends
+ * the next calls to the caller alone, for a number of calls that doubles with every such call
+ * in a row (1, 2, 4, ... MAX_SERIAL_CALLS); the first call after that tries the team again. A
+ * quiet machine never stalls like that and keeps its threads; a loaded one pays one slow call
+ * per back-off instead of one per call. (A pool whose caller never waits for a worker that has
+ * not started was tried: it cannot use torch's team, already spinning after each torch
+ * operator, and packed cvnn2 at batch 1 on two threads got slower: 3.0 ms against 1.85, best
+ * decile, at load ~5.) */
 enum { MAX_SERIAL_CALLS = 256 };
-#define STALL_SECONDS 50e-6 /* shorter waits are a team's ordinary barrier, not a stall */
+#define STALL_SECONDS 20e-6 /* smaller losses are noise, not a stall */
 static _Atomic int serial_calls = 0; /* calls left to run on the caller alone */
 static _Atomic int backoff = 0;      /* the next back-off's length; 0 after a call that scaled */
 
@@ -135,8 +136,9 @@ static double seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void note_team_call(double computed, double waited) {
-    if (waited > computed && waited > STALL_SECONDS) {
+/* A team call took `elapsed` seconds where the caller alone would have taken about `alone`. */
+static void note_team_call(double alone, double elapsed) {
+    if (elapsed > alone + STALL_SECONDS) {
         const int b = atomic_load(&backoff);
         atomic_store(&serial_calls, b > 0 ? b : 1);
         atomic_store(&backoff, b == 0 ? 2 : (2 * b < MAX_SERIAL_CALLS ? 2 * b : MAX_SERIAL_CALLS));
@@ -155,16 +157,19 @@ void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads) {
         atomic_store(&serial_calls, 0);
         if (nthreads > nchunks) nthreads = (int)nchunks;
         _Atomic int64_t next = 0;
-        double t0 = 0.0, t1 = 0.0;
+        int64_t mine = 0; /* the caller's chunks */
+        const double t0 = seconds();
+        double t1 = t0;
 #pragma omp parallel num_threads(nthreads)
         {
             const int caller = omp_get_thread_num() == 0;
-            if (caller) t0 = seconds();
-            for (int64_t i; (i = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < nchunks;)
+            for (int64_t i; (i = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < nchunks;) {
                 fn(ctx, i);
+                if (caller) mine++;
+            }
             if (caller) t1 = seconds();
         }
-        note_team_call(t1 - t0, seconds() - t1);
+        if (mine > 0) note_team_call((t1 - t0) * (double)nchunks / (double)mine, seconds() - t0);
         return;
     }
 #endif
@@ -990,14 +995,20 @@ LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const
  *                                31 30 29     25 24     20        9      5 4      0
  *
  * stored (blocks, P, W, 16) so a row block is one sequential stream; K is padded with digit-0
- * weights to W = ceil(ceil(K / g) / 6) words (their activations are zero, T = 0 there). Bits a
- * weight: 5/3 (ternary, entropy 1.585), 5/5 x P (binary 1.0), 5/2 (5 levels).
+ * weights to G = ceil(K / g) groups, W = ceil(G / 6) words (their activations are zero, T = 0
+ * there). A convolution's weight with tables per pixel is packed in segments, one a tap: each
+ * tap's C channels in ceil(C / g) groups of their own, the taps' groups one after the other
+ * (G = kh kw ceil(C / g)). Bits a weight: 5/3 (ternary, entropy 1.585), 5/5 x P (binary 1.0),
+ * 5/2 (5 levels).
  *
  * Kernel: for 16 rows at once, `vpermt2ps` (two 16-float registers = one 32-entry table) looks
  * up the 16 rows' entries of group i from the 16 indices of a register (it reads only the 5
- * low bits of each 32-bit lane, so one shift per group selects the field), and a `vaddps`
- * accumulates. Per plane, each row sums its groups in order i = 0, 1, ... in float32; planes
- * combine from the top, acc = 2 acc + acc_p (exact doubling), then
+ * low bits of each 32-bit lane, so one shift per group selects the field), and an add
+ * accumulates (every second one issued as fma(value, 1, acc): the same rounding, see
+ * lut_tile_512). Per plane, each row sums its groups in order i = 0, 1, ... in float32 (a
+ * convolution leaves out the groups whose taps read only zero padding: adding their zero
+ * tables changes nothing but the sign of a zero sum); planes combine from the top,
+ * acc = 2 acc + acc_p (exact doubling), then
  *
  *   y[t, n] = s[n] * (acc[t, n] + corr * sum_k x[t, k]) + b[n]          (float32)
  *
@@ -1007,7 +1018,7 @@ LB_EXPORT int lb_linear_f32(int isa, const float *x, int64_t m, int64_t k, const
  *
  *   |y - y_exact| <= (g + G + P + 4) u * |s[n]| * A * sum_k |x[t,k]| + |b[n]| u,
  *
- * G = ceil(K / g) (the padded count for a conv with a segment a tap), A = (2^P - 1)(D - 1)/2 +
+ * G the groups of a row (above), A = (2^P - 1)(D - 1)/2 +
  * |corr| the largest |level| the digits can sum to (1/2 binary, 1 ternary, 2 for 5 levels, 3/2
  * for 4, 15/2 + 0 for 16, 31/2 + 15/2 for 17); the reference (float32 F.linear) has an error
  * of the same order in its own summation order. tests/test_kernels.py checks this bound against
@@ -1159,13 +1170,15 @@ typedef struct {
 
 /* out[(t * R + r) * 16 + lane] = sum over planes and groups of row block r, token t.
  *
- * Tiles of R row blocks x T tokens, each group loads T tables (2 registers each) and shifts R
- * index registers, then does R * T lookups. Measured on Zen 4 (one core, tables in L2, ns a
- * lookup): 4x2 0.42, 6x2 0.43, 8x1 0.46, 4x4 0.60 (28 live registers: the copies that
- * vpermt2ps's destroyed table operand needs no longer fit). Half of the accumulations are
- * issued as fma(value, 1, acc): the same rounding as the add (value * 1 is exact), but on the
- * multiply pipes, so the adds no longer queue behind the permutes on the shared pipes
- * (0.60 -> 0.42 ns at 4x2, 0.61 -> 0.46 at 8x1). */
+ * Tiles of R row blocks x T tokens: each group loads T tables (2 registers each) and shifts R
+ * index registers, then does R * T lookups. Half of the accumulations are issued as
+ * fma(value, 1, acc), which rounds as the add does (value * 1 is exact) but runs on the
+ * multiply pipes, where the adds otherwise compete with the permutes. Measured on Zen 4, one
+ * core, cvnn2's five 3x3 convolutions at batch 1 (lut_conv, ms, two runs): 4x2 with the fma
+ * 4.30-4.46, 4x2 adds only 5.60-5.71, 8x2 4.63-4.95, 3x2 4.94, 6x2 5.90-6.23 (one register
+ * too many: spills); the former 4x4 tiles (adds only) 4.87 on the same layers. A loop of
+ * permute + add alone runs at 0.38 ns a lookup on that core; the 4x2 tile at 0.42-0.45, the
+ * shifts hidden (0.42 without them). One token (8x1) measured 0.46. */
 LB_INLINE T512 void lut_tile_512(const uint32_t *w, const lut_walk *k, const float *const *tab,
                                  const int R, const int T, float *out) {
     const int64_t block = k->block, W = k->W, *goff = k->goff;
@@ -1288,6 +1301,8 @@ typedef struct {
     const int64_t *ttab;
     const conv_geom *geom;
     int64_t gs;
+    const uint64_t *rect; /* token t's taps inside the image (lut_rect) */
+    const int64_t *order; /* the tokens in the order visited: sorted by rect */
 } lut_job;
 
 static int worker_slot(int nslots) {
@@ -1371,32 +1386,21 @@ static uint64_t lut_rect(const lut_job *j, int64_t t) {
     return (uint64_t)a | (uint64_t)b << 16 | (uint64_t)c << 32 | (uint64_t)d << 48;
 }
 
-/* The word ranges of a convolution tile of T tokens from t: the words holding a group of a tap
- * inside the image for any of them (kernel rows [i0, i1) x columns [c0, c1), the union of the
- * tokens' rectangles), one range a kernel row, ranges that meet merged (one range over them all
- * beyond 16 rows). Returns the count. */
-static int lut_tap_words(const lut_job *j, int64_t t, int T, int64_t *vr) {
-    const conv_geom *g = j->geom;
-    int64_t i0 = g->kh, i1 = 0, c0 = g->kw, c1 = 0;
-    for (int i = 0; i < T; i++) {
-        const int64_t rem = (t + i) % (g->ho * g->wo), oy = rem / g->wo, ox = rem % g->wo;
-        int64_t a, b;
-        lut_valid_taps(oy, g->sh, g->ph, g->dh, g->h, g->kh, &a, &b);
-        if (a < b) i0 = a < i0 ? a : i0, i1 = b > i1 ? b : i1;
-        lut_valid_taps(ox, g->sw, g->pw, g->dw, g->w, g->kw, &a, &b);
-        if (a < b) c0 = a < c0 ? a : c0, c1 = b > c1 ? b : c1;
-    }
-    const int64_t G = LUT_GROUPS_PER_WORD;
-    if (c0 >= c1) return 0;
+/* The word ranges of a convolution token with the tap rectangle `rect` (lut_rect): the words
+ * holding a group of a tap inside the image, one range a kernel row, ranges that meet merged
+ * (one range over them all beyond 16 rows). Returns the count. */
+static int lut_tap_words(const lut_job *j, uint64_t rect, int64_t *vr) {
+    const int64_t i0 = rect & 0xffff, i1 = rect >> 16 & 0xffff, c0 = rect >> 32 & 0xffff,
+                  c1 = rect >> 48, kw = j->geom->kw, G = LUT_GROUPS_PER_WORD;
+    if (c0 >= c1 || i0 >= i1) return 0;
     if (i1 - i0 > 16) { /* more kernel rows than ranges: one range over them all */
-        vr[0] = i0 * g->kw * j->gs / G, vr[1] = ((i1 - 1) * g->kw + c1) * j->gs;
-        vr[1] = (vr[1] + G - 1) / G;
+        vr[0] = i0 * kw * j->gs / G, vr[1] = (((i1 - 1) * kw + c1) * j->gs + G - 1) / G;
         return 1;
     }
     int n = 0;
     for (int64_t r = i0; r < i1; r++) {
-        const int64_t v0 = (r * g->kw + c0) * j->gs / G;
-        const int64_t v1 = ((r * g->kw + c1) * j->gs + G - 1) / G;
+        const int64_t v0 = (r * kw + c0) * j->gs / G;
+        const int64_t v1 = ((r * kw + c1) * j->gs + G - 1) / G;
         if (n && v0 <= vr[2 * n - 1]) vr[2 * n - 1] = v1; /* shares a word with the last range */
         else vr[2 * n] = v0, vr[2 * n + 1] = v1, n++;
     }
@@ -1410,7 +1414,7 @@ static void lut_chunk(const void *ctx, int64_t chunk) {
     const int64_t t1 = t0 + j->tokens_per_chunk < j->m ? t0 + j->tokens_per_chunk : j->m;
     const int64_t b0 = bc * j->blocks_per_chunk;
     const int64_t b1 = b0 + j->blocks_per_chunk < j->nblocks ? b0 + j->blocks_per_chunk : j->nblocks;
-    const float *tabs = NULL, *sums = j->tsum ? j->tsum + t0 : NULL;
+    const float *tabs = NULL, *sums = NULL;
     if (!j->fixed) {
         const int slot = worker_slot(j->nslots);
         if (j->owner[slot] != tc) {
@@ -1422,34 +1426,38 @@ static void lut_chunk(const void *ctx, int64_t chunk) {
     }
     float out[8 * LUT_ROWS];
     for (int64_t b = b0; b < b1;) {
-        /* tiles (row blocks x tokens): 8x1 for a lone token, 4x2 for pairs, 1x2 / 1x1 for the
-         * row blocks left over (portable: 1x1, the same sums in the same order) */
+        /* tiles (row blocks x tokens): 8x1 / 4x1 for a lone token, 4x2 for pairs, 1x2 / 1x1
+         * for the row blocks left over (portable: 1x1, the same sums in the same order) */
         const int R = j->isa != ISA_AVX512 ? 1 : (b1 - b >= 8 ? 8 : (b1 - b >= 4 ? 4 : 1));
         for (int64_t t = t0; t < t1;) {
-            /* a convolution pairs tokens whose patches meet the padding alike (the tile skips
-             * the taps they both read there), a token differing from its neighbour goes alone */
+            /* a convolution visits its tokens sorted by tap rectangle (j->order) and pairs
+             * those whose patches meet the padding alike (the tile skips the taps they read
+             * there); a token whose rectangle differs from the next one's goes alone */
+            const int64_t tok[2] = {j->order ? j->order[t] : t,
+                                    t + 1 < t1 ? (j->order ? j->order[t + 1] : t + 1) : 0};
             const int T = j->isa == ISA_AVX512 && t1 - t >= 2 &&
-                                  (!j->geom || lut_rect(j, t) == lut_rect(j, t + 1))
+                                  (!j->geom || j->rect[tok[0]] == j->rect[tok[1]])
                               ? 2
                               : 1;
             const int RR = T == 2 ? (R >= 4 ? 4 : 1) : R;
             int64_t vr[2 * 16];
             lut_walk walk = {j->block, j->W, j->sh.planes, 1, j->goff, vr};
             vr[0] = 0, vr[1] = j->W;
-            if (j->geom) walk.nvr = lut_tap_words(j, t, T, vr);
+            if (j->geom) walk.nvr = lut_tap_words(j, j->rect[tok[0]], vr);
             for (int64_t bb = b; bb < b + R; bb += RR) {
                 const float *tab[2];
                 for (int i = 0; i < T; i++)
-                    tab[i] = j->fixed ? j->fixed + j->ttab[t + i]
+                    tab[i] = j->fixed ? j->fixed + j->ttab[tok[i]]
                                       : tabs + (t - t0 + i) * j->tab_floats;
                 const uint32_t *w = j->w + bb * j->block;
                 if (j->isa == ISA_AVX512) lut_tiles_512(w, &walk, tab, RR, T, out);
                 else lut_tiles_generic(w, &walk, tab, RR, T, out);
                 for (int i = 0; i < T; i++) {
-                    const float off = j->sh.corr != 0.0f ? j->sh.corr * sums[t - t0 + i] : 0.0f;
+                    const float sx = j->fixed ? j->tsum[tok[i]] : sums[t - t0 + i];
+                    const float off = j->sh.corr != 0.0f ? j->sh.corr * sx : 0.0f;
                     for (int r = 0; r < RR; r++)
                         lut_store(j, out + (i * RR + r) * LUT_ROWS, off, (bb + r) * LUT_ROWS,
-                                  j->y + (t + i) * j->n);
+                                  j->y + tok[i] * j->n);
                 }
             }
             t += T;
@@ -1639,14 +1647,26 @@ static void run_fill(chunk_fn fn, conv_fill_job *f, int64_t count, int nthreads)
  * (b, oy sh + ti dh, ox sw + tj dw):
  *   ttab[t] = pixel(b, oy sh, ox sw) * gpp * 32,   goff[i] = ((ti dh Wp + tj dw) gpp + i % gs) 32
  * gpp = gs + 1 tables a pixel, the last one zeros: the groups that pad the last index word
- * (i >= kh kw gs) read it at goff = gs * 32. Images are taken in groups whose tables fit
- * LUT_CONV_TABLES. */
-enum { LUT_CONV_TABLES = 64 << 20 };
+ * (i >= kh kw gs) read it at goff = gs * 32.
+ *
+ * The tables are built band by band: output rows oy0 .. oy1-1 of an image read the padded rows
+ * [oy0 sh, (oy1 - 1) sh + (kh - 1) dh + 1), whose tables go into a window of about
+ * LUT_CONV_WINDOW bytes (pixel offsets above count from the window's first row), and the
+ * band's tokens are computed from it at once. The tables are thus read from L2 right after
+ * they were written, and one small buffer is written over and over, where tables for a whole
+ * image (5 MB for cvnn2's 128-channel 28x28 layer) went out to L3 or memory and came back;
+ * the rows two bands share are built twice. Measured on Zen 4, one core, cvnn2's 3x3 layers
+ * with a 64 MB write between calls (caches cold, as inside a model): 128 channels at 28x28
+ * 1.50-1.69 ms with tables for the whole image, 1.36-1.39 in bands (2 rows a band here);
+ * the five layers 5.05-5.49 ms against 4.91-5.09. Bands of 2 to 4 rows measured alike, a band
+ * of 1 row (3x the table builds) or of the whole image slower, so at least 2 rows a band. */
+enum { LUT_CONV_WINDOW = 768 << 10 };
 
 typedef struct {
     const lut_job *j;
-    const float *img; /* padded NHWC images */
-    int64_t c, gs, per_chunk, count;
+    const conv_geom *g;
+    const float *img; /* the image (H, W, C), read as its zero-padded (Hp, Wp, C) */
+    int64_t y0, gs, per_chunk, count; /* pixels p of the padded rows from y0 */
     float *tabs, *psum; /* per pixel: gs + 1 tables, the sum of its channels (corr != 0) */
 } lut_pixel_job;
 
@@ -1654,83 +1674,253 @@ static void lut_pixel_chunk(const void *ctx, int64_t chunk) {
     const lut_pixel_job *f = ctx;
     const lut_job *j = f->j;
     const int64_t p1 = (chunk + 1) * f->per_chunk < f->count ? (chunk + 1) * f->per_chunk : f->count;
+    const conv_geom *g = f->g;
     const int64_t width = f->gs * j->sh.group;
     float *row = xalloc((size_t)width * sizeof(float));
     if (!row) return; /* lut_conv checks every pixel's mark below */
-    memset(row + f->c, 0, (size_t)(width - f->c) * sizeof(float));
+    memset(row + g->c, 0, (size_t)(width - g->c) * sizeof(float));
     for (int64_t p = chunk * f->per_chunk; p < p1; p++) {
-        memcpy(row, f->img + p * f->c, (size_t)f->c * sizeof(float));
+        const int64_t yy = f->y0 + p / g->wp - g->ph, xx = p % g->wp - g->pw;
         float *tab = f->tabs + p * (f->gs + 1) * LUT_ENTRIES;
+        f->psum[p] = 0.0f;
+        if (yy < 0 || yy >= g->h || xx < 0 || xx >= g->w) { /* padding: zero tables */
+            memset(tab, 0, (size_t)((f->gs + 1) * LUT_ENTRIES) * sizeof(float));
+            continue;
+        }
+        memcpy(row, f->img + (yy * g->w + xx) * g->c, (size_t)g->c * sizeof(float));
         if (j->isa == ISA_AVX512) lut_tables_512(row, f->gs, j->sh.group, j->L, tab);
         else lut_tables_generic(row, f->gs, j->sh.group, j->L, tab);
         memset(tab + f->gs * LUT_ENTRIES, 0, LUT_ENTRIES * sizeof(float));
         float sx = 0.0f;
         if (j->sh.corr != 0.0f)
-            for (int64_t i = 0; i < f->c; i++) sx += row[i];
+            for (int64_t i = 0; i < g->c; i++) sx += row[i];
         f->psum[p] = sx;
     }
     free(row);
 }
 
+/* Tokens sorted by tap rectangle (then index: the interior stays in raster order). */
+typedef struct {
+    uint64_t rect;
+    int64_t t;
+} lut_token;
+
+static int lut_token_cmp(const void *a, const void *b) {
+    const lut_token *x = a, *y = b;
+    if (x->rect != y->rect) return x->rect < y->rect ? -1 : 1;
+    return (x->t > y->t) - (x->t < y->t);
+}
+
 static int lut_conv(int isa, const float *x, conv_geom g, const uint32_t *lut, int64_t n,
                     int levels, const float *scale, int per_channel, const float *bias, float *y,
                     int nthreads) {
-    const int64_t taps = g.kh * g.kw, k = taps * g.c, px = g.hp * g.wp, outs = g.ho * g.wo;
+    const int64_t taps = g.kh * g.kw, k = taps * g.c, outs = g.ho * g.wo;
     int nt = nthreads;
-    lut_job j = lut_setup(isa, g.b * outs, k, taps, lut, n, levels, scale, per_channel, bias, y,
-                          &nt);
+    lut_job j = lut_setup(isa, outs, k, taps, lut, n, levels, scale, per_channel, bias, y, &nt);
     const int64_t gs = lut_groups(&j.sh, g.c), gpp = gs + 1;
-    const int64_t per_image = px * gpp * LUT_ENTRIES * (int64_t)sizeof(float);
-    int64_t ib = LUT_CONV_TABLES / (per_image > 0 ? per_image : 1);
-    ib = ib < 1 ? 1 : (ib > g.b ? g.b : ib);
-    float *img = xalloc((size_t)(ib * px * g.c) * sizeof(float) + 64);
-    float *tabs = xalloc((size_t)(ib * per_image) + 64);
-    float *psum = xalloc((size_t)(ib * px) * sizeof(float) + 64);
-    float *tsum = xalloc((size_t)(ib * outs) * sizeof(float) + 64);
-    int64_t *ttab = xalloc((size_t)(ib * outs) * sizeof(int64_t) + 64);
+    /* rows of the padded image one output row reads; output rows a band (the window's size) */
+    const int64_t span = (g.kh - 1) * g.dh + 1;
+    const int64_t row_bytes = g.wp * gpp * LUT_ENTRIES * (int64_t)sizeof(float);
+    int64_t band = (LUT_CONV_WINDOW / row_bytes - span) / g.sh + 1;
+    band = band < 2 ? 2 : band; /* one row a band would build every row kh / sh times */
+    band = band > g.ho ? g.ho : band;
+    const int64_t wrows = (band - 1) * g.sh + span, tokens = band * g.wo;
+    float *tabs = xalloc((size_t)(wrows * row_bytes) + 64);
+    float *psum = xalloc((size_t)(wrows * g.wp) * sizeof(float) + 64);
+    float *tsum = xalloc((size_t)tokens * sizeof(float) + 64);
+    int64_t *ttab = xalloc((size_t)tokens * sizeof(int64_t) + 64);
     int64_t *goff = xalloc((size_t)(j.W * LUT_GROUPS_PER_WORD) * sizeof(int64_t) + 64);
+    uint64_t *rect = xalloc((size_t)tokens * sizeof(uint64_t) + 64);
+    int64_t *order = xalloc((size_t)tokens * sizeof(int64_t) + 64);
+    lut_token *sorted = xalloc((size_t)tokens * sizeof(lut_token) + 64);
     int rc = -1;
-    if (!img || !tabs || !psum || !tsum || !ttab || !goff) goto done;
+    if (!tabs || !psum || !tsum || !ttab || !goff || !rect || !order || !sorted) goto done;
     for (int64_t i = 0; i < j.W * LUT_GROUPS_PER_WORD; i++) {
         const int64_t tap = i / gs, ti = tap / g.kw, tj = tap % g.kw;
         goff[i] = (i < taps * gs ? (ti * g.dh * g.wp + tj * g.dw) * gpp + i % gs : gs) *
                   LUT_ENTRIES;
     }
-    for (int64_t b0 = 0; b0 < g.b; b0 += ib) {
-        conv_geom gg = g;
-        gg.b = g.b - b0 < ib ? g.b - b0 : ib;
-        memset(img, 0, (size_t)(gg.b * px * g.c) * sizeof(float));
-        conv_fill_job f = {isa, 0, gg, x + b0 * g.h * g.w * g.c, NULL, NULL, img, NULL, 0, 0, 0};
-        run_fill(fill_padded_chunk, &f, gg.b * g.h, nthreads);
-        memset(psum, 0xff, (size_t)(gg.b * px) * sizeof(float)); /* NaN: not built */
-        lut_pixel_job pj = {&j, img, g.c, gs, 0, gg.b * px, tabs, psum};
-        pj.per_chunk = (pj.count + 4 * nthreads - 1) / (4 * nthreads);
-        pj.per_chunk = pj.per_chunk < 1 ? 1 : pj.per_chunk;
-        parallel_for(lut_pixel_chunk, &pj, (pj.count + pj.per_chunk - 1) / pj.per_chunk, nthreads);
-        for (int64_t p = 0; p < gg.b * px; p++)
-            if (psum[p] != psum[p]) goto done; /* a chunk could not allocate its row */
-        const int64_t m = gg.b * outs;
-        for (int64_t t = 0; t < m; t++) {
-            const int64_t b = t / outs, oy = (t % outs) / g.wo, ox = t % g.wo;
-            const int64_t pix = (b * g.hp + oy * g.sh) * g.wp + ox * g.sw;
-            ttab[t] = pix * gpp * LUT_ENTRIES;
-            float s = 0.0f;
-            if (j.sh.corr != 0.0f)
-                for (int64_t tap = 0; tap < taps; tap++)
-                    s += psum[pix + (tap / g.kw) * g.dh * g.wp + (tap % g.kw) * g.dw];
-            tsum[t] = s;
+    for (int64_t b = 0; b < g.b; b++) {
+        const float *img = x + b * g.h * g.w * g.c;
+        for (int64_t oy0 = 0; oy0 < g.ho; oy0 += band) {
+            const int64_t oy1 = oy0 + band < g.ho ? oy0 + band : g.ho, y0 = oy0 * g.sh;
+            const int64_t rows = (oy1 - 1) * g.sh + span - y0, m = (oy1 - oy0) * g.wo;
+            memset(psum, 0xff, (size_t)(rows * g.wp) * sizeof(float)); /* NaN: not built */
+            lut_pixel_job pj = {&j, &g, img, y0, gs, 0, rows * g.wp, tabs, psum};
+            pj.per_chunk = (pj.count + 4 * nthreads - 1) / (4 * nthreads);
+            pj.per_chunk = pj.per_chunk < 1 ? 1 : pj.per_chunk;
+            parallel_for(lut_pixel_chunk, &pj, (pj.count + pj.per_chunk - 1) / pj.per_chunk,
+                         nthreads);
+            for (int64_t p = 0; p < rows * g.wp; p++)
+                if (psum[p] != psum[p]) goto done; /* a chunk could not allocate its row */
+            for (int64_t t = 0; t < m; t++) {
+                const int64_t oy = oy0 + t / g.wo, ox = t % g.wo;
+                const int64_t pix = (oy * g.sh - y0) * g.wp + ox * g.sw;
+                ttab[t] = pix * gpp * LUT_ENTRIES;
+                float s = 0.0f;
+                if (j.sh.corr != 0.0f)
+                    for (int64_t tap = 0; tap < taps; tap++)
+                        s += psum[pix + (tap / g.kw) * g.dh * g.wp + (tap % g.kw) * g.dw];
+                tsum[t] = s;
+            }
+            int nt2 = nthreads;
+            lut_job jj = lut_setup(isa, m, k, taps, lut, n, levels, scale, per_channel, bias,
+                                   y + (b * outs + oy0 * g.wo) * n, &nt2);
+            jj.goff = goff, jj.fixed = tabs, jj.ttab = ttab, jj.tsum = tsum;
+            jj.geom = &g, jj.gs = gs, jj.rect = rect, jj.order = order;
+            for (int64_t t = 0; t < m; t++) {
+                rect[t] = lut_rect(&jj, oy0 * g.wo + t);
+                sorted[t].rect = rect[t], sorted[t].t = t;
+            }
+            qsort(sorted, (size_t)m, sizeof(lut_token), lut_token_cmp);
+            for (int64_t t = 0; t < m; t++) order[t] = sorted[t].t;
+            lut_go(&jj, nt2);
         }
-        int nt2 = nthreads;
-        lut_job jj = lut_setup(isa, m, k, taps, lut, n, levels, scale, per_channel, bias,
-                               y + b0 * outs * n, &nt2);
-        jj.goff = goff, jj.fixed = tabs, jj.ttab = ttab, jj.tsum = tsum;
-        jj.geom = &g, jj.gs = gs;
-        lut_go(&jj, nt2);
     }
     rc = 0;
 done:
-    free(img), free(tabs), free(psum), free(tsum), free(ttab), free(goff);
+    free(tabs), free(psum), free(tsum), free(ttab), free(goff);
+    free(rect), free(order), free(sorted);
     return rc;
+}
+
+/* fp32 convolutions with K = C_in kh kw <= LUT_DIRECT_MAX_K (a one-channel 3x3 first layer):
+ * direct float32 products instead of tables, which for so few columns cost more to build than
+ * they save. Per token t (a gathered patch row) and output n,
+ *
+ *   acc = fma(lev[n, K-1], x[t, K-1], ... fma(lev[n, 1], x[t, 1], fma(lev[n, 0], x[t, 0], 0)))
+ *   y[t, n] = s[n] * (acc + 0) + b[n]                  (lev = c - (N-1)/2, exact in float32)
+ *
+ * each step one rounding, k in order, on both paths (AVX-512: 16 outputs a vector; portable:
+ * fmaf), so they agree bit for bit. Error: K roundings of terms bounded by A sum_k |x| and the
+ * scale and bias, K + 2 <= g + ceil(K / g) + P + 4 for every level count when K <= 9: within
+ * the lookup tables' stated bound. Measured on Zen 4, one core, cvnn2's first layer (1 -> 128
+ * channels, 28x28, batch 1): 46 us (56 with cold caches) against 88-90 (112-124) by lookup
+ * tables over gathered patches; torch's F.conv2d on fp32 weights 33 us. */
+enum { LUT_DIRECT_MAX_K = 9 };
+
+/* Codes of row r, columns 0 .. k-1 < 64, from the lane layout of lb_pack (w, kp, bits as
+ * there): the first 64 columns are the low lanes of the row's first 64 bytes (and, for 17
+ * levels, bit 0 of its first 64 high-bit bytes). */
+static void lane_codes(const uint8_t *w, int64_t kp, int bits, int64_t r, int64_t k, int *out) {
+    const int lanes = bits == 5 ? 4 : bits;
+    const uint8_t *row = w + (r / ROWS) * ROWS * (kp * bits / 8) + (r % ROWS) * 64;
+    for (int64_t kk = 0; kk < k; kk++) {
+        out[kk] = row[kk] & ((1 << lanes) - 1);
+        if (bits == 5) out[kk] |= (row[ROWS * kp / 2 + kk] & 1) << 4;
+    }
+}
+
+typedef struct {
+    int isa, per_channel;
+    conv_geom g;
+    int64_t m, n, k, per_chunk;
+    const float *x, *lev, *scale, *bias; /* lev (k, np): level of column k, output n */
+    int64_t np;                          /* n rounded up to 16 */
+    float *y;
+} direct_job;
+
+/* Token t's patch, xt[(i kw + j) C + c] (zero where it falls in the padding). */
+static void direct_patch(const direct_job *d, int64_t t, float *xt) {
+    const conv_geom *g = &d->g;
+    const int64_t b = t / (g->ho * g->wo), oy = t / g->wo % g->ho, ox = t % g->wo;
+    for (int64_t i = 0; i < g->kh; i++)
+        for (int64_t jj = 0; jj < g->kw; jj++) {
+            const int64_t yy = oy * g->sh - g->ph + i * g->dh, xx = ox * g->sw - g->pw + jj * g->dw;
+            const int inside = yy >= 0 && yy < g->h && xx >= 0 && xx < g->w;
+            for (int64_t c = 0; c < g->c; c++)
+                xt[(i * g->kw + jj) * g->c + c] =
+                    inside ? d->x[((b * g->h + yy) * g->w + xx) * g->c + c] : 0.0f;
+        }
+}
+
+/* Outputs n0 .. n0 + 16 NV - 1 (as far as they exist) of token t: NV vectors of 16, independent
+ * chains (one chain would wait for each fma's latency). */
+LB_INLINE T512 void direct_block_512(const direct_job *d, int64_t t, const float *xt, int64_t n0,
+                                     const int NV) {
+    const int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; v++) acc[v] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < d->k; kk++) {
+        const __m512 xv = _mm512_set1_ps(xt[kk]);
+        const float *lv = d->lev + kk * d->np + n0;
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) acc[v] = _mm512_fmadd_ps(_mm512_loadu_ps(lv + 16 * v), xv, acc[v]);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; v++) {
+        const int64_t o = n0 + 16 * v, left = d->n - o;
+        const __mmask16 m = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+        const __m512 s = d->per_channel ? _mm512_maskz_loadu_ps(m, d->scale + o)
+                                        : _mm512_set1_ps(d->scale[0]);
+        __m512 y = _mm512_add_round_ps(acc[v], _mm512_setzero_ps(), rn);
+        y = _mm512_mul_round_ps(s, y, rn);
+        if (d->bias) y = _mm512_add_round_ps(y, _mm512_maskz_loadu_ps(m, d->bias + o), rn);
+        _mm512_mask_storeu_ps(d->y + t * d->n + o, m, y);
+    }
+}
+
+T512 static void direct_token_512(const direct_job *d, int64_t t, const float *xt) {
+    int64_t n0 = 0;
+    for (; n0 + 8 * 16 <= d->n; n0 += 8 * 16) direct_block_512(d, t, xt, n0, 8);
+    for (; n0 < d->n; n0 += 16) direct_block_512(d, t, xt, n0, 1);
+}
+
+static void direct_chunk(const void *ctx, int64_t chunk) {
+    const direct_job *d = ctx;
+    const int64_t t1 = (chunk + 1) * d->per_chunk < d->m ? (chunk + 1) * d->per_chunk : d->m;
+    float xt[LUT_DIRECT_MAX_K];
+    for (int64_t t = chunk * d->per_chunk; t < t1; t++) {
+        direct_patch(d, t, xt);
+        if (d->isa == ISA_AVX512) {
+            direct_token_512(d, t, xt);
+            continue;
+        }
+        for (int64_t n = 0; n < d->n; n++) {
+            float acc = 0.0f;
+            for (int64_t kk = 0; kk < d->k; kk++) acc = fmaf(d->lev[kk * d->np + n], xt[kk], acc);
+            const float v = d->scale[d->per_channel ? n : 0] * (acc + 0.0f);
+            d->y[t * d->n + n] = d->bias ? v + d->bias[n] : v;
+        }
+    }
+}
+
+/* y (B Ho Wo, n) = conv(x, W) + b, x NHWC, K = kh kw C <= LUT_DIRECT_MAX_K; w, kp, bits:
+ * lb_pack's layout. Returns 0, or -1 when out of memory. */
+static int direct_conv(int isa, const float *x, conv_geom g, const uint8_t *w, int64_t n,
+                       int64_t kp, int bits, int levels, const float *scale, int per_channel,
+                       const float *bias, float *y, int nthreads) {
+    const int64_t m = g.b * g.ho * g.wo, k = g.kh * g.kw * g.c;
+    const int64_t np = (n + 15) / 16 * 16;
+    float *lev = xalloc((size_t)(k * np) * sizeof(float));
+    if (!lev) return -1;
+    const float half = (float)(levels - 1) / 2.0f;
+    memset(lev, 0, (size_t)(k * np) * sizeof(float));
+    int codes[LUT_DIRECT_MAX_K];
+    for (int64_t r = 0; r < n; r++) {
+        lane_codes(w, kp, bits, r, k, codes);
+        for (int64_t kk = 0; kk < k; kk++) lev[kk * np + r] = (float)codes[kk] - half;
+    }
+    if (m * n * k < 200000) nthreads = 1;
+    direct_job d = {isa == ISA_AVX512 ? ISA_AVX512 : ISA_PORTABLE,
+                    per_channel,
+                    g,
+                    m,
+                    n,
+                    k,
+                    0,
+                    x,
+                    lev,
+                    scale,
+                    bias,
+                    np,
+                    y};
+    d.per_chunk = (m + 4 * nthreads - 1) / (4 * nthreads);
+    d.per_chunk = d.per_chunk < 1 ? 1 : d.per_chunk;
+    parallel_for(direct_chunk, &d, (m + d.per_chunk - 1) / d.per_chunk, nthreads);
+    free(lev);
+    return 0;
 }
 
 /* y (B * Ho * Wo, N_out) = conv(x, W) + b; dims: b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho,
@@ -1742,6 +1932,9 @@ LB_EXPORT int lb_conv2d(int isa, int int8, const float *x, const int64_t *dims, 
     const conv_geom g = geom_from(dims);
     if (!int8 && lut && lb_lut_segments(g.c, g.kh * g.kw) > 1)
         return lut_conv(isa, x, g, lut, n, levels, scale, per_channel, bias, y, nthreads);
+    if (!int8 && lut && g.kh * g.kw * g.c <= LUT_DIRECT_MAX_K)
+        return direct_conv(isa, x, g, w, n, kp, bits, levels, scale, per_channel, bias, y,
+                           nthreads);
     const int64_t m = g.b * g.ho * g.wo, k = g.kh * g.kw * g.c, img = g.h * g.w * g.c;
     gemm_job j = make_job(isa, m, k, w, n, kp, bits, levels, scale, per_channel, bias, y, &nthreads);
     const int direct = g.c % 64 == 0;
