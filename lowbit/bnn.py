@@ -38,8 +38,9 @@ multiply and one add per channel (``scale = gamma / sqrt(var + eps)``, ``shift =
 scale``) and everything after the binary layer written as ``lowbit.epilogue.BlockEpilogue``: the
 trained (QAT) layer applies it with torch operations, a packed layer inside its XNOR-popcount
 kernel, with the same float32 operations in the same order, so the two stay bit-identical.
-The CNN's fp32 stem folds its BatchNorm into its convolution in eval mode the same way
-(``ConvStem``); both folds are the same function as the unfolded layers up to float rounding.
+The fold is the same function as the unfolded BatchNorm up to float rounding. (The fp32 stem
+keeps its BatchNorm: folding it into the convolution would save ~19 us at batch 1, but
+``lowbit.summary`` counts a layer's MACs on its forward call, which that path would skip.)
 """
 
 from __future__ import annotations
@@ -179,30 +180,6 @@ def _batchnorm_tensors(norm: nn.Module) -> tuple[torch.Tensor, ...]:
     return (p["weight"], p["bias"], b["running_mean"], b["running_var"])  # type: ignore[return-value]
 
 
-class ConvStem(nn.Sequential):
-    """The fp32 stem: ``Conv2d`` (no bias), ``BatchNorm2d``, activation. In eval mode the
-    BatchNorm is folded into the convolution (weight * scale per output channel, shift as its
-    bias), one operation instead of two: the same function, computed once per state of the
-    parameters. (B, C, H, W) -> (B, width, H, W)."""
-
-    def __init__(self, conv: nn.Conv2d, norm: nn.BatchNorm2d, act: nn.Module) -> None:
-        super().__init__(conv, norm, act)
-        self._folded = StateCache()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv, norm, act = self._modules.values()
-        if self.training or not norm.track_running_stats:  # type: ignore[union-attr]
-            return super().forward(x)
-        w = conv._parameters["weight"]  # type: ignore[union-attr]
-
-        def fold() -> tuple[torch.Tensor, torch.Tensor]:
-            scale, shift = fold_batchnorm(norm)  # type: ignore[arg-type]
-            return w * scale.reshape(-1, 1, 1, 1), shift
-
-        weight, bias = self._folded.get((w, *_batchnorm_tensors(norm)), fold)  # type: ignore[arg-type]
-        return act(conv._conv_forward(x, weight, bias))  # type: ignore[union-attr,operator]
-
-
 class MaxPool2x2(nn.Module):
     """2x2 max-pooling with stride 2, odd sizes floored: ``nn.MaxPool2d(2)``, whose values it
     gives for an NCHW image in eval mode as two maxima of strided views (rows, then columns). At
@@ -340,7 +317,7 @@ class BinaryCNN(nn.Module):
         super().__init__()
         m = _check_method(config.method)
         self.config = config
-        self.stem = ConvStem(
+        self.stem = nn.Sequential(
             nn.Conv2d(config.input_shape[0], config.width, 3, padding=1, bias=False),
             nn.BatchNorm2d(config.width),
             _stem_act(config.method),

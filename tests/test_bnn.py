@@ -142,6 +142,11 @@ def test_summary_counts_bops_beside_macs() -> None:
         assert "BOPs          8,192" in str(s)
         # a binary layer stores its 1-bit codes, scale, and the threshold (64 fp32 values)
         assert rows["blocks.0.layer"].params == 64 * 64 + 64
+    cnn = models.get("binary_cnn", layer="reactnet", width=8)
+    for model in (cnn, convert_(cnn)):  # the eval-mode paths still call every counted layer
+        s = summary(model)
+        assert s.macs == 28 * 28 * 8 * 9 + 32 * 10  # the fp32 stem conv and the head
+        assert s.bops == 14 * 14 * 9 * (8 * 8 + 8 * 16) + 7 * 7 * 9 * (16 * 16 + 16 * 32)
 
 
 def test_rprelu_channel_last_3d_matches_the_formula() -> None:
