@@ -378,7 +378,7 @@ def run(
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     shapes = read_shapes(shapes_path)
-    if quick:
+    if quick and shapes_path is None:  # a shape list of one's own is run whole
         shapes = [s for s in shapes if s.name in QUICK_SHAPES] or shapes
     levels = (2, 3, 5) if quick else LEVELS
     budget, min_rounds, max_rounds = rounds or ((0.3, 5, 31) if quick else (1.5, 9, 201))
