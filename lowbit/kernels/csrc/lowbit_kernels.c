@@ -53,8 +53,8 @@
  * team's workers keep spinning for a while; a second pool of our own would have to share the
  * cores with them (measured: cvnn2 at batch 1, 5.9 ms on two threads vs 3.4 ms on one), while
  * the same team picks up the next parallel region at once. Chunks are claimed dynamically. A
- * call whose barrier waited for a descheduled worker longer than it computed sends the next
- * calls to the calling thread alone for a while (see parallel_for).
+ * call that a descheduled worker made slower than the calling thread alone would have been
+ * sends the next calls to the calling thread alone for a while (see parallel_for).
  * Without OpenMP (a compiler that lacks it) the kernels run on the calling thread.
  */
 
@@ -110,22 +110,23 @@ __attribute__((constructor)) static void register_fork_handler(void) {
 }
 
 /* A team that waits: an OpenMP region ends in a barrier that waits for every thread of the team,
- * including one the OS has not run yet. Where the cores are shared with more runnable threads
- * than they have (other jobs; another runtime's spinning workers), a worker woken for a 100 us
- * GEMV may get its core only after another thread's time slice, milliseconds later, and the
- * caller waits at the barrier doing nothing: measured on a 2-core Zen 4 at load ~4, int8 ternary
- * 4096x4096 batch 1 took a median 7.3 ms on two threads against 0.21 ms on one. So each call
- * measures its own wait: the caller's time from running out of chunks to the region's end,
- * against its time computing. A call that waited longer than it computed (and longer than
- * STALL_SECONDS) would have been faster on one thread; the next calls then run on the caller
- * alone, for a number of calls that doubles with every such call in a row (1, 2, 4, ...
- * MAX_SERIAL_CALLS), and the first call after that tries the team again. A quiet machine never
- * waits that long and keeps its threads; a loaded one pays one slow call per back-off instead
- * of one per call. (A pool whose caller never waits for a worker that has not started was
- * tried: it cannot use torch's team, already spinning after each torch operator, and packed
- * cvnn2 at batch 1 on two threads got slower: 3.0 ms against 1.85, best decile, at load ~5.) */
+ * including one the OS has not run yet or has taken off its core in the middle of a chunk.
+ * Where the cores are shared with more runnable threads than they have (other jobs; another
+ * runtime's spinning workers), such a worker may get its core back only after another thread's
+ * time slice, milliseconds later, while the caller waits at the barrier doing nothing: measured
+ * on a 2-core Zen 4 at load ~4, int8 ternary 4096x4096 batch 1 took a median 7.3 ms on two
+ * threads against 0.21 ms on one. So each call checks itself: from the caller's own chunks it
+ * estimates what the call would have cost on the caller alone (its time computing / its chunks
+ * x all chunks), and a call that took longer than that (and by more than STALL_SECONDS) sends
+ * the next calls to the caller alone, for a number of calls that doubles with every such call
+ * in a row (1, 2, 4, ... MAX_SERIAL_CALLS); the first call after that tries the team again. A
+ * quiet machine never stalls like that and keeps its threads; a loaded one pays one slow call
+ * per back-off instead of one per call. (A pool whose caller never waits for a worker that has
+ * not started was tried: it cannot use torch's team, already spinning after each torch
+ * operator, and packed cvnn2 at batch 1 on two threads got slower: 3.0 ms against 1.85, best
+ * decile, at load ~5.) */
 enum { MAX_SERIAL_CALLS = 256 };
-#define STALL_SECONDS 50e-6 /* shorter waits are a team's ordinary barrier, not a stall */
+#define STALL_SECONDS 20e-6 /* smaller losses are noise, not a stall */
 static _Atomic int serial_calls = 0; /* calls left to run on the caller alone */
 static _Atomic int backoff = 0;      /* the next back-off's length; 0 after a call that scaled */
 
@@ -135,8 +136,9 @@ static double seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void note_team_call(double computed, double waited) {
-    if (waited > computed && waited > STALL_SECONDS) {
+/* A team call took `elapsed` seconds where the caller alone would have taken about `alone`. */
+static void note_team_call(double alone, double elapsed) {
+    if (elapsed > alone + STALL_SECONDS) {
         const int b = atomic_load(&backoff);
         atomic_store(&serial_calls, b > 0 ? b : 1);
         atomic_store(&backoff, b == 0 ? 2 : (2 * b < MAX_SERIAL_CALLS ? 2 * b : MAX_SERIAL_CALLS));
@@ -155,16 +157,19 @@ void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads) {
         atomic_store(&serial_calls, 0);
         if (nthreads > nchunks) nthreads = (int)nchunks;
         _Atomic int64_t next = 0;
-        double t0 = 0.0, t1 = 0.0;
+        int64_t mine = 0; /* the caller's chunks */
+        const double t0 = seconds();
+        double t1 = t0;
 #pragma omp parallel num_threads(nthreads)
         {
             const int caller = omp_get_thread_num() == 0;
-            if (caller) t0 = seconds();
-            for (int64_t i; (i = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < nchunks;)
+            for (int64_t i; (i = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed)) < nchunks;) {
                 fn(ctx, i);
+                if (caller) mine++;
+            }
             if (caller) t1 = seconds();
         }
-        note_team_call(t1 - t0, seconds() - t1);
+        if (mine > 0) note_team_call((t1 - t0) * (double)nchunks / (double)mine, seconds() - t0);
         return;
     }
 #endif
