@@ -38,12 +38,16 @@ multiply and one add per channel (``scale = gamma / sqrt(var + eps)``, ``shift =
 scale``) and everything after the binary layer written as ``lowbit.epilogue.BlockEpilogue``: the
 trained (QAT) layer applies it with torch operations, a packed layer inside its XNOR-popcount
 kernel, with the same float32 operations in the same order, so the two stay bit-identical.
+The CNN's fp32 stem folds its BatchNorm into its convolution in eval mode the same way
+(``ConvStem``); both folds are the same function as the unfolded layers up to float rounding.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +56,8 @@ from torch import nn
 from lowbit import quantizers
 from lowbit.epilogue import BlockEpilogue
 from lowbit.nn import QuantConv2d, QuantLinear
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -140,12 +146,69 @@ class Shortcut(nn.Module):
         return x if self.repeat == 1 else torch.cat([x] * self.repeat, dim=self.channel_dim)
 
 
+class StateCache:
+    """A value computed from some tensors, kept while none of them is replaced or edited in
+    place (their identities and versions) and gradients are off; with gradients on it is
+    computed every call (the value must stay differentiable)."""
+
+    def __init__(self) -> None:
+        self._state: tuple[tuple[torch.Tensor, ...], list[int], object] | None = None
+
+    def get(self, tensors: tuple[torch.Tensor, ...], compute: Callable[[], T]) -> T:
+        if torch.is_grad_enabled():
+            return compute()
+        versions = [t._version for t in tensors]
+        s = self._state
+        if s is not None and s[1] == versions and all(map(operator.is_, s[0], tensors)):
+            return s[2]  # type: ignore[return-value]
+        value = compute()
+        self._state = (tensors, versions, value)
+        return value
+
+
+def fold_batchnorm(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BatchNorm on its running statistics as ``y = x * scale + shift`` per channel: scale =
+    gamma / sqrt(var + eps), shift = beta - mean * scale (float32 (C,), contiguous)."""
+    p, b = norm._parameters, norm._buffers  # the dicts: module attributes cost ~0.6 us each
+    scale = p["weight"] / torch.sqrt(b["running_var"] + norm.eps)  # type: ignore[operator]
+    return scale.contiguous(), (p["bias"] - b["running_mean"] * scale).contiguous()  # type: ignore[operator]
+
+
+def _batchnorm_tensors(norm: nn.Module) -> tuple[torch.Tensor, ...]:
+    p, b = norm._parameters, norm._buffers
+    return (p["weight"], p["bias"], b["running_mean"], b["running_var"])  # type: ignore[return-value]
+
+
+class ConvStem(nn.Sequential):
+    """The fp32 stem: ``Conv2d`` (no bias), ``BatchNorm2d``, activation. In eval mode the
+    BatchNorm is folded into the convolution (weight * scale per output channel, shift as its
+    bias), one operation instead of two: the same function, computed once per state of the
+    parameters. (B, C, H, W) -> (B, width, H, W)."""
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.BatchNorm2d, act: nn.Module) -> None:
+        super().__init__(conv, norm, act)
+        self._folded = StateCache()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm, act = self._modules.values()
+        if self.training or not norm.track_running_stats:  # type: ignore[union-attr]
+            return super().forward(x)
+        w = conv._parameters["weight"]  # type: ignore[union-attr]
+
+        def fold() -> tuple[torch.Tensor, torch.Tensor]:
+            scale, shift = fold_batchnorm(norm)  # type: ignore[arg-type]
+            return w * scale.reshape(-1, 1, 1, 1), shift
+
+        weight, bias = self._folded.get((w, *_batchnorm_tensors(norm)), fold)  # type: ignore[arg-type]
+        return act(conv._conv_forward(x, weight, bias))  # type: ignore[union-attr,operator]
+
+
 class MaxPool2x2(nn.Module):
     """2x2 max-pooling with stride 2, odd sizes floored: ``nn.MaxPool2d(2)``, whose values it
-    gives for an NCHW image in eval mode as the maximum of four strided views. At batch 1 torch
-    pools an NCHW image in a scalar loop (133 us for 64x28x28 on one Zen 4 core, 280 us for
-    64x32x32) that these take in 39-51 us, and converting to channels-last first costs about as
-    much (31 us, 189 us: the 4 kB rows of a 32x32 plane alias in the cache); a channels-last
+    gives for an NCHW image in eval mode as two maxima of strided views (rows, then columns). At
+    batch 1 torch pools an NCHW image in a scalar loop (133 us for 64x28x28 on one Zen 4 core,
+    280 us for 64x32x32) that these take in 24-27 us, and converting to channels-last first costs
+    more (31 us, 189 us: the 4 kB rows of a 32x32 plane alias in the cache); a channels-last
     image (what packed convolutions return) pools fast in torch (9 us for 128x14x14). Training
     keeps torch's (its gradient picks one input of a tie). (B, C, H, W) -> (B, C, H//2, W//2)."""
 
@@ -153,8 +216,8 @@ class MaxPool2x2(nn.Module):
         if self.training or x.is_contiguous(memory_format=torch.channels_last):
             return F.max_pool2d(x, 2)
         x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
-        top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
-        return torch.maximum(top, torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+        rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])  # whole rows: contiguous reads
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
 class Block(nn.Module):
@@ -173,8 +236,7 @@ class Block(nn.Module):
         if m.activations is None:
             self.act = nn.ReLU()
         self.binary = m.activations is not None
-        # (the tensors it was computed from, their versions, the epilogue)
-        self._epilogue_cache: tuple[tuple, list[int], BlockEpilogue] | None = None
+        self._epilogue = StateCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and self.binary and self.norm.track_running_stats:
@@ -185,35 +247,17 @@ class Block(nn.Module):
         return self.act(h)
 
     def epilogue(self) -> BlockEpilogue:
-        """BatchNorm (running statistics, folded), shortcut and RPReLU as one ``BlockEpilogue``.
-        Without gradients it is computed once per state of the parameters and buffers."""
-        # the module dicts directly: nn.Module attribute access costs ~0.6 us each, per call
+        """BatchNorm (running statistics, folded), shortcut and RPReLU as one ``BlockEpilogue``,
+        computed once per state of the parameters and buffers (without gradients)."""
         norm, act = self._modules["norm"], self._modules["act"]
-        p, b = norm._parameters, norm._buffers  # type: ignore[union-attr]
-        weight, bias, mean, var = p["weight"], p["bias"], b["running_mean"], b["running_var"]
         a = act._parameters  # type: ignore[union-attr]
         prelu = (a["bias"], a["slope"], a["zeta"]) if isinstance(act, RPReLU) else ()
-        tensors = (weight, bias, mean, var, *prelu)
-        versions = [t._version for t in tensors]  # type: ignore[union-attr]
-        grad = torch.is_grad_enabled()
-        cached = self._epilogue_cache
-        if (
-            not grad
-            and cached is not None
-            and cached[1] == versions
-            and all(map(operator.is_, cached[0], tensors))
-        ):
-            return cached[2]
-        scale = weight / torch.sqrt(var + norm.eps)  # type: ignore[operator,union-attr]
-        e = BlockEpilogue(
-            scale.contiguous(),
-            (bias - mean * scale).contiguous(),  # type: ignore[operator]
-            self.shortcut is not None,
-            *prelu,
-        )
-        if not grad:
-            self._epilogue_cache = (tensors, versions, e)
-        return e
+
+        def compute() -> BlockEpilogue:
+            scale, shift = fold_batchnorm(norm)  # type: ignore[arg-type]
+            return BlockEpilogue(scale, shift, self.shortcut is not None, *prelu)  # type: ignore[arg-type]
+
+        return self._epilogue.get((*_batchnorm_tensors(norm), *prelu), compute)  # type: ignore[arg-type]
 
 
 def _check_method(method: str) -> Method:
@@ -296,7 +340,7 @@ class BinaryCNN(nn.Module):
         super().__init__()
         m = _check_method(config.method)
         self.config = config
-        self.stem = nn.Sequential(
+        self.stem = ConvStem(
             nn.Conv2d(config.input_shape[0], config.width, 3, padding=1, bias=False),
             nn.BatchNorm2d(config.width),
             _stem_act(config.method),
@@ -323,10 +367,9 @@ class BinaryCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.stem(x))  # (B, 4 width, H/4, W/4), real valued
-        # packed convolutions return channels-last tensors, and average pooling sums in another
-        # order there: pool a contiguous tensor so packed and trained outputs stay bit-identical
-        return self.head(h.contiguous())
+        # (B, 4 width, H/4, W/4), real valued; channels-last from the binary blocks in eval mode,
+        # trained or packed (lowbit.epilogue), so their average pooling sums in the same order
+        return self.head(self.blocks(self.stem(x)))
 
 
 def binary_mlp(config: BinaryMLPConfig | None = None, **fields: object) -> BinaryMLP:

@@ -60,7 +60,9 @@ def binary_epilogue(
     y: torch.Tensor, x: torch.Tensor, epilogue: BlockEpilogue, channel_dim: int
 ) -> torch.Tensor:
     """``epilogue`` (see ``BlockEpilogue``) applied to a binary layer's output y, its input x:
-    (B, N, H, W) and (B, C_in, H, W) with ``channel_dim=1``, or (..., N) and (..., C_in) with -1."""
+    (B, N, H, W) and (B, C_in, H, W) with ``channel_dim=1``, or (..., N) and (..., C_in) with -1.
+    A convolution's result is channels-last, the layout the packed kernel writes, so that what
+    follows (a pooling, whose summation order depends on the layout) computes alike on both."""
     view = (-1, 1, 1) if channel_dim == 1 else (-1,)
     e = epilogue
     z = y * e.scale.reshape(view) + e.shift.reshape(view)
@@ -71,4 +73,4 @@ def binary_epilogue(
         u = z + e.prelu_bias.reshape(view)
         u = torch.where(u >= 0, u, u * e.prelu_slope.reshape(view))  # type: ignore[union-attr]
         z = u + e.prelu_shift.reshape(view)  # type: ignore[union-attr]
-    return z
+    return z.contiguous(memory_format=torch.channels_last) if channel_dim == 1 else z

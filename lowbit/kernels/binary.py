@@ -200,14 +200,8 @@ def _epilogue_struct(e: BlockEpilogue | None) -> _Epilogue | None:
     """The C view of ``e``; valid while ``e`` lives (its tensors are contiguous)."""
     if e is None:
         return None
-    return _Epilogue(
-        *(None if t is None else t.data_ptr() for t in (e.scale, e.shift)),
-        *(
-            None if t is None else t.data_ptr()
-            for t in (e.prelu_bias, e.prelu_slope, e.prelu_shift)
-        ),
-        int(e.residual),
-    )
+    tensors = (e.scale, e.shift, e.prelu_bias, e.prelu_slope, e.prelu_shift)
+    return _Epilogue(*map(_ptr, tensors), int(e.residual))
 
 
 def _linear_native(x, weight, bias, threshold, threads, epilogue):  # noqa: ANN001, ANN202
