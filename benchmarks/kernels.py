@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a few shapes, levels 2/3/5")
+    p.add_argument(
+        "--quick", action="store_true", help="levels 2/3/5 (and of the default shapes, a few)"
+    )
     p.add_argument("--shapes", default=None, help="default: lowbit/kernels/shapes.csv")
     p.add_argument("--no-stream", action="store_true", help="skip the weights-streaming regime")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "kernels.md"))

@@ -555,7 +555,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "  lowbit bench kernels --json --shapes my-shapes.csv --out results.csv",
     )
     p.add_argument("what", choices=["kernels"], help="what to benchmark")
-    p.add_argument("--quick", action="store_true", help="a few shapes, levels 2/3/5, few rounds")
+    p.add_argument(
+        "--quick", action="store_true", help="levels 2/3/5, few rounds, a few of the default shapes"
+    )
     p.add_argument(
         "--shapes", help="shape list CSV (default: lowbit/kernels/shapes.csv, shipped with lowbit)"
     )

@@ -16,8 +16,11 @@ Backends (``backend()`` names the one ``prepare`` picks on this machine):
   (weight-only layers) a lookup-table kernel without multiplications: per token, the sums of
   every weight pattern of a small group are tabled and each group of 16 rows is one ``vpermt2ps``
   + add, on a second layout of table indices derived from the codes on first use
-  (``PreparedWeight.lut``). ``native-avx2`` and ``native-portable`` run the int8 algorithm in C
-  compiled for AVX2 and for plain x86-64 (runtime dispatch by CPU features); for fp32, portable
+  (``PreparedWeight.lut``); convolutions build the tables once per pixel, band by band of output
+  rows, and those with K = C_in * kh * kw <= 9 (a one-channel first layer) take direct float32
+  products instead, faster there and within the same error bound. ``native-avx2`` and
+  ``native-portable`` run the int8 algorithm in C compiled for AVX2 and for plain x86-64
+  (runtime dispatch by CPU features); for fp32, portable
   runs the table loop in plain C and AVX2 a ``vpermps`` level table + FMA on the lane layout.
   Used for levels 2..17 on CPU float tensors.
 * ``reference``: ``reference.linear`` (pure torch). Used for levels > 17, non-CPU tensors, and

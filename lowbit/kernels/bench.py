@@ -378,7 +378,7 @@ def run(
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     shapes = read_shapes(shapes_path)
-    if quick:
+    if quick and shapes_path is None:  # a shape list of one's own is run whole
         shapes = [s for s in shapes if s.name in QUICK_SHAPES] or shapes
     levels = (2, 3, 5) if quick else LEVELS
     budget, min_rounds, max_rounds = rounds or ((0.3, 5, 31) if quick else (1.5, 9, 201))
@@ -585,18 +585,21 @@ def markdown(info: dict, rows: list[dict]) -> str:
         "sums of x over every pattern the group can take are tabled once (ternary: g = 3, 27 "
         "patterns; 5 levels: g = 2, 25; other N: bit planes of g = 5, 32 patterns), the weight "
         "is stored as 5-bit table indices (ternary 1.67 bits a weight), and one `vpermt2ps` "
-        "(a 32-entry float32 table in two registers) + one add does one group for 16 rows. "
-        "Float32 sums: within the error bound stated in the C file (tests check it). AVX2 "
-        "keeps the older level-table + FMA path.",
+        "(a 32-entry float32 table in two registers) + one add does one group for 16 rows, in "
+        "tiles of 8 row blocks x 1 token or 4 x 2 (every second add issued as fma(v, 1, acc), "
+        "the same rounding on the multiply pipes). Float32 sums: within the error bound stated "
+        "in the C file (tests check it). AVX2 keeps the older level-table + FMA path.",
         "- Convolutions: the weight columns are stored tap-major (kernel row, column, channel) "
         "and the kernel reads the patches in place from a zero-padded channels-last copy of the "
         "image (quantized to int8 in the same pass), no im2col matrix, where C_in is a multiple "
         "of 64; layers with fewer channels (an RGB input) gather their patches into rows first. "
         "int8 convolutions quantize each image with one absmax multiplier, as `QuantConv2d` "
         "trains with `absmax8` inputs, so they are exact too. fp32 convolutions (lookup "
-        "tables) with >= 16 input channels build their tables once per pixel of the padded "
-        "image (a patch's group of channels of one tap is a group of one pixel), kh * kw times "
-        "fewer than per patch.",
+        "tables) with >= 16 input channels build their tables once per pixel (a patch's group "
+        "of channels of one tap is a group of one pixel), kh * kw times fewer than per patch, "
+        "band by band of output rows into a window that stays in L2, and skip the taps that "
+        "read only zero padding; those with K = C_in kh kw <= 9 (a one-channel first layer) "
+        "take direct float32 products.",
         "- Runtime dispatch: AVX-512 (F/BW/VL/DQ/VNNI) -> AVX2 -> portable C, per-function "
         "target attributes in one library; torch.get_num_threads() threads by default, on "
         "torch's own OpenMP team (a pool of our own would share the cores with that team's "
