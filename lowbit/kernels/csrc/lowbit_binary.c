@@ -352,10 +352,9 @@ TPOP static void finish_512(const bgemm_job *j, const int64_t *pop, int64_t t0, 
             pslope = _mm256_maskz_loadu_ps(live, e->pslope + col);
             pshift = _mm256_maskz_loadu_ps(live, e->pshift + col);
         }
-        if (j->res) {
-            if (j->res_row % BROWS == 0) res_col = col % j->res_row;
+        if (j->res && j->res_row % BROWS == 0) res_col = col % j->res_row; /* one division */
+        else if (j->res) /* gather indices (a division each: only for C % 8 != 0) */
             for (int r = 0; r < rows; r++) res_idx[r] = (int32_t)((col + r) % j->res_row);
-        }
     }
     const __m256i idx = _mm256_loadu_si256((const __m256i *)res_idx);
     for (int i = 0; i < nt; i++) {
@@ -368,8 +367,10 @@ TPOP static void finish_512(const bgemm_job *j, const int64_t *pop, int64_t t0, 
             v = _mm256_add_ps(v, shift);
             if (j->res) {
                 const float *row = j->res + (t0 + i) * j->res_row;
-                v = _mm256_add_ps(v, res_col >= 0 ? _mm256_maskz_loadu_ps(live, row + res_col)
-                                                  : _mm256_mmask_i32gather_ps(zero, live, idx, row, 4));
+                __m256 r;
+                if (res_col >= 0) r = _mm256_maskz_loadu_ps(live, row + res_col);
+                else r = _mm256_mmask_i32gather_ps(zero, live, idx, row, 4);
+                v = _mm256_add_ps(v, r);
             }
             if (e->pbias) {
                 const __m256 u = _mm256_add_ps(v, pbias);
