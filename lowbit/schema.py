@@ -77,13 +77,20 @@ def _v_choice(*choices: Any) -> Callable[[Any], Any]:
     return check
 
 
+# Kernel sizes, strides, paddings, dilations and pooled output sizes: no real layer comes near
+# 1024, and larger values let a forged file's model allocate gigabytes when it runs (a padding
+# of 10,000 turns a 16x16 input into a 20,016x20,016 image per channel).
+MAX_GEOMETRY = 1 << 10
+
+
 def _v_pair_from(lo: int) -> Callable[[Any], Any]:
-    """An int >= lo or a list of two such ints (kernel sizes, strides: lo=1; padding: lo=0)."""
+    """An int in [lo, MAX_GEOMETRY] or a list of two (kernel sizes, strides: lo=1; padding:
+    lo=0)."""
 
     def check(v: Any) -> Any:
         if isinstance(v, list) and len(v) == 2:
-            return tuple(_v_int(lo, 1 << 16)(x) for x in v)
-        return _v_int(lo, 1 << 16)(v)
+            return tuple(_v_int(lo, MAX_GEOMETRY)(x) for x in v)
+        return _v_int(lo, MAX_GEOMETRY)(v)
 
     return check
 

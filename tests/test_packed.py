@@ -317,6 +317,13 @@ def test_load_rejects_non_whitelisted_module_and_bad_args(tmp_path, good_file) -
     with pytest.raises(FormatError, match="module '2'"):
         lowbit.load(bad)
 
+    def huge(meta):  # a pooling that would make the model allocate gigabytes when it runs
+        meta["model"]["root"]["children"][2][1]["args"]["padding"] = 10_000
+
+    _rewrite(good_file, bad, edit_meta=huge)
+    with pytest.raises(FormatError, match="module '2'.*0..1024"):
+        lowbit.load(bad)
+
 
 def test_load_rejects_a_training_checkpoint(tmp_path) -> None:
     from safetensors.torch import save_file
