@@ -114,13 +114,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "Run again with the same --out (and flags) to resume after an interruption; a larger\n"
         "--epochs continues a finished run.",
     )
-    p.add_argument("--model", default="mlp", help="mlp, fcnn1, fcnn2, cvnn1, cvnn2, vit1, vit2")
-    p.add_argument("--depth", type=int, help="hidden layers (mlp; default 3)")
-    p.add_argument("--width", type=int, help="units per hidden layer (mlp; default 256)")
+    p.add_argument(
+        "--model",
+        default="mlp",
+        help="mlp, fcnn1, fcnn2, cvnn1, cvnn2, vit1, vit2, binary_mlp, binary_cnn",
+    )
+    p.add_argument("--depth", type=int, help="hidden layers (mlp: default 3; binary_mlp)")
+    p.add_argument(
+        "--width", type=int, help="units or channels (mlp: default 256; binary_mlp, binary_cnn)"
+    )
     p.add_argument(
         "--layer",
         default="linear",
-        help="linear, bitlinear8, mybitlinear, misborn, sign, ternary, ternary-median, nlevel",
+        help="linear, bitlinear8, mybitlinear, misborn, sign, ternary, ternary-median, nlevel; "
+        "binary models: bnn, xnor, bireal, reactnet, sign, ternary, linear",
     )
     p.add_argument("--levels", type=int, help="number of weight values N (--layer nlevel)")
     p.add_argument(
@@ -172,15 +179,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = train.TrainConfig(**config_kw)  # validate flags before loading any data
     if not args.out.strip():
         raise ValueError("--out must name a folder, got an empty string")
-    if args.model != "mlp" and (args.depth is not None or args.width is not None):
-        raise ValueError(f"--depth/--width apply to --model mlp only, not {args.model}")
+    fields = models.config_fields(args.model)  # (ValueError naming the models if unknown)
+    for flag in ("depth", "width"):
+        if getattr(args, flag) is not None and flag not in fields:
+            raise ValueError(f"--{flag} does not apply to --model {args.model}")
     dataset = data.load(args.dataset, args.data_dir)
     model_kw = {"input_shape": dataset.input_shape, "classes": dataset.classes}
     if args.patch_size is not None:
         model_kw["patch_size"] = args.patch_size
-    if args.model == "mlp":
-        model_kw.update(depth=3 if args.depth is None else args.depth)
-        model_kw.update(width=256 if args.width is None else args.width)
+    if args.model == "mlp":  # the command's defaults (the study's network)
+        model_kw.update(depth=3, width=256)
+    model_kw.update({k: v for k in ("depth", "width") if (v := getattr(args, k)) is not None})
     torch.manual_seed(args.seed)  # the model's initialisation
     model = models.get(args.model, layer=args.layer, levels=args.levels, **model_kw)
 

@@ -687,6 +687,13 @@ def config(name: str, **fields: Any) -> _Config:
     return family.config(**{**family.preset, **fields})
 
 
+def config_fields(name: str) -> tuple[str, ...]:
+    """The config fields of model ``name`` (what ``get`` accepts besides the layer options)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(NAMES)}")
+    return tuple(f.name for f in dataclasses.fields(MODELS[name].config))
+
+
 def get(name: str, layer: str = "linear", levels: int | None = None, **kw: Any) -> nn.Module:
     """Build model ``name`` (one of ``NAMES``) with layers of kind ``layer``.
 
@@ -696,9 +703,7 @@ def get(name: str, layer: str = "linear", levels: int | None = None, **kw: Any) 
     levels=5, input_shape=(3, 32, 32), classes=10)``. Unknown names, kinds or options raise
     ValueError listing the valid ones.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(NAMES)}")
-    fields = [f.name for f in dataclasses.fields(MODELS[name].config)]
+    fields = config_fields(name)
     unknown = sorted(k for k in kw if k not in fields and k not in _LAYER_OPTIONS)
     if unknown:
         raise ValueError(

@@ -51,6 +51,18 @@ def test_train_json_on_synthetic(tmp_path, capsys):
     assert config["model"]["kwargs"]["width"] == 16
 
 
+def test_train_binary_models_take_their_own_sizes(tmp_path, capsys):
+    for name, flags in (("binary_mlp", ["--depth", "2", "--width", "24"]), ("binary_cnn", [])):
+        out_dir = tmp_path / name
+        argv = ["train", "--model", name, "--layer", "reactnet", "--dataset", "synthetic"]
+        code, _, err = _run(capsys, *argv, *flags, "--epochs", "1", "--out", str(out_dir))
+        assert code == 0, err
+        kwargs = json.loads((out_dir / "config.json").read_text())["model"]["kwargs"]
+        assert kwargs["layer"] == "reactnet"
+        if flags:
+            assert kwargs["depth"] == 2 and kwargs["width"] == 24
+
+
 def test_train_prints_epochs_without_json(tmp_path, capsys):
     code, out, err = _run(
         capsys, "train", "--dataset", "synthetic", "--epochs", "1", "--out", str(tmp_path)
@@ -70,6 +82,8 @@ def test_train_prints_epochs_without_json(tmp_path, capsys):
         (["train", "--out", "X", "--dataset", "synthetic", "--layer", "nlevel"], "levels"),
         (["train", "--out", "X", "--dataset", "synthetic", "--layer", "fivebit"], "fivebit"),
         (["train", "--out", "X", "--model", "cvnn1", "--depth", "3"], "--depth"),
+        (["train", "--out", "X", "--model", "binary_cnn", "--depth", "3"], "--depth"),
+        (["train", "--out", "X", "--model", "nosuch"], "nosuch"),
         (["train", "--out", "X", "--no-such-flag"], "no-such-flag"),
     ],
 )
