@@ -267,3 +267,19 @@ def test_epilogue_rejects_bad_input() -> None:
     w4 = binary.prepare(torch.ones(4, 3, dtype=torch.uint8), torch.ones(4))
     with pytest.raises(ValueError, match="residual of 3 channels"):
         binary.linear(torch.randn(2, 3), w4, epilogue=reference.BlockEpilogue(v, v, True))
+
+
+def test_custom_op_weights_are_prepared_once_per_codes_state() -> None:
+    """The ops' eager bodies (what tracers call) pack a weight once, again after an edit."""
+    import lowbit.kernels as kernels
+
+    codes = torch.randint(0, 2, (16, 70), dtype=torch.uint8)
+    scale = torch.rand(16) + 0.1
+    for prepared in (
+        lambda: binary._prepared_for(codes, scale),
+        lambda: kernels._prepared_for(codes, scale, 2),
+    ):
+        first = prepared()
+        assert prepared() is first
+        codes[0, 0] ^= 1  # in place: a new version
+        assert prepared() is not first

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -218,21 +220,39 @@ def prepare(
     )
 
 
+def cached_on_codes(
+    cache: WeakIdKeyDictionary,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    extra: tuple,
+    build: Callable[[], Any],
+) -> Any:
+    """``build()`` (a compute layout of ``codes`` and ``scale``), kept in ``cache`` per codes
+    tensor (weakly: the entry dies with the tensor) until the codes, the scale (identity,
+    storage, in-place version) or ``extra`` change. What the custom ops' eager bodies prepare."""
+    key = (codes._version, scale._version, codes.data_ptr(), scale.data_ptr(), *extra)
+    hit = cache.get(codes)
+    if hit is not None and hit[0] is scale and hit[1] == key:
+        return hit[2]
+    value = build()
+    cache[codes] = (scale, key, value)
+    return value
+
+
 _prepared_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _prepared_for(
     codes: torch.Tensor, scale: torch.Tensor, levels: int, conv: tuple | None = None
 ) -> PreparedWeight:
-    """``prepare(codes, scale, levels, conv=conv)``, cached per codes tensor (weakly: the entry
-    dies with the tensor) until the codes or the scale change (identity, storage, version)."""
-    key = (scale, codes._version, scale._version, codes.data_ptr(), scale.data_ptr(), levels, conv)
-    hit = _prepared_cache.get(codes)
-    if hit is not None and hit[0] is scale and hit[1:] == key[1:]:
-        return hit[-1]
-    weight = prepare(codes, scale, levels, conv=conv)
-    _prepared_cache[codes] = (*key, weight)
-    return weight
+    """``prepare(codes, scale, levels, conv=conv)``, cached (``cached_on_codes``)."""
+    return cached_on_codes(
+        _prepared_cache,
+        codes,
+        scale,
+        (levels, conv),
+        lambda: prepare(codes, scale, levels, conv=conv),
+    )
 
 
 @torch.library.custom_op("lowbit::packed_linear", mutates_args=())

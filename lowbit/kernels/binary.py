@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit.epilogue import BlockEpilogue
 from lowbit.errors import ConfigError
-from lowbit.kernels import _requested, _warn_fallback, native, reference
+from lowbit.kernels import _requested, _warn_fallback, cached_on_codes, native, reference
 
 ABI_VERSION = 2  # lb_binary_version() of the C code this binding matches
 ROWS = 8  # weight rows per block of the packed layout
@@ -236,15 +236,10 @@ _prepared_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def _prepared_for(
     codes: torch.Tensor, scale: torch.Tensor, conv: tuple | None = None
 ) -> BinaryWeight:
-    """``prepare(codes, scale, conv=conv)``, cached per codes tensor (weakly: the entry dies with
-    the tensor) until the codes or the scale change (identity, storage, version)."""
-    key = (scale, codes._version, scale._version, codes.data_ptr(), scale.data_ptr(), conv)
-    hit = _prepared_cache.get(codes)
-    if hit is not None and hit[0] is scale and hit[1:] == key[1:]:
-        return hit[-1]
-    weight = prepare(codes, scale, conv=conv)
-    _prepared_cache[codes] = (*key, weight)
-    return weight
+    """``prepare(codes, scale, conv=conv)``, cached (``lowbit.kernels.cached_on_codes``)."""
+    return cached_on_codes(
+        _prepared_cache, codes, scale, (conv,), lambda: prepare(codes, scale, conv=conv)
+    )
 
 
 @torch.library.custom_op("lowbit::binary_linear", mutates_args=())
