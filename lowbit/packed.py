@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from lowbit import kernels
-from lowbit.epilogue import BlockEpilogue
+from lowbit.epilogue import BlockEpilogue, binary_epilogue
 from lowbit.kernels import binary, reference
 from lowbit.nn import QuantConv2d, QuantLinear, replace_modules
 from lowbit.quantizers import (
@@ -320,7 +320,7 @@ class PackedLinear(PackedLayer):
                     t, self.codes, self.scale, self.bias, self.threshold
                 )
                 if epilogue is not None:
-                    y = reference.binary_epilogue(y, t, epilogue, -1)
+                    y = binary_epilogue(y, t, epilogue, -1)
         elif _eager(t):
             bias = self._parameters.get("bias")  # (a None bias is a plain attribute)
             y = kernels.linear(t, self.prepared(), bias, self._activations)
@@ -420,7 +420,7 @@ class PackedConv2d(PackedLayer):
                     t, self.codes, self.scale, self.bias, self.threshold, self._geometry()
                 )
                 if epilogue is not None:
-                    y = reference.binary_epilogue(y, t, epilogue, 1)
+                    y = binary_epilogue(y, t, epilogue, 1)
         elif _eager(t):
             y = kernels.conv2d(
                 t,
