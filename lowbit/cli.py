@@ -145,6 +145,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--lr", type=float, help="learning rate (default: 1e-3 for both optimizers)")
     p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="constant, or cosine annealing per step from --lr to ~0 over --epochs",
+    )
+    p.add_argument(
         "--batch-size", type=int, help="mini-batch size (default: TrainConfig's, as in studies)"
     )
     p.add_argument("--augment", action="store_true", help="shift/zoom/flip/rotate each batch")
@@ -161,6 +167,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config_kw = dict(
         optimizer=args.optimizer,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         epochs=args.epochs,
         seed=args.seed,
         augment=args.augment,

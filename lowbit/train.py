@@ -20,6 +20,13 @@ fake-quantized ones, compute in bf16; the latent weights, the optimizer and the 
 
 ``train_loss``/``train_acc`` are averages over the epoch's mini-batches as they were trained (the
 model changing underneath), ``test_*`` are measured after the epoch; accuracies are fractions.
+Learning-rate schedule: ``lr_schedule="constant"`` keeps ``lr`` for the whole run;
+``"cosine"`` anneals it per optimizer step, ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` for step
+``t = 0 .. T-1`` of ``T = epochs * ceil(train_size / batch_size)`` steps (from ``lr`` to ~0 at the
+end, the decayed schedule binary networks are trained with: Bi-Real Net's cosine, ReActNet's
+linear decay). The rate is a function of the step alone, so a resumed run sets the same rates; but
+``T`` depends on ``epochs``, so a cosine run resumes only with the same ``epochs``.
+
 Losses are recorded as they are, however large: extreme losses are a finding, not an error. A
 non-finite batch loss (NaN or inf) ends the run with status ``diverged`` (its partial epoch is
 recorded; JSON writes non-finite numbers as null).
@@ -75,6 +82,7 @@ from lowbit.errors import ConfigError, FormatError
 from lowbit.files import atomic_write
 
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 STATUSES = ("finished", "diverged", "interrupted")
 CHECKPOINT = "checkpoint.safetensors"
 _DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-3}  # PyTorch's Adam default; the Low-Resolution study's SGD
@@ -89,6 +97,7 @@ class TrainConfig:
         optimizer: ``"adam"`` (PyTorch defaults: lr 1e-3, betas (0.9, 0.999), as the sign-vs-linear
             study) or ``"sgd"`` (momentum 0.92, lr 1e-3, as the Low-Resolution study).
         lr: learning rate; None = the optimizer's default above.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (per-step annealing to ~0, module docstring).
         momentum: SGD momentum; None = 0.92. Not valid with Adam.
         weight_decay: L2 penalty passed to the optimizer.
         batch_size: training mini-batch size.
@@ -107,6 +116,7 @@ class TrainConfig:
 
     optimizer: str = "adam"
     lr: float | None = None
+    lr_schedule: str = "constant"
     momentum: float | None = None
     weight_decay: float = 0.0
     batch_size: int = 64
@@ -131,6 +141,8 @@ class TrainConfig:
             raise bad("optimizer", f"one of {', '.join(OPTIMIZERS)}")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise bad("lr", "a positive number or None")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", f"one of {', '.join(LR_SCHEDULES)}")
         if self.momentum is not None:
             if self.optimizer != "sgd":
                 raise ValueError("TrainConfig.momentum is only valid with optimizer='sgd'")
@@ -374,6 +386,13 @@ def _autocast(device: torch.device, amp: bool) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
 
+def scheduled_lr(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total_steps`` (docstring)."""
+    if config.lr_schedule == "cosine":
+        return config.resolved_lr * (1 + math.cos(math.pi * step / total_steps)) / 2
+    return config.resolved_lr
+
+
 def evaluate(
     model: nn.Module,
     x: torch.Tensor,
@@ -484,6 +503,12 @@ def _check_resume(
         raise ConfigError(
             f"{run_dir} holds a run with {k}={a[k]!r}, not {b[k]!r}; use a new run dir or the "
             "same config (only epochs may grow)"
+        )
+    if config.lr_schedule != "constant" and a["epochs"] != b["epochs"]:
+        raise ConfigError(
+            f"{run_dir} holds a {config.lr_schedule} run of epochs={a['epochs']}, not "
+            f"{b['epochs']}: the schedule's length is its epochs; use a new run dir or the same "
+            "epochs"
         )
 
 
@@ -658,8 +683,14 @@ def _train_epoch(
         bar = tqdm(it, total=n_batches, desc=f"epoch {epoch}/{config.epochs}", leave=False)
         it = bar
     loss_sum, correct, seen, diverged = 0.0, 0, 0, False
+    step = (epoch - 1) * n_batches  # global optimizer step of the epoch's first batch
     try:
         for xb, yb in it:
+            if config.lr_schedule != "constant":
+                lr = scheduled_lr(config, step, config.epochs * n_batches)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            step += 1
             if augment is not None:
                 xb = augment(xb, generator)  # on the data's device
             with _autocast(x.device, config.amp):

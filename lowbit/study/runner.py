@@ -148,6 +148,7 @@ def train_config(config: dict[str, Any], device: str = "cpu", amp: bool = False)
         val_split=config.get("val_split") or 0.0,
         optimizer=config["optimizer"],
         lr=config["lr"],
+        lr_schedule=config.get("lr_schedule") or "constant",
         batch_size=config["batch_size"],
         epochs=config["epochs"],
         seed=config["seed"],

@@ -40,8 +40,8 @@ each seed layer under each of its readings (a reading of another kind falls back
 default); ``val_split = 0.1`` holds out 10% of the training images as a validation set
 (``TrainConfig.val_split``); ``batch_size`` and ``seed`` default to ``TrainConfig``'s. A cell's
 id is the first 16 hex digits of sha256 over its config as sorted, compact JSON: stable across
-runs, machines and spec-file ordering (``reading`` and ``val_split`` are left out of the hash while
-unused, so cells stored before those keys existed keep their ids).
+runs, machines and spec-file ordering (``reading``, ``val_split`` and ``lr_schedule`` are left out
+of the hash while unused, so cells stored before those keys existed keep their ids).
 
 Size rule for ``epochs = "by-size"`` (the sign-vs-linear preset; the paper trained "4 to 18 epochs
 depending on the size"): ``size = (log2(width / w_min) + (depth - d_min)) / (log2(w_max / w_min) +
@@ -98,6 +98,7 @@ GRID_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "augment": ((bool,), False, None),
     "optimizer": ((str,), "adam", OPTIMIZERS),
     "lr": (_NUM, 1e-3, None),
+    "lr_schedule": ((str,), "constant", train.LR_SCHEDULES),
     "momentum": (_NUM, 0.92, None),
     "epochs": (_INT + (str,), 5, None),
     "batch_size": (_INT, _TRAIN.batch_size, None),
@@ -111,6 +112,7 @@ GRID_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
 _ID_OMITTED_AT: dict[str, tuple] = {
     "reading": (None,),
     "val_split": (0.0,),
+    "lr_schedule": ("constant",),
     "patch_size": (None, models.ViTConfig.patch_size),
 }
 _STUDY_KEYS = {"name": (str,), "title": (str,), "fallback_dataset": (str,), "claims": (list,)}
