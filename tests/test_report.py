@@ -3,8 +3,11 @@ names when a study varies a setting the title does not show, one seed, formatted
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
+
+import pytest
 
 from test_claims import _config, _write
 
@@ -65,3 +68,23 @@ def test_colours_of_readings_repeated_per_network_and_seed():
     colours = _colors(readings * 40 + ["bitlinear8"] * 40)
     assert all(r in colours for r in readings)
     assert len({colours[r] for r in readings[:7]}) == 7
+
+
+def test_plateau_table_counts_runs_whose_last_quarter_added_little(tmp_path):
+    from lowbit.study.aggregate import late_gain
+
+    assert late_gain([0.5, 0.6, 0.7, 0.8]) == pytest.approx(10.0)  # best of 3 epochs 0.7
+    assert late_gain([0.5, 0.9, 0.8, 0.85]) == pytest.approx(-5.0)  # fell back: settled
+    assert late_gain([0.5, 0.6, 0.7]) is None and late_gain([math.nan] * 5) is None
+
+    def params(cfg):  # ramps to its accuracy at epoch 3 (settled) or at the last (still rising)
+        return {"acc": 0.8, "ramp": 3 if cfg["width"] == 64 else 10}
+
+    _write(tmp_path, _cells((0, 1), (1e-3,)), params, [])
+    write_report(tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    head = next(ln for ln in md.splitlines() if "runs at plateau" in ln)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| mlp |"))
+    cells = dict(zip(head.split("|"), row.split("|"), strict=True))
+    assert cells[" runs at plateau "].strip() == "8/24"  # the 8 width-64 runs
+    assert cells[" median best-val epoch "].strip() == "10 (of 10)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -50,6 +51,7 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
         ({"seed": -1}, "seed"),
         ({"train_subset": 0}, "train_subset"),
         ({"augment": "yes"}, "augment"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kw, field):
@@ -112,8 +114,9 @@ class _StopAt:
     [
         train.TrainConfig(epochs=4, batch_size=48, seed=3),
         train.TrainConfig(epochs=4, batch_size=48, seed=3, optimizer="sgd", augment=True),
+        train.TrainConfig(epochs=4, batch_size=48, seed=3, lr_schedule="cosine"),
     ],
-    ids=["adam", "sgd-augment"],
+    ids=["adam", "sgd-augment", "adam-cosine"],
 )
 def test_resume_equals_uninterrupted_run(tmp_path, ds, cfg):
     full_model = _model()
@@ -158,6 +161,30 @@ def test_resume_with_a_different_config_is_refused(tmp_path, ds):
         train.fit(_model(), other, train.TrainConfig(epochs=2), run_dir=tmp_path)
     with pytest.raises(ConfigError, match="more than epochs"):
         train.fit(_model(), ds, train.TrainConfig(epochs=1), run_dir=tmp_path)
+
+
+def test_cosine_schedule_anneals_per_step_and_resumes_only_with_its_epochs(
+    tmp_path, ds, monkeypatch
+):
+    cfg = train.TrainConfig(epochs=2, batch_size=64, lr=0.01, lr_schedule="cosine")
+    steps = 2 * 4  # 256 images / 64
+    lrs = [train.scheduled_lr(cfg, t, steps) for t in range(steps)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[steps // 2] == pytest.approx(0.005)
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] < 0.001
+    seen = []
+
+    class Spy(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(train, "_make_optimizer", lambda m, c: Spy(m.parameters(), lr=c.lr))
+    train.fit(_model(), ds, cfg, run_dir=tmp_path)
+    assert seen == pytest.approx(lrs)  # the optimizer stepped at the scheduled rates
+    constant = train.TrainConfig(epochs=2, lr=0.01)
+    assert {train.scheduled_lr(constant, t, steps) for t in range(steps)} == {0.01}
+    with pytest.raises(ConfigError, match="cosine run of epochs=2, not 3"):
+        train.fit(_model(), ds, dataclasses.replace(cfg, epochs=3), run_dir=tmp_path)
 
 
 def test_run_dir_contents(tmp_path, ds):

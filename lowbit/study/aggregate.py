@@ -8,6 +8,11 @@ depth, width, kernel size, augmentation, ...); a *variant* is the layer kind (``
     final_acc, final_loss   last epoch's test accuracy (fraction) / loss, one per seed
     final_linear_cos        last epoch's linear-classifier cosine (MLPs; None elsewhere)
     best_val_epoch          epoch of the highest validation accuracy (None without validation)
+    late_val_gain           the last quarter's validation gain, one per seed: 100 * (last epoch's
+                            val_acc - best val_acc of the first ceil(3/4 * epochs) epochs), in
+                            points; None without validation or under 4 epochs. Near zero or below
+                            = the run had reached its plateau (also under a decaying lr, where
+                            the best epoch is often the last)
     max_drop                largest epoch-to-epoch fall of test accuracy, one per seed
     loss_fluct              std over epochs of log10(test loss), one per seed
     curve_acc, curve_loss   (seeds, epochs) arrays, NaN-padded where a run is shorter
@@ -50,6 +55,7 @@ class Agg:
     loss_fluct: list[float] = field(default_factory=list)
     final_linear_cos: list[float | None] = field(default_factory=list)
     best_val_epoch: list[int | None] = field(default_factory=list)
+    late_val_gain: list[float | None] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
     diverged: int = 0
     curves: dict[str, np.ndarray] = field(default_factory=dict)
@@ -149,6 +155,15 @@ def _mean_over(per_seed: list[dict[int, float]]) -> list[float | None]:
     return out
 
 
+def late_gain(val: list[float]) -> float | None:
+    """Validation gain of the last quarter of a run, in points (module docstring)."""
+    head = math.ceil(3 * len(val) / 4)
+    early = [v for v in val[:head] if math.isfinite(v)]
+    if len(val) < 4 or not early or not math.isfinite(val[-1]):
+        return None
+    return 100 * (val[-1] - max(early))
+
+
 def load_study(out_dir: str | os.PathLike) -> Study:
     """Read ``out_dir/results.sqlite`` (read-only) and aggregate it."""
     with Store(default_path(Path(out_dir)), readonly=True) as store:
@@ -185,6 +200,7 @@ def load_study(out_dir: str | os.PathLike) -> Study:
         val = series["val_acc"]
         finite = [i for i, v in enumerate(val) if math.isfinite(v)]
         a.best_val_epoch.append(max(finite, key=lambda i: val[i]) + 1 if finite else None)
+        a.late_val_gain.append(late_gain(val))
         a.epochs.append(len(es))
         drops = [acc[i - 1] - acc[i] for i in range(1, len(acc))]
         a.max_drop.append(max([0.0, *[d for d in drops if math.isfinite(d)]]))

@@ -42,6 +42,7 @@ from lowbit.study.aggregate import Agg, Study, group_label, json_key, load_study
 from lowbit.study.claims import FP32, Verdict, evaluate, reading_verdicts
 
 DPI = 80
+PLATEAU_GAIN = 0.5  # points of validation accuracy the last quarter of a run may still add
 
 
 def _plt():
@@ -697,6 +698,8 @@ def _epochs_table(study: Study) -> list[tuple]:
         ran = [e for a in aggs for e in a.epochs]
         want = sorted({paper.epochs(a.group_config) for a in aggs})
         best = [b for a in aggs for b in a.best_val_epoch if b is not None]
+        gains = [g for a in aggs for g in a.late_val_gain if g is not None]
+        settled = sum(g < PLATEAU_GAIN for g in gains)
         share = [e / paper.epochs(a.group_config) for a in aggs for e in a.epochs]
         rows.append(
             [
@@ -707,6 +710,8 @@ def _epochs_table(study: Study) -> list[tuple]:
                 if round(100 * min(share)) != round(100 * max(share))
                 else f"{100 * share[0]:.0f}%",
                 f"{np.median(best):.0f} (of {max(ran)})" if best else "no validation split",
+                f"{np.median(gains):+.2f} [{max(gains):+.2f}]" if gains else "-",
+                f"{settled}/{len(gains)}" if gains else "-",
                 str(len(ran)),
             ]
         )
@@ -716,14 +721,26 @@ def _epochs_table(study: Study) -> list[tuple]:
         ("h", "Epochs run against the paper's budget, and the validation plateau"),
         (
             "table",
-            ["model", "epochs run", "paper's epochs", "share", "median best-val epoch", "runs"],
+            [
+                "model",
+                "epochs run",
+                "paper's epochs",
+                "share",
+                "median best-val epoch",
+                "last-quarter val gain (pt), median [max]",
+                "runs at plateau",
+                "runs",
+            ],
             rows,
         ),
         (
             "p",
             "Best-val epoch: the epoch of the highest validation accuracy (median over runs). "
-            "Well before the last epoch means the run reached its plateau; at the last epoch "
-            "means it was still improving.",
+            "Last-quarter val gain: the last epoch's validation accuracy minus the best of the "
+            "first three quarters of the epochs. A run is at its plateau when that gain is below "
+            f"{PLATEAU_GAIN:g} point: the last quarter of its budget added (almost) nothing. Under "
+            "a decaying learning rate the best epoch is often the last even at the plateau, so "
+            "the gain is the test that holds for both schedules.",
         ),
     ]
 
