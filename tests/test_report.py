@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from test_claims import _config, _write
 
 from lowbit.study.report import write_report
