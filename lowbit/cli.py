@@ -464,6 +464,12 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
         "cells on one GPU); each cell also asks for --threads CPUs",
     )
     p.add_argument("--export", choices=("csv",), help="also write DIR/*.csv when done")
+    p.add_argument(
+        "--resume-from",
+        metavar="EXPORT",
+        help="take the finished cells of an earlier run of this study from its CSV export "
+        "(lowbit report DIR --csv) instead of training them: continue on another machine",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and list cells; run nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_study)
@@ -494,6 +500,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         gpus_per_cell=args.gpus_per_cell,
+        resume_from=args.resume_from,
     )
     if result.interrupted:
         print(

@@ -264,6 +264,48 @@ def test_report_and_csv_on_a_tiny_sweep(tmp_path):
         assert {r["status"] for r in csv.DictReader(f)} == {"finished"}
 
 
+def test_resume_from_a_csv_export_trains_only_the_missing_cells(tmp_path):
+    import gzip
+
+    from lowbit.study.export import export_csv
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    small = S.parse({**TINY, "grid": {**TINY["grid"], "seed": [0]}})
+    assert runner.run(small, first, workers=1, progress=False, threads=1).statuses == {
+        "finished": 4
+    }
+    export_csv(first)
+    layers = first / "layers.csv"  # committed exports gzip their layer rows
+    (first / "layers.csv.gz").write_bytes(gzip.compress(layers.read_bytes()))
+    layers.unlink()
+    (first / "results.sqlite").rename(tmp_path / "elsewhere.sqlite")  # the database is gone
+
+    grown = S.parse(TINY)  # seeds 0 and 1: the export holds half the cells
+    res = runner.run(grown, second, workers=1, progress=False, threads=1, resume_from=first)
+    assert res.skipped == 4 and res.statuses == {"finished": 8}
+    assert "4 finished cells taken from the export" in res.notes[-1]
+    with (
+        Store(tmp_path / "elsewhere.sqlite", readonly=True) as a,
+        Store(second / "results.sqlite", readonly=True) as b,
+    ):
+        ids = {r["run_id"] for r in a.runs()}
+        keep = ("status", "started", "ended", "size_bytes", "n_params", "classes", "device")
+        old = {r["run_id"]: [r[k] for k in keep] for r in a.runs()}
+        new = {r["run_id"]: [r[k] for k in keep] for r in b.runs() if r["run_id"] in ids}
+        assert new == old  # the same numbers, not re-trained
+        assert a.epochs() == [e for e in b.epochs() if e["run_id"] in ids]
+        assert a.layers() == [r for r in b.layers() if r["run_id"] in ids]
+    # a second import changes nothing; a folder without an export is refused before anything
+    again = runner.run(grown, second, workers=1, progress=False, threads=1, resume_from=first)
+    assert again.skipped == 8 and "0 finished cells" in again.notes[-1]
+    with pytest.raises(ConfigError, match="no runs.csv here"):
+        runner.run(grown, tmp_path / "third", progress=False, resume_from=tmp_path)
+    assert not (tmp_path / "third").exists()
+    (first / "epochs.csv").write_text("run_id,epoch\nx,1\n")
+    with pytest.raises(ConfigError, match="not a lowbit study export"):
+        runner.run(grown, tmp_path / "fourth", progress=False, resume_from=first)
+
+
 def test_cli_study_dry_run_and_errors(tmp_path, capsys):
     from lowbit.cli import main
 
@@ -277,6 +319,12 @@ def test_cli_study_dry_run_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "grid.widht: unknown key" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()  # nothing ran
+    spec.write_text('[grid]\nlayer = ["ternary"]\ndataset = "synthetic"\n')
+    args = ["study", str(spec), "--out", str(tmp_path / "o"), "--resume-from", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no runs.csv here" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_sign_vs_linear_arms(tmp_path, capsys):

@@ -323,6 +323,56 @@ class Store:
 
         self._write(write)
 
+    def import_run(
+        self,
+        run_id: str,
+        run: dict[str, Any],
+        epochs: list[dict[str, Any]],
+        layers: list[dict[str, Any]],
+    ) -> bool:
+        """Store a cell finished elsewhere (``lowbit.study.export.import_csv``), atomically:
+        ``run`` holds status (finished or diverged), started, ended, attempts and the
+        ``RUN_INFO_FIELDS``; epochs and layers are rows as ``epochs()``/``layers()`` return them.
+        A cell this database has finished already is left as it is; returns whether it was
+        written."""
+        if run.get("status") not in DONE:
+            raise ValueError(f"only finished or diverged cells are imported, got {run!r}")
+        cols = ["status", "started", "ended", "attempts", *RUN_INFO_FIELDS]
+        written = False
+
+        def write(db: sqlite3.Connection) -> None:
+            nonlocal written
+            row = db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise ValueError(f"no cell {run_id!r} in {self.path}")
+            if row[0] in DONE:
+                return
+            sets = ", ".join(f"{c} = ?" for c in cols)
+            db.execute(
+                f"UPDATE runs SET {sets}, error = NULL, owner = NULL, lease = NULL "
+                "WHERE run_id = ?",
+                [*(run.get(c) for c in cols), run_id],
+            )
+            db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
+            db.execute("DELETE FROM layers WHERE run_id = ?", (run_id,))
+            db.executemany(
+                "INSERT INTO epochs(run_id, epoch, " + ", ".join(EPOCH_FIELDS) + ") "
+                f"VALUES (?, ?{', ?' * len(EPOCH_FIELDS)})",
+                [
+                    (run_id, int(e["epoch"]), *(_num(e.get(f)) for f in EPOCH_FIELDS))
+                    for e in epochs
+                ],
+            )
+            db.executemany(
+                "INSERT INTO layers(run_id, epoch, " + ", ".join(LAYER_FIELDS) + ") "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, int(r["epoch"]), *_layer_values(r)) for r in layers],
+            )
+            written = True
+
+        self._write(write)
+        return written
+
     def apply(self, ops: list[tuple[str, tuple, dict]]) -> None:
         """Replay a list of recorded calls (``(method, args, kwargs)``), as a remote worker that
         cannot reach the database hands them back to the driver."""
