@@ -156,6 +156,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--augment", action="store_true", help="shift/zoom/flip/rotate each batch")
     p.add_argument("--train-subset", type=int, metavar="N", help="train on N images only")
     p.add_argument("--val-split", type=float, default=0.0, metavar="SHARE", help=_HELP["val_split"])
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="stop after EPOCHS epochs without a better validation accuracy (needs --val-split; "
+        "--epochs is then the most it trains)",
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help=_HELP["device"])
     p.add_argument("--amp", action="store_true", help=_HELP["amp"])
@@ -176,6 +184,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         amp=args.amp,
         val_split=args.val_split,
+        patience=args.patience,
     )
     if args.batch_size is not None:
         config_kw["batch_size"] = args.batch_size

@@ -20,6 +20,11 @@ fake-quantized ones, compute in bf16; the latent weights, the optimizer and the 
 
 ``train_loss``/``train_acc`` are averages over the epoch's mini-batches as they were trained (the
 model changing underneath), ``test_*`` are measured after the epoch; accuracies are fractions.
+Early stopping: ``patience=P`` (with a validation split) ends the run once the validation
+accuracy has not risen above its best for P epochs: the plateau, found on the validation set and
+recorded: ``FitResult.stopped_early`` (and ``result.json``'s) is true and the history ends there.
+``epochs`` is then the budget's upper bound. A resumed run that had stopped stays stopped.
+
 Learning-rate schedule: ``lr_schedule="constant"`` keeps ``lr`` for the whole run;
 ``"cosine"`` anneals it per optimizer step, ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` for step
 ``t = 0 .. T-1`` of ``T = epochs * ceil(train_size / batch_size)`` steps (from ``lr`` to ~0 at the
@@ -112,6 +117,8 @@ class TrainConfig:
             ``mps``); checked against the machine when ``fit`` starts.
         val_split: share of the training images held out as a validation set, in [0, 1).
         amp: bfloat16 autocast for the forward pass (see the module docstring).
+        patience: early stopping (module docstring): stop after this many epochs without a new
+            best validation accuracy; 0 = never. Needs ``val_split`` > 0.
     """
 
     optimizer: str = "adam"
@@ -129,6 +136,7 @@ class TrainConfig:
     device: str = "cpu"
     val_split: float = 0.0
     amp: bool = False
+    patience: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> ValueError:
@@ -160,6 +168,13 @@ class TrainConfig:
                 raise bad(name, "True or False")
         if not (isinstance(self.val_split, (int, float)) and 0 <= self.val_split < 1):
             raise bad("val_split", "a share in [0, 1)")
+        if not is_int(self.patience) or self.patience < 0:
+            raise bad("patience", "an integer >= 0 (0: no early stopping)")
+        if self.patience and not self.val_split:
+            raise ValueError(
+                "TrainConfig.patience needs a validation split (val_split > 0): early stopping "
+                "watches the validation accuracy, never the test set"
+            )
         if not isinstance(self.device, str):
             raise bad("device", "a device name such as 'cpu', 'cuda', 'cuda:1' or 'mps'")
         for name in ("train_subset", "threads"):
@@ -199,6 +214,7 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     status: str = "finished"
     run_dir: str | None = None
+    stopped_early: bool = False
 
     @property
     def final(self) -> dict[str, Any]:
@@ -232,6 +248,7 @@ class FitResult:
         keys = ("test_acc", "test_loss", "train_acc", "train_loss")
         out: dict[str, Any] = {k: _json_number(getattr(self, k)) for k in keys}
         out.update(epochs=self.epochs, status=self.status, run_dir=self.run_dir)
+        out.update(stopped_early=self.stopped_early)
         return out
 
 
@@ -384,6 +401,16 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 def _autocast(device: torch.device, amp: bool) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def plateaued(history: list[dict[str, Any]], patience: int) -> bool:
+    """Whether the last ``patience`` epochs of ``history`` brought no new best ``val_acc``."""
+    val = [m.get("val_acc") for m in history]
+    val = [v if isinstance(v, float) and math.isfinite(v) else -math.inf for v in val]
+    if not patience or not val:
+        return False
+    best = max(range(len(val)), key=lambda i: (val[i], -i))  # the first epoch at the best value
+    return len(val) - 1 - best >= patience
 
 
 def scheduled_lr(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -598,7 +625,7 @@ def fit(
             if stored.get("status") == "diverged":
                 _say(progress, f"{rd}: the run diverged earlier; nothing trained")
                 return FitResult(_history_from_json(stored["history"]), "diverged", str(rd))
-        if history and len(history) == config.epochs:
+        if history and (len(history) == config.epochs or plateaued(history, config.patience)):
             _say(progress, f"{rd}: already finished ({len(history)} epochs), nothing trained")
         elif history:
             _say(progress, f"{rd}: resuming at epoch {len(history) + 1}/{config.epochs}")
@@ -620,6 +647,8 @@ def fit(
         torch.set_num_threads(config.threads)
     try:
         for epoch in range(len(history) + 1, config.epochs + 1):
+            if plateaued(history, config.patience):
+                break
             metrics, diverged = _train_epoch(
                 model, optimizer, train_x, train_y, config, epoch, generator, augment, progress
             )
@@ -649,14 +678,16 @@ def fit(
         del history[saved:]
     finally:
         torch.set_num_threads(old_threads)
+    stopped = len(history) < config.epochs and status == "finished"
+    stopped = stopped and plateaued(history, config.patience)
+    result = FitResult(history, status, str(rd) if rd is not None else None, stopped)
     if rd is not None:
         _write_metrics(rd, history)
         _write_json(
             rd / "result.json",
-            {"status": status, "history": [_jsonable(m) for m in history]}
-            | FitResult(history, status, str(rd)).to_dict(),
+            {"status": status, "history": [_jsonable(m) for m in history]} | result.to_dict(),
         )
-    return FitResult(history, status, str(rd) if rd is not None else None)
+    return result
 
 
 def _train_epoch(

@@ -54,6 +54,7 @@ def _doc(**grid) -> dict:
         ({"grid": {}, "epochs_by_size": {"min": 9, "max": 3}}, "epochs_by_size"),
         ({"grid": {}, "override": [{"when": {"model": "mlp"}, "set": {"lr": [1]}}]}, "set.lr"),
         ({"grid": {}, "study": {"claims": ["no-such-claim"]}}, "study.claims"),
+        (_doc(patience=-1), "grid.patience"),
     ],
 )
 def test_bad_spec_names_the_key(doc, key):
@@ -69,6 +70,12 @@ def test_cell_id_is_stable_and_order_free():
     assert a[0].id == S.cell_id(dict(reversed(list(cfg.items()))))
     assert S.cell_id({**cfg, "seed": 1}) != a[0].id
     assert len(a[0].id) == 16
+    # keys added later leave the ids of cells that do not use them as they were
+    old = {k: v for k, v in cfg.items() if k not in ("lr_schedule", "patience")}
+    assert S.cell_id(old) == a[0].id
+    assert S.cell_id({**cfg, "patience": 5}) != a[0].id
+    with pytest.raises(ConfigError, match="grid.patience needs grid.val_split"):
+        S.parse({"grid": {"dataset": "synthetic", "patience": 5}}).cells()
 
 
 def test_irrelevant_axes_collapse_and_overrides_apply():

@@ -52,6 +52,8 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
         ({"train_subset": 0}, "train_subset"),
         ({"augment": "yes"}, "augment"),
         ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"patience": -1, "val_split": 0.1}, "patience"),
+        ({"patience": 3}, "patience needs a validation split"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kw, field):
@@ -185,6 +187,22 @@ def test_cosine_schedule_anneals_per_step_and_resumes_only_with_its_epochs(
     assert {train.scheduled_lr(constant, t, steps) for t in range(steps)} == {0.01}
     with pytest.raises(ConfigError, match="cosine run of epochs=2, not 3"):
         train.fit(_model(), ds, dataclasses.replace(cfg, epochs=3), run_dir=tmp_path)
+
+
+def test_early_stopping_ends_at_the_plateau_and_stays_stopped(tmp_path, ds):
+    assert not train.plateaued([{"val_acc": 0.5}, {"val_acc": 0.6}], 1)
+    assert train.plateaued([{"val_acc": 0.6}, {"val_acc": 0.6}], 1)  # a tie is no progress
+    assert not train.plateaued([{"val_acc": 0.6}, {"val_acc": 0.5}], 2)
+    assert not train.plateaued([{"val_acc": 0.6}, {"val_acc": 0.5}], 0)  # 0: never
+    # a learning rate too small to move the weights: the best is epoch 1, then 2 epochs without
+    cfg = train.TrainConfig(epochs=10, lr=1e-12, val_split=0.25, patience=2)
+    res = train.fit(_model(), ds, cfg, run_dir=tmp_path)
+    assert res.status == "finished" and res.stopped_early and res.epochs == 3
+    assert json.loads((tmp_path / "result.json").read_text())["stopped_early"] is True
+    again = train.fit(_model(), ds, dataclasses.replace(cfg, epochs=20), run_dir=tmp_path)
+    assert again.epochs == 3 and again.stopped_early  # resumed: still at its plateau
+    full = train.fit(_model(), ds, dataclasses.replace(cfg, epochs=3))
+    assert full.epochs == 3 and not full.stopped_early  # the budget ended it, not the plateau
 
 
 def test_run_dir_contents(tmp_path, ds):

@@ -149,6 +149,7 @@ def train_config(config: dict[str, Any], device: str = "cpu", amp: bool = False)
         optimizer=config["optimizer"],
         lr=config["lr"],
         lr_schedule=config.get("lr_schedule") or "constant",
+        patience=config.get("patience") or 0,
         batch_size=config["batch_size"],
         epochs=config["epochs"],
         seed=config["seed"],

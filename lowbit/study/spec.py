@@ -40,8 +40,10 @@ each seed layer under each of its readings (a reading of another kind falls back
 default); ``val_split = 0.1`` holds out 10% of the training images as a validation set
 (``TrainConfig.val_split``); ``batch_size`` and ``seed`` default to ``TrainConfig``'s. A cell's
 id is the first 16 hex digits of sha256 over its config as sorted, compact JSON: stable across
-runs, machines and spec-file ordering (``reading``, ``val_split`` and ``lr_schedule`` are left out
-of the hash while unused, so cells stored before those keys existed keep their ids).
+runs, machines and spec-file ordering (``reading``, ``val_split``, ``lr_schedule`` and ``patience``
+are left out of the hash while unused, so cells stored before those keys existed keep their ids).
+``patience = 10`` stops a cell 10 epochs after its best validation accuracy
+(``TrainConfig.patience``; it needs ``val_split``): ``epochs`` is then the budget's upper bound.
 
 Size rule for ``epochs = "by-size"`` (the sign-vs-linear preset; the paper trained "4 to 18 epochs
 depending on the size"): ``size = (log2(width / w_min) + (depth - d_min)) / (log2(w_max / w_min) +
@@ -106,6 +108,7 @@ GRID_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "train_subset": (_INT, 0, None),
     "test_subset": (_INT, 0, None),
     "val_split": (_NUM, 0.0, None),
+    "patience": (_INT, 0, None),
 }
 # Keys added after studies were first stored: left out of a cell's id while at this value, so a
 # cell that does not use them keeps the id it had before they existed (and resumes).
@@ -113,6 +116,7 @@ _ID_OMITTED_AT: dict[str, tuple] = {
     "reading": (None,),
     "val_split": (0.0,),
     "lr_schedule": ("constant",),
+    "patience": (0,),
     "patch_size": (None, models.ViTConfig.patch_size),
 }
 _STUDY_KEYS = {"name": (str,), "title": (str,), "fallback_dataset": (str,), "claims": (list,)}
@@ -185,6 +189,8 @@ def _check_value(where: str, key: str, value: Any) -> Any:
         raise ConfigError(f"{where}.lr: must be > 0, got {value}")
     if key == "val_split" and not 0 <= value < 1:
         raise ConfigError(f"{where}.val_split: must be in [0, 1) (a share of the training set)")
+    if key == "patience" and value < 0:
+        raise ConfigError(f"{where}.patience: must be >= 0 (0 = no early stopping), got {value}")
     return value
 
 
@@ -342,6 +348,11 @@ def _resolve(raw: dict[str, Any], spec: Spec, available: Callable[[str], bool] |
         cfg["epochs"] = _epochs_by_size(cfg, spec)
     cfg["lr"] = float(cfg["lr"])
     cfg["val_split"] = float(cfg["val_split"])
+    if cfg["patience"] and not cfg["val_split"]:
+        raise ConfigError(
+            "grid.patience needs grid.val_split > 0: early stopping watches the validation "
+            "accuracy, never the test set"
+        )
     if cfg["momentum"] is not None:
         cfg["momentum"] = float(cfg["momentum"])
     return cfg
