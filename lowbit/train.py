@@ -20,6 +20,10 @@ fake-quantized ones, compute in bf16; the latent weights, the optimizer and the 
 
 ``train_loss``/``train_acc`` are averages over the epoch's mini-batches as they were trained (the
 model changing underneath), ``test_*`` are measured after the epoch; accuracies are fractions.
+Losses are recorded as they are, however large: extreme losses are a finding, not an error. A
+non-finite batch loss (NaN or inf) ends the run with status ``diverged`` (its partial epoch is
+recorded; JSON writes non-finite numbers as null).
+
 Early stopping: ``patience=P`` (with a validation split) ends the run once the validation
 accuracy has not risen above its best for P epochs: the plateau, found on the validation set and
 recorded: ``FitResult.stopped_early`` (and ``result.json``'s) is true and the history ends there.
@@ -31,10 +35,6 @@ Learning-rate schedule: ``lr_schedule="constant"`` keeps ``lr`` for the whole ru
 end, the decayed schedule binary networks are trained with: Bi-Real Net's cosine, ReActNet's
 linear decay). The rate is a function of the step alone, so a resumed run sets the same rates; but
 ``T`` depends on ``epochs``, so a cosine run resumes only with the same ``epochs``.
-
-Losses are recorded as they are, however large: extreme losses are a finding, not an error. A
-non-finite batch loss (NaN or inf) ends the run with status ``diverged`` (its partial epoch is
-recorded; JSON writes non-finite numbers as null).
 
 Run directory (every file written atomically: temp file + ``os.replace``)::
 
