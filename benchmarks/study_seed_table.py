@@ -54,6 +54,7 @@ def table(folder: Path, group: tuple[str, ...]) -> str:
     head = [*group, "variant", "seeds", "final test acc (%)", "per seed", "epochs run (of)"]
     head += ["best-val epoch", "test acc at best val (%)", "last-quarter val gain (pt)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
     def order(k: tuple) -> list:  # numbers as numbers (width 16 < 256), fp32 first
         return [(len(x), x) for x in k[:-1]] + [(k[-1] != "linear", k[-1])]
 

@@ -87,3 +87,14 @@ def test_plateau_table_counts_runs_whose_last_quarter_added_little(tmp_path):
     cells = dict(zip(head.split("|"), row.split("|"), strict=True))
     assert cells[" runs at plateau "].strip() == "8/24"  # the 8 width-64 runs
     assert cells[" median best-val epoch "].strip() == "10 (of 10)"
+
+
+def test_a_run_ended_by_early_stopping_is_at_its_plateau():
+    from lowbit.study.aggregate import Agg
+    from lowbit.study.report import _at_plateau
+
+    a = Agg((), {"epochs": 200, "patience": 10}, "nlevel-3", 3)
+    a.seeds, a.epochs, a.late_val_gain = [0, 1, 2], [57, 200, 200], [1.2, 1.2, 0.1]
+    assert [_at_plateau(a, i) for i in range(3)] == [True, False, True]
+    a.group_config = {"epochs": 200}  # no early stopping: fewer epochs mean something else
+    assert not _at_plateau(a, 0)

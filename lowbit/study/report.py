@@ -685,6 +685,14 @@ def _linearity(study: Study) -> list[tuple]:
     ]
 
 
+def _at_plateau(a: Agg, i: int) -> bool:
+    """Whether seed ``i`` of ``a`` ended at its validation plateau (see ``_epochs_table``)."""
+    if a.group_config.get("patience") and a.epochs[i] < a.group_config["epochs"]:
+        return True  # early stopping ended it: its patience ran out
+    gain = a.late_val_gain[i]
+    return gain is not None and gain < PLATEAU_GAIN
+
+
 def _epochs_table(study: Study) -> list[tuple]:
     from lowbit.study.claims import BIN, BINARY_MODELS, LR, SVL
 
@@ -699,7 +707,7 @@ def _epochs_table(study: Study) -> list[tuple]:
         want = sorted({paper.epochs(a.group_config) for a in aggs})
         best = [b for a in aggs for b in a.best_val_epoch if b is not None]
         gains = [g for a in aggs for g in a.late_val_gain if g is not None]
-        settled = sum(g < PLATEAU_GAIN for g in gains)
+        settled = [_at_plateau(a, i) for a in aggs for i in range(len(a.seeds))]
         share = [e / paper.epochs(a.group_config) for a in aggs for e in a.epochs]
         rows.append(
             [
@@ -711,7 +719,7 @@ def _epochs_table(study: Study) -> list[tuple]:
                 else f"{100 * share[0]:.0f}%",
                 f"{np.median(best):.0f} (of {max(ran)})" if best else "no validation split",
                 f"{np.median(gains):+.2f} [{max(gains):+.2f}]" if gains else "-",
-                f"{settled}/{len(gains)}" if gains else "-",
+                f"{sum(settled)}/{len(settled)}",
                 str(len(ran)),
             ]
         )
@@ -738,9 +746,10 @@ def _epochs_table(study: Study) -> list[tuple]:
             "Best-val epoch: the epoch of the highest validation accuracy (median over runs). "
             "Last-quarter val gain: the last epoch's validation accuracy minus the best of the "
             "first three quarters of the epochs. A run is at its plateau when that gain is below "
-            f"{PLATEAU_GAIN:g} point: the last quarter of its budget added (almost) nothing. Under "
-            "a decaying learning rate the best epoch is often the last even at the plateau, so "
-            "the gain is the test that holds for both schedules.",
+            f"{PLATEAU_GAIN:g} point (the last quarter of its budget added almost nothing), or "
+            "when early stopping ended it (no better validation accuracy for its patience's "
+            "epochs). Under a decaying learning rate the best epoch is often the last even at "
+            "the plateau, so the gain is the test that holds for both schedules.",
         ),
     ]
 
