@@ -41,8 +41,10 @@ def test_train_json_on_synthetic(tmp_path, capsys):
         "epochs",
         "status",
         "run_dir",
+        "stopped_early",
     }
     assert result["status"] == "finished" and result["epochs"] == 2
+    assert result["stopped_early"] is False
     assert 0 <= result["test_acc"] <= 1 and result["run_dir"] == str(out_dir)
     assert (out_dir / "checkpoint.safetensors").exists()
     config = json.loads((out_dir / "config.json").read_text())
