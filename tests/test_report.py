@@ -98,3 +98,5 @@ def test_a_run_ended_by_early_stopping_is_at_its_plateau():
     assert [_at_plateau(a, i) for i in range(3)] == [True, False, True]
     a.group_config = {"epochs": 200}  # no early stopping: fewer epochs mean something else
     assert not _at_plateau(a, 0)
+    a.group_config = {"epochs": 200, "lr_schedule": "cosine"}  # one annealed run cannot tell
+    assert _at_plateau(a, 2) is None

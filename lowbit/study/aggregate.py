@@ -11,8 +11,8 @@ depth, width, kernel size, augmentation, ...); a *variant* is the layer kind (``
     late_val_gain           the last quarter's validation gain, one per seed: 100 * (last epoch's
                             val_acc - best val_acc of the first ceil(3/4 * epochs) epochs), in
                             points; None without validation or under 4 epochs. Near zero or below
-                            = the run had reached its plateau (also under a decaying lr, where
-                            the best epoch is often the last)
+                            = at a constant lr, the run had reached its plateau (under an
+                            annealed lr the last quarter gains by construction)
     max_drop                largest epoch-to-epoch fall of test accuracy, one per seed
     loss_fluct              std over epochs of log10(test loss), one per seed
     curve_acc, curve_loss   (seeds, epochs) arrays, NaN-padded where a run is shorter

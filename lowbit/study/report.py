@@ -685,8 +685,11 @@ def _linearity(study: Study) -> list[tuple]:
     ]
 
 
-def _at_plateau(a: Agg, i: int) -> bool:
-    """Whether seed ``i`` of ``a`` ended at its validation plateau (see ``_epochs_table``)."""
+def _at_plateau(a: Agg, i: int) -> bool | None:
+    """Whether seed ``i`` of ``a`` ended at its validation plateau (see ``_epochs_table``);
+    None under an annealed learning rate, where one run cannot tell."""
+    if a.group_config.get("lr_schedule", "constant") not in (None, "constant"):
+        return None
     if a.group_config.get("patience") and a.epochs[i] < a.group_config["epochs"]:
         return True  # early stopping ended it: its patience ran out
     gain = a.late_val_gain[i]
@@ -707,7 +710,9 @@ def _epochs_table(study: Study) -> list[tuple]:
         want = sorted({paper.epochs(a.group_config) for a in aggs})
         best = [b for a in aggs for b in a.best_val_epoch if b is not None]
         gains = [g for a in aggs for g in a.late_val_gain if g is not None]
-        settled = [_at_plateau(a, i) for a in aggs for i in range(len(a.seeds))]
+        judged = [_at_plateau(a, i) for a in aggs for i in range(len(a.seeds))]
+        settled = [p for p in judged if p is not None]
+        annealed = len(judged) - len(settled)
         share = [e / paper.epochs(a.group_config) for a in aggs for e in a.epochs]
         rows.append(
             [
@@ -719,7 +724,9 @@ def _epochs_table(study: Study) -> list[tuple]:
                 else f"{100 * share[0]:.0f}%",
                 f"{np.median(best):.0f} (of {max(ran)})" if best else "no validation split",
                 f"{np.median(gains):+.2f} [{max(gains):+.2f}]" if gains else "-",
-                f"{sum(settled)}/{len(settled)}",
+                (f"{sum(settled)}/{len(settled)}" if settled else "")
+                + ("; " if settled and annealed else "")
+                + (f"{annealed} annealed" if annealed else ""),
                 str(len(ran)),
             ]
         )
@@ -745,11 +752,14 @@ def _epochs_table(study: Study) -> list[tuple]:
             "p",
             "Best-val epoch: the epoch of the highest validation accuracy (median over runs). "
             "Last-quarter val gain: the last epoch's validation accuracy minus the best of the "
-            "first three quarters of the epochs. A run is at its plateau when that gain is below "
-            f"{PLATEAU_GAIN:g} point (the last quarter of its budget added almost nothing), or "
-            "when early stopping ended it (no better validation accuracy for its patience's "
-            "epochs). Under a decaying learning rate the best epoch is often the last even at "
-            "the plateau, so the gain is the test that holds for both schedules.",
+            "first three quarters of the epochs. At a constant learning rate a run is at its "
+            f"plateau when that gain is below {PLATEAU_GAIN:g} point (the last quarter of its "
+            "budget added almost nothing), or when early stopping ended it (no better validation "
+            "accuracy for its patience's epochs). Under an annealed rate (lr_schedule cosine) "
+            "the last quarter is where the rate falls to ~0 and the network settles, so a gain "
+            "there is expected and says nothing about a longer budget: those runs are counted "
+            "as annealed, and their plateau is read across budgets (the same cells trained "
+            "longer).",
         ),
     ]
 
