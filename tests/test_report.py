@@ -100,3 +100,19 @@ def test_a_run_ended_by_early_stopping_is_at_its_plateau():
     assert not _at_plateau(a, 0)
     a.group_config = {"epochs": 200, "lr_schedule": "cosine"}  # one annealed run cannot tell
     assert _at_plateau(a, 2) is None
+
+
+def test_configs_stored_before_a_key_existed_group_with_newer_ones(tmp_path):
+    from lowbit.study.aggregate import load_study
+
+    def cells():
+        for seed in (0, 1, 2):
+            for layer in ("linear", "ternary"):
+                cfg = _config(model="mlp", layer=layer, depth=1, width=64, seed=seed)
+                if seed == 0:  # stored by a version that predates these keys
+                    del cfg["patience"], cfg["lr_schedule"]
+                yield cfg
+
+    _write(tmp_path, cells(), lambda cfg: {"acc": 0.8}, [])
+    study = load_study(tmp_path)
+    assert len(study.aggs) == 2 and all(a.seeds == [0, 1, 2] for a in study.aggs)

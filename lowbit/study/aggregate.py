@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from lowbit.study.store import DONE, Store, default_path
-from lowbit.study.variants import variant_label, weight_levels
+from lowbit.study.variants import completed, variant_label, weight_levels
 
 VARIANT_KEYS = ("layer", "levels", "reading", "seed")
 CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
@@ -185,7 +185,7 @@ def load_study(out_dir: str | os.PathLike) -> Study:
     for r in runs:
         if r["status"] not in DONE or not by_run.get(r["run_id"]):
             continue
-        cfg = r["config"]
+        cfg = completed(r["config"])
         gcfg = {k: v for k, v in cfg.items() if k not in VARIANT_KEYS}
         group = tuple(sorted((k, json_key(v)) for k, v in gcfg.items()))
         key = (group, variant_label(cfg))

@@ -30,6 +30,7 @@ from lowbit.errors import ConfigError
 from lowbit.files import atomic_write
 from lowbit.study.spec import GRID_KEYS
 from lowbit.study.store import DONE, EPOCH_FIELDS, RUN_INFO_FIELDS, Store, default_path
+from lowbit.study.variants import completed
 
 _RUN_FIELDS = (
     "status",
@@ -67,7 +68,7 @@ def export_csv(out_dir: str | os.PathLike) -> list[Path]:
         epochs = store.epochs()
         layers = store.layers()
     keys = list(GRID_KEYS)
-    cfg = {r["run_id"]: [r["config"].get(k) for k in keys] for r in runs}
+    cfg = {r["run_id"]: [completed(r["config"]).get(k) for k in keys] for r in runs}
     last: dict[str, dict[str, Any]] = {}
     for e in epochs:
         last[e["run_id"]] = e

@@ -68,6 +68,7 @@ from lowbit import bnn, data, models, quantizers, train
 from lowbit.errors import ConfigError
 from lowbit.study.claims import CLAIMS
 from lowbit.study.variants import (
+    LATER_KEYS,
     DEFAULT_READING,
     READING_NAMES,
     resolve_reading,
@@ -110,15 +111,6 @@ GRID_KEYS: dict[str, tuple[tuple[type, ...], Any, tuple | None]] = {
     "val_split": (_NUM, 0.0, None),
     "patience": (_INT, 0, None),
 }
-# Keys added after studies were first stored: left out of a cell's id while at this value, so a
-# cell that does not use them keeps the id it had before they existed (and resumes).
-_ID_OMITTED_AT: dict[str, tuple] = {
-    "reading": (None,),
-    "val_split": (0.0,),
-    "lr_schedule": ("constant",),
-    "patience": (0,),
-    "patch_size": (None, models.ViTConfig.patch_size),
-}
 _STUDY_KEYS = {"name": (str,), "title": (str,), "fallback_dataset": (str,), "claims": (list,)}
 _TOP_KEYS = ("study", "grid", "epochs_by_size", "override", "quick")
 
@@ -157,9 +149,7 @@ class Spec:
 
 def cell_id(config: dict[str, Any]) -> str:
     """Stable hash of a resolved config: sha256 of sorted compact JSON, 16 hex digits."""
-    kept = {
-        k: v for k, v in config.items() if k not in _ID_OMITTED_AT or v not in _ID_OMITTED_AT[k]
-    }
+    kept = {k: v for k, v in config.items() if k not in LATER_KEYS or v not in LATER_KEYS[k]}
     blob = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

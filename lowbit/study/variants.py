@@ -9,6 +9,9 @@ seed layers whose paper text admits several (``lowbit.nn.SignLinear.READINGS``,
 A layer's default reading (the first of its ``READINGS``) keeps the bare kind as its label, so
 studies made before readings existed read the same.
 
+It also knows the grid keys added after studies were first stored (``LATER_KEYS``): the values
+at which a cell id leaves them out, and ``completed`` fills them into an older stored config.
+
 This module sits below ``spec`` (grids), ``aggregate`` (reading a store) and ``claims``; it
 imports none of them.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowbit import bnn
+from lowbit import bnn, models
 from lowbit.nn import MisbornLinear, SignLinear
 from lowbit.quantizers import FIXED_LEVELS
 
@@ -75,3 +78,26 @@ def weight_levels(config: dict[str, Any]) -> int | None:
     if config["layer"] == "nlevel":
         return config["levels"]
     return LAYER_LEVELS[config["layer"]]
+
+
+# Grid keys added after studies were first stored, with the values at which a cell does not use
+# them: spec.cell_id leaves a key out of the id at these values (a cell stored before the key
+# existed keeps its id and resumes), and completed() fills a stored config that lacks the key.
+LATER_KEYS: dict[str, tuple] = {
+    "reading": (None,),
+    "val_split": (0.0,),
+    "patch_size": (None, models.ViTConfig.patch_size),
+    "lr_schedule": ("constant",),
+    "patience": (0,),
+}
+
+
+def completed(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored cell config with every ``LATER_KEYS`` key, at the value it ran with where the
+    config predates the key: cells stored before and after a key existed then group together."""
+    out = dict(config)
+    for key, (value, *_) in LATER_KEYS.items():
+        out.setdefault(key, value)
+    if "patch_size" not in config and str(out.get("model", "")).startswith("vit"):
+        out["patch_size"] = models.ViTConfig.patch_size  # what a ViT cell ran with before
+    return out
