@@ -68,8 +68,8 @@ from lowbit import bnn, data, models, quantizers, train
 from lowbit.errors import ConfigError
 from lowbit.study.claims import CLAIMS
 from lowbit.study.variants import (
-    LATER_KEYS,
     DEFAULT_READING,
+    LATER_KEYS,
     READING_NAMES,
     resolve_reading,
     variant_label,
