@@ -116,3 +116,16 @@ def test_configs_stored_before_a_key_existed_group_with_newer_ones(tmp_path):
     _write(tmp_path, cells(), lambda cfg: {"acc": 0.8}, [])
     study = load_study(tmp_path)
     assert len(study.aggs) == 2 and all(a.seeds == [0, 1, 2] for a in study.aggs)
+
+
+def test_report_of_runs_with_and_without_a_git_revision(tmp_path):
+    import sqlite3
+
+    _write(tmp_path, _cells((0,), (1e-3,)), lambda cfg: {"acc": 0.8}, [])
+    db = sqlite3.connect(tmp_path / "results.sqlite")  # one run made in a git checkout
+    db.execute("UPDATE runs SET git_rev = 'abc123' WHERE rowid = 1")
+    db.commit()
+    db.close()
+    write_report(tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "abc123" in md

@@ -796,7 +796,8 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
             (r["lowbit_version"], r["git_rev"], r["torch_version"], r["python_version"], r["host"])
             for r in study.runs
             if r["lowbit_version"]
-        }
+        },
+        key=lambda v: tuple(str(x or "") for x in v),  # a run outside git has no git_rev
     )
     devices = sorted({r.get("device") or "cpu" for r in study.runs if r["lowbit_version"]})
     wall = [r["ended"] - r["started"] for r in study.runs if r["ended"] and r["started"]]
