@@ -56,6 +56,11 @@ def test_report_layout(tmp_path):
     assert re.search(r"\| 1\.\d\de\+05 \|", md)
     assert "**inconclusive**" in md and "1 paired seed(s), fewer than 3" in md
     assert "stability.png" in names
+    # a second rendering after a group vanished drops that group's figures, keeps foreign files
+    stale, foreign = tmp_path / "report" / "curves-099-gone.png", tmp_path / "report" / "mine.png"
+    stale.write_bytes(b"x"), foreign.write_bytes(b"x")
+    again = {Path(f).name for f in write_report(tmp_path)["figures"]}
+    assert again == set(names) and not stale.exists() and foreign.exists()
 
 
 def test_colours_of_readings_repeated_per_network_and_seed():

@@ -764,9 +764,21 @@ def _epochs_table(study: Study) -> list[tuple]:
     ]
 
 
+_FIGURE_PREFIXES = ("curves-", "heatmap-", "bits-", "size-", "stability", "diagnostics")
+
+
+def _remove_stale_figures(rep: Path, current: set[str]) -> None:
+    """Delete the figures an earlier rendering left in ``rep`` that this one did not write (a
+    group renamed, a network gone); files of other names are not the report's and stay."""
+    for f in rep.glob("*.png"):
+        if f.name not in current and f.name.startswith(_FIGURE_PREFIXES):
+            f.unlink()
+
+
 def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
     """Render ``out_dir/report/``; returns the paths written (``index``, ``markdown``,
-    ``figures``) and the claims' verdicts."""
+    ``figures``) and the claims' verdicts. Figures of an earlier rendering that this one does
+    not draw are removed."""
     study = load_study(out_dir)
     rep = Path(out_dir) / "report"
     rep.mkdir(parents=True, exist_ok=True)
@@ -785,6 +797,7 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
             fig_stability(study, rep),
         ),
     ]
+    _remove_stale_figures(rep, {Path(f).name for _, figs in figures for f, _ in figs})
     verdicts = evaluate(study, study.meta.get("claims", []))
     readings = reading_verdicts(study)
     meta = study.meta
