@@ -308,18 +308,9 @@ class Store:
         epoch = int(metrics["epoch"])
 
         def write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT OR REPLACE INTO epochs(run_id, epoch, "
-                + ", ".join(EPOCH_FIELDS)
-                + f") VALUES (?, ?{', ?' * len(EPOCH_FIELDS)})",
-                (run_id, epoch, *(_num(metrics.get(f)) for f in EPOCH_FIELDS)),
-            )
+            db.execute(_INSERT_EPOCH, _epoch_values(run_id, {**metrics, "epoch": epoch}))
             db.execute("DELETE FROM layers WHERE run_id = ? AND epoch = ?", (run_id, epoch))
-            db.executemany(
-                "INSERT INTO layers(run_id, epoch, " + ", ".join(LAYER_FIELDS) + ") "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, epoch, *_layer_values(r)) for r in layers],
-            )
+            db.executemany(_INSERT_LAYER, [(run_id, epoch, *_layer_values(r)) for r in layers])
 
         self._write(write)
 
@@ -355,18 +346,9 @@ class Store:
             )
             db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
             db.execute("DELETE FROM layers WHERE run_id = ?", (run_id,))
+            db.executemany(_INSERT_EPOCH, [_epoch_values(run_id, e) for e in epochs])
             db.executemany(
-                "INSERT INTO epochs(run_id, epoch, " + ", ".join(EPOCH_FIELDS) + ") "
-                f"VALUES (?, ?{', ?' * len(EPOCH_FIELDS)})",
-                [
-                    (run_id, int(e["epoch"]), *(_num(e.get(f)) for f in EPOCH_FIELDS))
-                    for e in epochs
-                ],
-            )
-            db.executemany(
-                "INSERT INTO layers(run_id, epoch, " + ", ".join(LAYER_FIELDS) + ") "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, int(r["epoch"]), *_layer_values(r)) for r in layers],
+                _INSERT_LAYER, [(run_id, int(r["epoch"]), *_layer_values(r)) for r in layers]
             )
             written = True
 
@@ -428,6 +410,21 @@ def _alive(owner: str, lease: float | None) -> bool:
         except (OSError, IndexError):
             return True
     return lease is not None and lease > time.time()
+
+
+# an epoch row replaces an earlier write of the same (run_id, epoch); a layer row is new
+_INSERT_EPOCH = (
+    f"INSERT OR REPLACE INTO epochs(run_id, epoch, {', '.join(EPOCH_FIELDS)}) "
+    f"VALUES (?, ?{', ?' * len(EPOCH_FIELDS)})"
+)
+_INSERT_LAYER = (
+    f"INSERT INTO layers(run_id, epoch, {', '.join(LAYER_FIELDS)}) "
+    f"VALUES (?, ?{', ?' * len(LAYER_FIELDS)})"
+)
+
+
+def _epoch_values(run_id: str, metrics: dict[str, Any]) -> tuple:
+    return (run_id, int(metrics["epoch"]), *(_num(metrics.get(f)) for f in EPOCH_FIELDS))
 
 
 def _layer_values(row: dict[str, Any]) -> list[Any]:
