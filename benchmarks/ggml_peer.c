@@ -7,8 +7,10 @@
  *       type: ggml_type (34 = TQ1_0, 35 = TQ2_0); w (n, k) float32, row-major, the weight to
  *       quantize (ggml_quantize_chunk: per 256-weight block, d = max |w| in fp16, codes
  *       round(w / d) in {-1, 0, 1}, so a ternary weight s * {-1, 0, 1} is kept as is, s in fp16);
- *       k a multiple of 256; m tokens; `threads` workers in a threadpool of ggml's own (default
- *       parameters: hybrid polling), kept for the handle's life. NULL on failure.
+ *       k a multiple of 256; m tokens; `threads` workers in a threadpool of ggml's own, kept for
+ *       the handle's life, with polling off (poll = 0: between graphs the workers wait on a
+ *       condition variable instead of spinning, which took a core from the other contenders of
+ *       peers.py on a 2-core machine). NULL on failure.
  *   int gp_run(void *h, const float *x, float *y);
  *       x (m, k) float32 -> y (m, n) float32; one ggml_graph_compute of the one-node graph
  *       ggml_mul_mat(W, X): ggml quantizes X to its dot type (Q8_K) inside the call, as in a
@@ -67,6 +69,7 @@ void *gp_new(int type, int64_t n, int64_t k, int64_t m, const float *w, int thre
     p->graph = ggml_new_graph(p->ctx);
     ggml_build_forward_expand(p->graph, p->y);
     struct ggml_threadpool_params tp = ggml_threadpool_params_default(threads);
+    tp.poll = 0; /* idle workers sleep: see gp_new above */
     p->pool = ggml_threadpool_new(&tp);
     if (!p->pool) goto fail;
     p->plan = ggml_graph_plan(p->graph, threads, p->pool);

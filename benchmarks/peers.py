@@ -13,8 +13,8 @@ Contenders, all holding the same ternary weight W = s * (c - 1), c in {0, 1, 2}:
   weights (q = c - 1 + 2^(bits-1), the default zero point), block 32 or 128 along K (one scale a
   block, all = s), accuracy level 0 (fp32 activations) or 4 (activations quantized to int8 per
   block, onnxruntime's fastest CPU path); one InferenceSession each, ``intra_op_num_threads`` =
-  the threads of the row, default session options otherwise (its workers spin between calls,
-  as shipped);
+  the threads of the row, workers that do not spin between calls (below), default session
+  options otherwise;
 * ``ggml-tq1_0`` / ``ggml-tq2_0`` (optional): ``ggml_mul_mat`` on ggml's CPU backend with the
   weight in ggml's ternary formats (TQ1_0: 1.69 bits a weight, TQ2_0: 2.06; one fp16 scale per
   256 weights; activations quantized to 8 bits (Q8_K) inside the call), through our harness
@@ -22,6 +22,14 @@ Contenders, all holding the same ternary weight W = s * (c - 1), c in {0, 1, 2}:
   a local checkout (nothing is downloaded): ``sh benchmarks/ggml_peer_build.sh GGML_DIR``, then
   ``--ggml-peer build/ggml_peer/libggml_peer.so`` (the default path); without it the run says
   so and goes on.
+
+No runtime's workers spin while idle: onnxruntime's ``session.intra_op.allow_spinning`` is 0
+and the ggml threadpool's ``poll`` is 0 (torch's OpenMP team, which lowbit's kernels share, waits
+passively after a short spin by default). As shipped, both peers keep their workers spinning
+after a call so that the next call finds them awake; with a dozen such pools in one process on
+two cores, the spinning threads took a core from whichever contender came next (measured on the
+2-core AMD EPYC, 4096x4096 batch 1, 2 threads: torch fp32 8.2 ms interleaved against 3.8 ms
+alone, ggml TQ2_0 8.0 ms against 0.17 ms; without spinning, 3.6 and 0.18 ms).
 
 Timing: per (shape, batch, threads) every contender runs once per round in a fresh random order,
 so none inherits a fixed predecessor's cache traffic; median over rounds. Two regimes: `evicted`
@@ -171,6 +179,7 @@ def _contenders(n: int, k: int, batch: int, threads: int, quick: bool, ggml) -> 
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model = _ort_model(codes.numpy(), scale, bits, block, acc)
         sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         out[f"ort-q{bits}-b{block}-a{acc}"] = lambda s=sess: s.run(None, {"A": xn})[0]
