@@ -476,8 +476,10 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume-from",
         metavar="EXPORT",
+        action="append",
         help="take the finished cells of an earlier run of this study from its CSV export "
-        "(lowbit report DIR --csv) instead of training them: continue on another machine",
+        "(lowbit report DIR --csv) instead of training them: continue on another machine "
+        "(repeat it to gather cells from several exports)",
     )
     p.add_argument("--dry-run", action="store_true", help="validate and list cells; run nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -305,6 +305,11 @@ def test_resume_from_a_csv_export_trains_only_the_missing_cells(tmp_path):
     # a second import changes nothing; a folder without an export is refused before anything
     again = runner.run(grown, second, workers=1, progress=False, threads=1, resume_from=first)
     assert again.skipped == 8 and "0 finished cells" in again.notes[-1]
+    # several exports: each cell comes from the first folder that holds it
+    export_csv(second)
+    both = runner.run(grown, tmp_path / "both", progress=False, resume_from=[first, second])
+    assert both.skipped == 8 and both.statuses == {"finished": 8}
+    assert [n.split(" finished")[0] for n in both.notes[-2:]] == ["4", "4"]
     with pytest.raises(ConfigError, match="no runs.csv here"):
         runner.run(grown, tmp_path / "third", progress=False, resume_from=tmp_path)
     assert not (tmp_path / "third").exists()
@@ -327,8 +332,11 @@ def test_cli_study_dry_run_and_errors(tmp_path, capsys):
     assert "grid.widht: unknown key" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()  # nothing ran
     spec.write_text('[grid]\nlayer = ["ternary"]\ndataset = "synthetic"\n')
-    args = ["study", str(spec), "--out", str(tmp_path / "o"), "--resume-from", str(tmp_path)]
-    assert main(args) == 2
+    good = tmp_path / "export"
+    good.mkdir()
+    (good / "runs.csv").write_text("run_id\n")
+    args = ["study", str(spec), "--out", str(tmp_path / "o"), "--resume-from", str(good)]
+    assert main([*args, "--resume-from", str(tmp_path)]) == 2  # every folder checked first
     err = capsys.readouterr().err
     assert "no runs.csv here" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()

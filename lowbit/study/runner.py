@@ -56,6 +56,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 from typing import Any
@@ -606,7 +607,7 @@ def run(
     device: str = "cpu",
     amp: bool = False,
     gpus_per_cell: float | None = None,
-    resume_from: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
 ) -> StudyResult:
     """Run every unfinished cell of ``spec``; results go to ``out_dir/results.sqlite``.
 
@@ -615,9 +616,11 @@ def run(
     ``device``/``amp``: where and how every cell trains (``TrainConfig``; recorded per run, not
     part of a cell's id). ``gpus_per_cell``: the Ray backend's GPU request per cell (default 1
     with a CUDA device, else 0; fractions share a GPU); each cell also asks for ``threads`` CPUs.
-    ``resume_from``: a folder holding a CSV export of an earlier run of this study (runs.csv,
-    epochs.csv, layers.csv[.gz]): its finished cells are stored as they are and not trained again
-    (``lowbit.study.export.import_csv``); a study continues across machines and sessions.
+    ``resume_from``: a folder, or several, holding a CSV export of an earlier run (runs.csv,
+    epochs.csv, layers.csv[.gz]): the finished cells of this study found there are stored as they
+    are and not trained again (``lowbit.study.export.import_csv``; the first folder that holds a
+    cell gives it), so a study continues across machines and sessions, and one whose cells were
+    run by several specs gathers them.
     Every argument is checked before the store is created.
     """
     if backend not in BACKENDS:
@@ -641,10 +644,18 @@ def run(
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     if not str(out_dir).strip():
         raise ConfigError("--out must name a folder, got an empty string")
-    if resume_from is not None:
+    exports = (
+        []
+        if resume_from is None
+        else [resume_from]
+        if isinstance(resume_from, (str, os.PathLike))
+        else list(resume_from)
+    )
+    if exports:
         from lowbit.study.export import runs_csv
 
-        runs_csv(resume_from)
+        for folder in exports:
+            runs_csv(folder)
     out = Path(out_dir)
     requested = {c for c in spec.grid.get("dataset", ["fashion-mnist"])}
     cells: list[Cell] = spec.cells(dataset_checker(data_dir))
@@ -666,11 +677,12 @@ def run(
             cell_ids=sorted(set(old.get("cell_ids", [])) | {c.id for c in cells}),
         )
         store.add_runs([(c.id, c.config) for c in cells])
-        if resume_from is not None:
+        if exports:
             from lowbit.study.export import import_csv
 
-            taken = import_csv(store, resume_from, [c.id for c in cells])
-            notes.append(f"{len(taken)} finished cells taken from the export in {resume_from}")
+            for folder in exports:
+                taken = import_csv(store, folder, [c.id for c in cells])
+                notes.append(f"{len(taken)} finished cells taken from the export in {folder}")
         status = store.status()
         # seed-major order: every cell's first seed runs before any second seed, so a sweep cut
         # short still covers the whole grid
