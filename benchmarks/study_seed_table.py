@@ -73,8 +73,8 @@ def table(folder: Path, group: tuple[str, ...]) -> str:
                 at_best.append(100 * c[i][2])
             g = late_gain(val)
             gain.append("-" if g is None else f"{g:+.2f}")
-        sd = statistics.stdev(acc) if len(acc) > 1 else math.nan
-        row = [*key, str(len(rs)), f"{statistics.mean(acc):.2f} ± {sd:.2f}"]
+        spread = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else " (one seed)"
+        row = [*key, str(len(rs)), f"{statistics.mean(acc):.2f}{spread}"]
         row += [", ".join(f"{a:.2f}" for a in acc), f"{', '.join(ran)} (of {rs[0]['epochs']})"]
         row += [", ".join(best) or "-", f"{statistics.mean(at_best):.2f}" if at_best else "-"]
         row += [", ".join(gain)]
