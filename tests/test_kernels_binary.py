@@ -283,3 +283,24 @@ def test_custom_op_weights_are_prepared_once_per_codes_state() -> None:
         assert prepared() is first
         codes[0, 0] ^= 1  # in place: a new version
         assert prepared() is not first
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="the CPU has no AVX2")
+def test_avx2_convolutions_on_both_of_their_paths() -> None:
+    """AVX2 convolutions look counts up in nibble tables (weight.nibbles) unless K is too long
+    for its 16-bit counters or the image's tables too large; each path equals the reference."""
+    geo = {"kernel_size": (3, 3), "padding": (1, 1)}
+    # (batch, C_in, C_out, H, W, tables expected): the image of the third case has 4 * 66 * 66
+    # words, past the tables' bound; the last has K = 7300 * 9 bits, past the counters'
+    cases = ((1, 64, 40, 6, 5, True), (3, 130, 17, 4, 4, True), (4, 60, 9, 64, 64, True))
+    cases += ((1, 7300, 3, 2, 2, False),)
+    for i, (b, c, n, h, w_, nibbles) in enumerate(cases):
+        g = torch.Generator().manual_seed(500 + i)
+        codes = torch.randint(0, 2, (n, c * 9), generator=g, dtype=torch.uint8)
+        scale = torch.rand(n, generator=g) + 0.1
+        x = torch.randn(b, c, h, w_, generator=g)
+        w = binary.prepare(codes, scale, isa="avx2", conv=(c, (3, 3)))
+        assert (w.nibbles is not None) == nibbles, i
+        for threads in (1, 2):
+            got = binary.conv2d(x, w, None, None, threads=threads, **geo)
+            assert torch.equal(got, reference.binary_conv2d(x, codes, scale, **geo)), (i, threads)

@@ -31,7 +31,7 @@ from lowbit.epilogue import BlockEpilogue
 from lowbit.errors import ConfigError
 from lowbit.kernels import _requested, _warn_fallback, cached_on_codes, native, reference
 
-ABI_VERSION = 2  # lb_binary_version() of the C code this binding matches
+ABI_VERSION = 3  # lb_binary_version() of the C code this binding matches
 ROWS = 8  # weight rows per block of the packed layout
 
 _declared: ctypes.CDLL | None = None
@@ -68,7 +68,9 @@ def _lib() -> ctypes.CDLL | None:
         lib.lb_binary_pack_activations.restype = None
         lib.lb_binary_linear.argtypes = [i32, p, i64, i64, p, p, i64, p, i32, p, p, p, i32]
         lib.lb_binary_linear.restype = i32
-        lib.lb_binary_conv2d.argtypes = [i32, p, p, p, p, i64, p, i32, p, p, p, i32]
+        lib.lb_binary_conv2d.argtypes = [i32, p, p, p, p, p, i64, p, i32, p, p, p, i32]
+        lib.lb_binary_nibble_weights.argtypes = [p, i64, i64, p]
+        lib.lb_binary_nibble_weights.restype = i32
         lib.lb_binary_conv2d.restype = i32
         _declared = lib
     return lib
@@ -102,7 +104,9 @@ class BinaryWeight:
 
     ``alpha`` = scale / 2, float32 (1,) or (N_out,); ``words`` the packed (ceil(N_out / 8),
     KW * 8) int64 bits (see the C header; KW = taps * ceil(C / 64) for a convolution's tap-major
-    rows, ceil(K / 64) otherwise), or None on the reference backend, which keeps ``codes``."""
+    rows, ceil(K / 64) otherwise), or None on the reference backend, which keeps ``codes``;
+    ``nibbles`` the same bits one nibble a byte in tiles of 16 rows (ceil(N_out / 16) * KW * 256
+    uint8), the AVX2 convolution's lookup-table layout, else None."""
 
     def __init__(
         self,
@@ -118,6 +122,7 @@ class BinaryWeight:
         self.conv = conv
         self.codes: torch.Tensor | None = codes.contiguous() if isa == "reference" else None
         self.words: torch.Tensor | None = None
+        self.nibbles: torch.Tensor | None = None
         self.calls: dict[tuple, _ConvCall] = {}  # conv2d's checked calls, per input and arguments
         if isa != "reference":
             n, k = self.shape
@@ -126,9 +131,13 @@ class BinaryWeight:
             tap_major = tap_major.contiguous()
             kw = taps * -(-c // 64)
             self.words = torch.empty((-(-n // ROWS), kw * ROWS), dtype=torch.int64)
-            _lib().lb_binary_pack_weights(  # type: ignore[union-attr]
-                tap_major.data_ptr(), n, taps, c, self.words.data_ptr()
-            )
+            lib = _lib()
+            lib.lb_binary_pack_weights(tap_major.data_ptr(), n, taps, c, self.words.data_ptr())  # type: ignore[union-attr]
+            if isa == "avx2" and conv is not None:
+                nibbles = torch.empty(-(-n // 16) * kw * 256, dtype=torch.uint8)
+                ptrs = (self.words.data_ptr(), n, kw, nibbles.data_ptr())
+                if lib.lb_binary_nibble_weights(*ptrs) == 0:  # type: ignore[union-attr]
+                    self.nibbles = nibbles  # (else K is too long for its counters)
 
     @property
     def per_channel(self) -> bool:
@@ -307,6 +316,7 @@ class _ConvCall:
             ctypes.addressof(self.dims),
             _ptr(threshold),
             weight.words.data_ptr(),
+            _ptr(weight.nibbles),
             weight.shape[0],
             weight.alpha.data_ptr(),
             int(weight.per_channel),

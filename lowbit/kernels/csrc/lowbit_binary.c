@@ -50,7 +50,9 @@
  * with K = C * kh * kw: the convolution is the GEMM above.
  *
  * Paths: AVX-512 VPOPCNTDQ (vpopcntq on 8 words a lane each), AVX2 (Mula's pshufb nibble table:
- * byte counts summed bytewise for up to 31 words, then vpsadbw into 64-bit lanes), portable C.
+ * byte counts summed bytewise for up to 31 words, then vpsadbw into 64-bit lanes; convolutions
+ * look their counts up in per-activation nibble tables instead, see "AVX2 nibble tables"),
+ * portable C.
  * Threads: parallel_for of lowbit_kernels.c (torch's OpenMP team, the fork guard included).
  */
 
@@ -70,12 +72,17 @@ enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 /* BROWS: rows per weight block (one 64-byte word group); TOKENS: tokens per work item;
  * NT512 / NT256: tokens sharing each weight load in the AVX-512 / AVX2 inner loops */
 enum { BROWS = 8, TOKENS = 32, NT512 = 8, NT256 = 2 };
+/* The AVX2 nibble-table path (below): NIB_WORD bytes of tables or weights per 64-bit word,
+ * NIB_TILES tiles of 16 rows per pass, byte counters widened every NIB_FLUSH words (each word
+ * adds at most 8 * 4 = 32 to a byte: 7 * 32 <= 255), K <= 64 * NIB_MAX_KW < 2^16 (16-bit
+ * counters), at most NIB_MAX_WORDS image words a call (4 MiB of tables) */
+enum { NIB_WORD = 256, NIB_TILES = 8, NIB_FLUSH = 7, NIB_MAX_KW = 1023, NIB_MAX_WORDS = 16384 };
 
 typedef void (*chunk_fn)(const void *ctx, int64_t chunk);
 /* lowbit_kernels.c: fn(ctx, i) for i < nchunks on torch's OpenMP team (or the calling thread) */
 void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads);
 
-LB_EXPORT int lb_binary_version(void) { return 2; }
+LB_EXPORT int lb_binary_version(void) { return 3; }
 
 /* The block epilogue of the header; the Python side mirrors this layout (ctypes.Structure). */
 typedef struct {
@@ -191,7 +198,7 @@ static void block_portable(const uint64_t *w, const uint64_t *const *a, int nt, 
 }
 
 /* nb (1 or 2) weight blocks, w and w + wstride, against nt tokens: each broadcast token word
- * meets 8 * nb rows; pop[(bi * NT512 + t) * 8 + r] */
+ * meets 8 * nb rows; pop[(bi * TOKENS + t) * 8 + r] */
 LB_INLINE TPOP void block_512_n(const uint64_t *w, int64_t wstride, const int nb,
                                 const uint64_t *const *a, const int nt, word_map m, int64_t *pop) {
     __m512i acc[2][NT512];
@@ -213,7 +220,7 @@ LB_INLINE TPOP void block_512_n(const uint64_t *w, int64_t wstride, const int nb
         }
     }
     for (int bi = 0; bi < nb; bi++)
-        for (int t = 0; t < nt; t++) _mm512_storeu_si512(pop + (bi * NT512 + t) * BROWS, acc[bi][t]);
+        for (int t = 0; t < nt; t++) _mm512_storeu_si512(pop + (bi * TOKENS + t) * BROWS, acc[bi][t]);
 }
 
 TPOP static void block_512(const uint64_t *w, int64_t wstride, int nb, const uint64_t *const *a,
@@ -276,10 +283,210 @@ LB_INLINE TAVX2 void block_256_n(const uint64_t *w, const uint64_t *const *a, co
     }
 }
 
+/* One token (a GEMV): the 8 rows' counts through a carry-save adder tree (Harley and Seal; Mula,
+ * Kurz, Lemire 2016), so 16 words cost 15 CSAs of 5 logic operations and one nibble popcount
+ * instead of 16 popcounts: the nibble shuffles, which this path is bound by otherwise, become
+ * 1/8. (h, l) = the carry and sum bits of a + b + c, bitwise. */
+LB_INLINE TAVX2 void csa_256(__m256i *h, __m256i *l, __m256i a, __m256i b, __m256i c) {
+    const __m256i u = _mm256_xor_si256(a, b);
+    *h = _mm256_or_si256(_mm256_and_si256(a, b), _mm256_and_si256(u, c));
+    *l = _mm256_xor_si256(u, c);
+}
+
+/* the words of one token in K order (taps, then channel words), XORed with 8 rows of weights */
+typedef struct {
+    const uint64_t *w, *a;
+    word_map m;
+    int64_t tap, c, off;
+} word_walk;
+
+LB_INLINE TAVX2 void next_256(word_walk *k, __m256i *d0, __m256i *d1) {
+    const __m256i x = _mm256_set1_epi64x((long long)k->a[k->off + k->c]);
+    *d0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)k->w), x);
+    *d1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(k->w + 4)), x);
+    k->w += BROWS;
+    if (++k->c == k->m.cw) {
+        k->c = 0;
+        if (++k->tap < k->m.taps) k->off = k->m.tapoff[k->tap];
+    }
+}
+
+TAVX2 static void block_256_one(const uint64_t *w, const uint64_t *a, word_map m, int64_t *pop) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1,
+                                           2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+#define LB_LANES(v) _mm256_sad_epu8(popcnt_bytes_256((v), table, low), zero) /* 4 x 64-bit */
+    word_walk k = {w, a, m, 0, 0, m.tapoff[0]};
+    /* [h]: rows 4h .. 4h + 3 */
+    __m256i ones[2], twos[2], fours[2], eights[2], total[2];
+    for (int h = 0; h < 2; h++) ones[h] = twos[h] = fours[h] = eights[h] = total[h] = zero;
+    __m256i twos_a[2], twos_b[2], fours_a[2], fours_b[2], eights_a[2], eights_b[2], sixteens[2];
+#define LB_PAIR(out)                                                                               \
+    do {                                                                                           \
+        __m256i p0, p1, q0, q1;                                                                    \
+        next_256(&k, &p0, &p1), next_256(&k, &q0, &q1);                                            \
+        csa_256(&out[0], &ones[0], ones[0], p0, q0), csa_256(&out[1], &ones[1], ones[1], p1, q1);  \
+    } while (0)
+#define LB_EACH(stmt) for (int h = 0; h < 2; h++) stmt
+    const int64_t words = m.taps * m.cw;
+    for (int64_t i = 0; i + 16 <= words; i += 16) {
+        LB_PAIR(twos_a);
+        LB_PAIR(twos_b);
+        LB_EACH(csa_256(&fours_a[h], &twos[h], twos[h], twos_a[h], twos_b[h]));
+        LB_PAIR(twos_a);
+        LB_PAIR(twos_b);
+        LB_EACH(csa_256(&fours_b[h], &twos[h], twos[h], twos_a[h], twos_b[h]));
+        LB_EACH(csa_256(&eights_a[h], &fours[h], fours[h], fours_a[h], fours_b[h]));
+        LB_PAIR(twos_a);
+        LB_PAIR(twos_b);
+        LB_EACH(csa_256(&fours_a[h], &twos[h], twos[h], twos_a[h], twos_b[h]));
+        LB_PAIR(twos_a);
+        LB_PAIR(twos_b);
+        LB_EACH(csa_256(&fours_b[h], &twos[h], twos[h], twos_a[h], twos_b[h]));
+        LB_EACH(csa_256(&eights_b[h], &fours[h], fours[h], fours_a[h], fours_b[h]));
+        LB_EACH(csa_256(&sixteens[h], &eights[h], eights[h], eights_a[h], eights_b[h]));
+        LB_EACH(total[h] = _mm256_add_epi64(total[h], LB_LANES(sixteens[h])));
+    }
+    /* total = 16 sixteens + 8 eights + 4 fours + 2 twos + ones, then the last words one by one */
+    LB_EACH({
+        total[h] = _mm256_slli_epi64(total[h], 4);
+        total[h] = _mm256_add_epi64(total[h], _mm256_slli_epi64(LB_LANES(eights[h]), 3));
+        total[h] = _mm256_add_epi64(total[h], _mm256_slli_epi64(LB_LANES(fours[h]), 2));
+        total[h] = _mm256_add_epi64(total[h], _mm256_slli_epi64(LB_LANES(twos[h]), 1));
+        total[h] = _mm256_add_epi64(total[h], LB_LANES(ones[h]));
+    });
+    for (int64_t i = words / 16 * 16; i < words; i++) {
+        __m256i d0, d1;
+        next_256(&k, &d0, &d1);
+        total[0] = _mm256_add_epi64(total[0], LB_LANES(d0));
+        total[1] = _mm256_add_epi64(total[1], LB_LANES(d1));
+    }
+    _mm256_storeu_si256((__m256i *)pop, total[0]);
+    _mm256_storeu_si256((__m256i *)(pop + 4), total[1]);
+#undef LB_EACH
+#undef LB_PAIR
+#undef LB_LANES
+}
+
 TAVX2 static void block_256(const uint64_t *w, const uint64_t *const *a, int nt, word_map m,
                             int64_t *pop) {
     if (nt == 2) block_256_n(w, a, 2, m, pop);
-    else block_256_n(w, a, 1, m, pop);
+    else block_256_one(w, a[0], m, pop);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* AVX2 nibble tables (convolutions): one pshufb counts 16 rows x 2 nibbles                  */
+/* ---------------------------------------------------------------------------------------- */
+/* popcount(a XOR w) summed over a row is summed over the row's 4-bit nibbles, and for a fixed
+ * activation nibble u the count popcount(u XOR v) is a 16-entry table of the weight nibble v.
+ * So each activation word becomes 8 table vectors, one per byte q of the word:
+ *
+ *     table[q]:  lane 0 byte i = popcount(lo_nibble(byte q) XOR i)      i = 0..15
+ *                lane 1 byte i = popcount(hi_nibble(byte q) XOR i)
+ *
+ * and the weights are laid out in tiles of 16 rows, one byte per nibble, the same pairing:
+ *
+ *     tile T, word j, byte q (32 bytes):  [lo nibble of byte q of word j, rows 16T .. 16T + 15]
+ *                                         [hi nibble of byte q of word j, rows 16T .. 16T + 15]
+ *
+ * so vpshufb(table[q], weights) gives 16 rows' counts for 8 bits of K in each lane: 2 vector
+ * operations (the shuffle, with its load folded in, and a byte add) per 128 row-bits, against 8
+ * per 256 for the XOR-and-nibble-popcount of block_256. The weights take twice the bytes of their
+ * bits, which a convolution's few weights afford; a token's tables are the tables of the image
+ * words its patch reads, built once per call for the whole image. Counts are exact integers:
+ * bytes (<= 224 between widenings) into 16-bit lanes, the two lanes added at the end. */
+
+/* blocks (ceil(n/8), kw, 8) words -> tiles (ceil(n/16), kw, 8, 32) bytes as above; returns -1
+ * (nothing written) when K = 64 kw is too large for the 16-bit counters. */
+LB_EXPORT int lb_binary_nibble_weights(const uint64_t *w, int64_t n, int64_t kw, uint8_t *out) {
+    if (kw > NIB_MAX_KW) return -1;
+    const int64_t tiles = (n + 15) / 16;
+    memset(out, 0, (size_t)(tiles * kw * NIB_WORD));
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t j = 0; j < kw; j++) {
+            const uint64_t word = w[((r / BROWS) * kw + j) * BROWS + r % BROWS];
+            uint8_t *o = out + ((r / 16) * kw + j) * NIB_WORD + r % 16;
+            for (int q = 0; q < 8; q++) {
+                o[q * 32] = (uint8_t)((word >> (8 * q)) & 15);
+                o[q * 32 + 16] = (uint8_t)((word >> (8 * q + 4)) & 15);
+            }
+        }
+    return 0;
+}
+
+/* count words -> count * 8 table vectors (the header above) */
+TAVX2 static void nib_tables(const uint64_t *words, int64_t count, uint8_t *out) {
+    const __m256i poptab = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1,
+                                            2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i iota = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0,
+                                          1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    for (int64_t i = 0; i < count; i++) {
+        const __m256i x = _mm256_set1_epi64x((long long)words[i]);
+        const __m256i lo = _mm256_and_si256(x, low), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+        const __m256i nibs = _mm256_blend_epi32(lo, hi, 0xF0); /* lane 0: lo nibbles, lane 1: hi */
+        for (int q = 0; q < 8; q++) {
+            const __m256i u = _mm256_shuffle_epi8(nibs, _mm256_set1_epi8((char)q));
+            _mm256_storeu_si256((__m256i *)(out + i * NIB_WORD + q * 32),
+                                _mm256_shuffle_epi8(poptab, _mm256_xor_si256(iota, u)));
+        }
+    }
+}
+
+/* byte counters -> 16-bit counters: lo[g] holds rows 0..7 (lane 0: lo nibbles, lane 1: hi),
+ * hi[g] rows 8..15 */
+LB_INLINE TAVX2 void nib_widen(__m256i *acc, __m256i *lo, __m256i *hi, const int ng) {
+    const __m256i zero = _mm256_setzero_si256();
+    for (int g = 0; g < ng; g++) {
+        lo[g] = _mm256_add_epi16(lo[g], _mm256_unpacklo_epi8(acc[g], zero));
+        hi[g] = _mm256_add_epi16(hi[g], _mm256_unpackhi_epi8(acc[g], zero));
+        acc[g] = zero;
+    }
+}
+
+/* One token against ng tiles (wn: tile 0, tiles tile_bytes apart): row r of tile g's count to
+ * pop[(2g + r / 8) * stride + r % 8]. */
+LB_INLINE TAVX2 void nib_token_n(const uint8_t *wn, int64_t tile_bytes, const int ng,
+                                 const uint8_t *tab, int64_t toff, word_map m, int64_t *pop,
+                                 int64_t stride) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i acc[NIB_TILES], lo[NIB_TILES], hi[NIB_TILES];
+    for (int g = 0; g < ng; g++) acc[g] = lo[g] = hi[g] = zero;
+    int pending = 0;
+    for (int64_t tap = 0; tap < m.taps; tap++) {
+        const uint8_t *tw = tab + (toff + m.tapoff[tap]) * NIB_WORD;
+        const uint8_t *ww = wn + tap * m.cw * NIB_WORD;
+        for (int64_t c = 0; c < m.cw; c++, tw += NIB_WORD, ww += NIB_WORD) {
+            for (int q = 0; q < 8; q++) {
+                const __m256i t = _mm256_loadu_si256((const __m256i *)(tw + q * 32));
+                for (int g = 0; g < ng; g++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(ww + g * tile_bytes + q * 32));
+                    acc[g] = _mm256_add_epi8(acc[g], _mm256_shuffle_epi8(t, v));
+                }
+            }
+            if (++pending == NIB_FLUSH) nib_widen(acc, lo, hi, ng), pending = 0;
+        }
+    }
+    nib_widen(acc, lo, hi, ng);
+    for (int g = 0; g < ng; g++) {
+        const __m128i r0 = _mm_add_epi16(_mm256_castsi256_si128(lo[g]), _mm256_extracti128_si256(lo[g], 1));
+        const __m128i r1 = _mm_add_epi16(_mm256_castsi256_si128(hi[g]), _mm256_extracti128_si256(hi[g], 1));
+        int64_t *p0 = pop + 2 * g * stride, *p1 = p0 + stride;
+        _mm256_storeu_si256((__m256i *)p0, _mm256_cvtepu16_epi64(r0));
+        _mm256_storeu_si256((__m256i *)(p0 + 4), _mm256_cvtepu16_epi64(_mm_srli_si128(r0, 8)));
+        _mm256_storeu_si256((__m256i *)p1, _mm256_cvtepu16_epi64(r1));
+        _mm256_storeu_si256((__m256i *)(p1 + 4), _mm256_cvtepu16_epi64(_mm_srli_si128(r1, 8)));
+    }
+}
+
+TAVX2 static void nib_token(const uint8_t *wn, int64_t tile_bytes, int ng, const uint8_t *tab,
+                            int64_t toff, word_map m, int64_t *pop, int64_t stride) {
+#define LB_CASE(n)                                                                                 \
+    case n: nib_token_n(wn, tile_bytes, n, tab, toff, m, pop, stride); break;
+    switch (ng) { /* a constant tile count: the counters stay in registers */
+    LB_CASE(8) LB_CASE(7) LB_CASE(6) LB_CASE(5) LB_CASE(4) LB_CASE(3) LB_CASE(2) LB_CASE(1)
+    }
+#undef LB_CASE
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -300,6 +507,8 @@ typedef struct {
     const float *res;             /* the residual rows (token t at res + t * res_row), or NULL */
     int64_t res_row;              /* = its channels */
     float *y;                     /* (M, N) */
+    const uint8_t *nib;           /* AVX2 nibble-tile weights (lb_binary_nibble_weights), or NULL */
+    const uint8_t *tables;        /* with nib: the nibble tables of the activation words */
     int64_t blocks_per_chunk, token_chunks;
 } bgemm_job;
 
@@ -382,6 +591,73 @@ TPOP static void finish_512(const bgemm_job *j, const int64_t *pop, int64_t t0, 
     }
 }
 
+/* finish_512 on AVX2: the same float32 operations, with the counts narrowed to int32 first
+ * (exact: |K - 2 pop| <= K < 2^31, checked by the caller) so cvtepi32_ps converts them as the
+ * scalar (float) cast does; rows past `rows` are masked off */
+TAVX2 static void finish_256(const bgemm_job *j, const int64_t *pop, int64_t t0, int nt, int64_t b,
+                             int rows) {
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 livef = _mm256_castsi256_ps(live);
+    const int64_t col = b * BROWS;
+    const lb_binary_epilogue *e = j->ep;
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 alpha = j->per_channel ? _mm256_maskload_ps(j->alpha + col, live)
+                                        : _mm256_set1_ps(j->alpha[0]);
+    const __m256 bias = j->bias ? _mm256_maskload_ps(j->bias + col, live) : zero;
+    __m256 scale = zero, shift = zero, pbias = zero, pslope = zero, pshift = zero;
+    int64_t res_col = -1; /* as in finish_512 */
+    int32_t res_idx[BROWS] = {0};
+    if (e) {
+        scale = _mm256_maskload_ps(e->scale + col, live);
+        shift = _mm256_maskload_ps(e->shift + col, live);
+        if (e->pbias) {
+            pbias = _mm256_maskload_ps(e->pbias + col, live);
+            pslope = _mm256_maskload_ps(e->pslope + col, live);
+            pshift = _mm256_maskload_ps(e->pshift + col, live);
+        }
+        if (j->res && j->res_row % BROWS == 0) res_col = col % j->res_row;
+        else if (j->res)
+            for (int r = 0; r < rows; r++) res_idx[r] = (int32_t)((col + r) % j->res_row);
+    }
+    const __m256i idx = _mm256_loadu_si256((const __m256i *)res_idx);
+    const __m256i low_dwords = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7), k = _mm256_set1_epi32((int32_t)j->k);
+    for (int i = 0; i < nt; i++) {
+        const __m256i p0 = _mm256_permutevar8x32_epi32(
+            _mm256_loadu_si256((const __m256i *)(pop + i * BROWS)), low_dwords);
+        const __m256i p1 = _mm256_permutevar8x32_epi32(
+            _mm256_loadu_si256((const __m256i *)(pop + i * BROWS + 4)), low_dwords);
+        const __m256i dot = _mm256_sub_epi32(k, _mm256_slli_epi32(_mm256_permute2x128_si256(p0, p1, 0x20), 1));
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), alpha);
+        if (j->bias) v = _mm256_add_ps(v, bias);
+        if (e) {
+            v = _mm256_mul_ps(v, scale);
+            v = _mm256_add_ps(v, shift);
+            if (j->res) {
+                const float *row = j->res + (t0 + i) * j->res_row;
+                const __m256 r = res_col >= 0 ? _mm256_maskload_ps(row + res_col, live)
+                                              : _mm256_mask_i32gather_ps(zero, row, idx, livef, 4);
+                v = _mm256_add_ps(v, r);
+            }
+            if (e->pbias) {
+                const __m256 u = _mm256_add_ps(v, pbias);
+                const __m256 ge = _mm256_cmp_ps(u, zero, _CMP_GE_OQ);
+                v = _mm256_add_ps(_mm256_blendv_ps(_mm256_mul_ps(u, pslope), u, ge), pshift);
+            }
+        }
+        float *out = j->y + (t0 + i) * j->n + col;
+        if (rows == BROWS) _mm256_storeu_ps(out, v); /* a masked store is microcoded on AMD */
+        else _mm256_maskstore_ps(out, live, v);
+    }
+}
+
+/* the finish step of the job's path (the scalar one where K does not fit the int32 lanes) */
+static void finish(const bgemm_job *j, const int64_t *pop, int64_t t0, int nt, int64_t b, int rows) {
+    if (j->isa == ISA_AVX512) finish_512(j, pop, t0, nt, b, rows);
+    else if (j->isa == ISA_AVX2 && j->k <= INT32_MAX) finish_256(j, pop, t0, nt, b, rows);
+    else finish_scalar(j, pop, t0, nt, b, rows);
+}
+
 /* AVX-512 with a full group of tokens: two weight blocks at a time, so each broadcast token word
  * meets 16 rows (measured: 1.2x on convolutions; a GEMV, bound by reading the weights, is 1.4x
  * slower with two weight streams) */
@@ -396,7 +672,23 @@ static void bgemm_chunk(const void *ctx, int64_t chunk) {
     const int64_t b1 = b0 + j->blocks_per_chunk < nblocks ? b0 + j->blocks_per_chunk : nblocks;
     const int step = j->isa == ISA_AVX512 ? NT512 : j->isa == ISA_AVX2 ? NT256 : 1;
     const int64_t kw = j->map.taps * j->map.cw;
-    int64_t pop[2 * NT512 * BROWS];
+    /* block b + bi, token t0 + i: pop + (bi * TOKENS + i) * 8 */
+    int64_t pop[2 * NIB_TILES * TOKENS * BROWS];
+    if (j->nib) { /* passes of up to NIB_TILES tiles (b0 is even: tiles are pairs of blocks) */
+        for (int64_t b = b0; b < b1; b += 2 * NIB_TILES) {
+            const int64_t nbl = b1 - b < 2 * NIB_TILES ? b1 - b : 2 * NIB_TILES;
+            const uint8_t *wn = j->nib + (b / 2) * kw * NIB_WORD;
+            for (int64_t t = t0; t < t1; t++)
+                nib_token(wn, kw * NIB_WORD, (int)(nbl + 1) / 2, j->tables, j->toff[t], j->map,
+                          pop + (t - t0) * BROWS, TOKENS * BROWS);
+            for (int64_t bi = 0; bi < nbl; bi++) {
+                const int64_t bb = b + bi;
+                const int rows = (int)(j->n - bb * BROWS < BROWS ? j->n - bb * BROWS : BROWS);
+                finish(j, pop + bi * TOKENS * BROWS, t0, (int)(t1 - t0), bb, rows);
+            }
+        }
+        return;
+    }
     const uint64_t *a[NT512];
     const int64_t bstep = pair_blocks(j) ? 2 : 1;
     for (int64_t b = b0; b < b1; b += bstep) {
@@ -405,15 +697,16 @@ static void bgemm_chunk(const void *ctx, int64_t chunk) {
         for (int64_t t = t0; t < t1; t += step) {
             const int nt = (int)(t1 - t < step ? t1 - t : step);
             for (int i = 0; i < nt; i++) a[i] = j->a + j->toff[t + i];
-            if (j->isa == ISA_AVX512) block_512(w, kw * BROWS, nb, a, nt, j->map, pop);
-            else if (j->isa == ISA_AVX2) block_256(w, a, nt, j->map, pop);
-            else block_portable(w, a, nt, j->map, pop);
-            for (int bi = 0; bi < nb; bi++) {
-                const int64_t bb = b + bi;
-                const int rows = (int)(j->n - bb * BROWS < BROWS ? j->n - bb * BROWS : BROWS);
-                if (j->isa == ISA_AVX512) finish_512(j, pop + bi * NT512 * BROWS, t, nt, bb, rows);
-                else finish_scalar(j, pop, t, nt, bb, rows);
-            }
+            int64_t *p = pop + (t - t0) * BROWS;
+            if (j->isa == ISA_AVX512) block_512(w, kw * BROWS, nb, a, nt, j->map, p);
+            else if (j->isa == ISA_AVX2) block_256(w, a, nt, j->map, p);
+            else block_portable(w, a, nt, j->map, p);
+        }
+        /* one finish per block for the chunk's tokens: its per-channel set-up is paid once */
+        for (int bi = 0; bi < nb; bi++) {
+            const int64_t bb = b + bi;
+            const int rows = (int)(j->n - bb * BROWS < BROWS ? j->n - bb * BROWS : BROWS);
+            finish(j, pop + bi * TOKENS * BROWS, t0, (int)(t1 - t0), bb, rows);
         }
     }
 }
@@ -427,6 +720,8 @@ static void run_bgemm(bgemm_job *j, int nthreads) {
     const int64_t per = (j->token_chunks * nblocks + want - 1) / want / j->token_chunks;
     j->blocks_per_chunk = per < 1 ? 1 : per;
     if (pair_blocks(j)) j->blocks_per_chunk += j->blocks_per_chunk & 1;
+    /* the nibble path: whole passes of tiles per chunk (its tables are shared by the tiles) */
+    if (j->nib) j->blocks_per_chunk = nblocks < 2 * NIB_TILES ? nblocks + (nblocks & 1) : 2 * NIB_TILES;
     const int64_t block_chunks = (nblocks + j->blocks_per_chunk - 1) / j->blocks_per_chunk;
     parallel_for(bgemm_chunk, j, j->token_chunks * block_chunks, nthreads);
 }
@@ -475,8 +770,8 @@ LB_EXPORT int lb_binary_linear(int isa, const float *x, int64_t m, int64_t k, co
     pack_rows(isa, x, m, k, t, a, nthreads);
     for (int64_t i = 0; i < m; i++) toff[i] = i * kw;
     const float *res = ep && ep->residual ? x : NULL;
-    bgemm_job j = {isa,  a,           toff, {&zero, 1, kw}, w,   m, n, k, alpha,
-                   per_channel, bias, ep,   res,            k, y, 0, 0};
+    bgemm_job j = {isa,  a,           toff, {&zero, 1, kw}, w,    m,    n, k, alpha,
+                   per_channel, bias, ep,   res,            k, y, NULL, NULL, 0, 0};
     run_bgemm(&j, nthreads);
     rc = 0;
 done:
@@ -485,12 +780,14 @@ done:
 }
 
 /* y (B * Ho * Wo, N) = conv(sign(x - t), w_b) * alpha + bias, then the epilogue ep (NULL: none),
- * x (B, H, W, C) float32 NHWC; dims: b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo. Returns 0,
- * or -1 when out of memory. */
+ * x (B, H, W, C) float32 NHWC; dims: b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo; nib: the
+ * weight's nibble tiles (lb_binary_nibble_weights) or NULL, taken on the AVX2 path while the
+ * image's tables stay within NIB_MAX_WORDS words (batch 1 of the usual shapes). Returns 0, or -1
+ * when out of memory. */
 LB_EXPORT int lb_binary_conv2d(int isa, const float *x, const int64_t *d, const float *t,
-                               const uint64_t *w, int64_t n, const float *alpha, int per_channel,
-                               const float *bias, const lb_binary_epilogue *ep, float *y,
-                               int nthreads) {
+                               const uint64_t *w, const uint8_t *nib, int64_t n, const float *alpha,
+                               int per_channel, const float *bias, const lb_binary_epilogue *ep,
+                               float *y, int nthreads) {
     const int64_t B = d[0], C = d[1], H = d[2], W = d[3], KH = d[4], KW = d[5], SH = d[6];
     const int64_t SW = d[7], PH = d[8], PW = d[9], DH = d[10], DW = d[11], HO = d[12], WO = d[13];
     const int64_t cw = words_of(C), hp = H + 2 * PH, wp = W + 2 * PW, m = B * HO * WO;
@@ -498,6 +795,7 @@ LB_EXPORT int lb_binary_conv2d(int isa, const float *x, const int64_t *d, const 
     uint64_t *packed = xalloc((size_t)(B * H * W * cw) * sizeof(uint64_t));
     int64_t *toff = xalloc((size_t)m * sizeof(int64_t));
     int64_t *tapoff = xalloc((size_t)(KH * KW) * sizeof(int64_t));
+    uint8_t *tables = NULL;
     int rc = -1;
     if (!img || !packed || !toff || !tapoff) goto done;
     /* binarize every pixel (B*H*W rows of C), then place the rows inside a +1 (zero-bit) border */
@@ -516,11 +814,18 @@ LB_EXPORT int lb_binary_conv2d(int isa, const float *x, const int64_t *d, const 
     for (int64_t i = 0; i < KH; i++)
         for (int64_t jj = 0; jj < KW; jj++) tapoff[i * KW + jj] = (i * DH * wp + jj * DW) * cw;
     const float *res = ep && ep->residual ? x : NULL; /* output pixel p reads input pixel p */
-    bgemm_job j = {isa,   img,         toff, {tapoff, KH * KW, cw}, w,   m, n, C * KH * KW,
-                   alpha, per_channel, bias, ep,                     res, C, y, 0, 0};
+    bgemm_job j = {isa,   img,         toff, {tapoff, KH * KW, cw}, w,    m,    n, C * KH * KW,
+                   alpha, per_channel, bias, ep,                     res, C, y, NULL, NULL, 0, 0};
+    const int64_t words = B * hp * wp * cw;
+    if (nib && isa == ISA_AVX2 && KH * KW * cw <= NIB_MAX_KW && words <= NIB_MAX_WORDS) {
+        tables = xalloc((size_t)(words * NIB_WORD));
+        if (!tables) goto done;
+        nib_tables(img, words, tables);
+        j.nib = nib, j.tables = tables;
+    }
     run_bgemm(&j, nthreads);
     rc = 0;
 done:
-    free(img), free(packed), free(toff), free(tapoff);
+    free(img), free(packed), free(toff), free(tapoff), free(tables);
     return rc;
 }
