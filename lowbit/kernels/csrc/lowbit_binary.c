@@ -329,21 +329,23 @@ TAVX2 static void block_256_one(const uint64_t *w, const uint64_t *a, word_map m
     } while (0)
 #define LB_EACH(stmt) for (int h = 0; h < 2; h++) stmt
     const int64_t words = m.taps * m.cw;
+    /* 2 words -> twos, 4 -> fours, 8 -> eights, 16 -> sixteens, each level a CSA of two outputs of
+     * the level below with the carry bits kept at that level */
+#define LB_FOUR(out)                                                                               \
+    do {                                                                                           \
+        LB_PAIR(twos_a);                                                                           \
+        LB_PAIR(twos_b);                                                                           \
+        LB_EACH(csa_256(&out[h], &twos[h], twos[h], twos_a[h], twos_b[h]));                        \
+    } while (0)
+#define LB_EIGHT(out)                                                                              \
+    do {                                                                                           \
+        LB_FOUR(fours_a);                                                                          \
+        LB_FOUR(fours_b);                                                                          \
+        LB_EACH(csa_256(&out[h], &fours[h], fours[h], fours_a[h], fours_b[h]));                    \
+    } while (0)
     for (int64_t i = 0; i + 16 <= words; i += 16) {
-        LB_PAIR(twos_a);
-        LB_PAIR(twos_b);
-        LB_EACH(csa_256(&fours_a[h], &twos[h], twos[h], twos_a[h], twos_b[h]));
-        LB_PAIR(twos_a);
-        LB_PAIR(twos_b);
-        LB_EACH(csa_256(&fours_b[h], &twos[h], twos[h], twos_a[h], twos_b[h]));
-        LB_EACH(csa_256(&eights_a[h], &fours[h], fours[h], fours_a[h], fours_b[h]));
-        LB_PAIR(twos_a);
-        LB_PAIR(twos_b);
-        LB_EACH(csa_256(&fours_a[h], &twos[h], twos[h], twos_a[h], twos_b[h]));
-        LB_PAIR(twos_a);
-        LB_PAIR(twos_b);
-        LB_EACH(csa_256(&fours_b[h], &twos[h], twos[h], twos_a[h], twos_b[h]));
-        LB_EACH(csa_256(&eights_b[h], &fours[h], fours[h], fours_a[h], fours_b[h]));
+        LB_EIGHT(eights_a);
+        LB_EIGHT(eights_b);
         LB_EACH(csa_256(&sixteens[h], &eights[h], eights[h], eights_a[h], eights_b[h]));
         LB_EACH(total[h] = _mm256_add_epi64(total[h], LB_LANES(sixteens[h])));
     }
@@ -363,6 +365,8 @@ TAVX2 static void block_256_one(const uint64_t *w, const uint64_t *a, word_map m
     }
     _mm256_storeu_si256((__m256i *)pop, total[0]);
     _mm256_storeu_si256((__m256i *)(pop + 4), total[1]);
+#undef LB_EIGHT
+#undef LB_FOUR
 #undef LB_EACH
 #undef LB_PAIR
 #undef LB_LANES
