@@ -69,9 +69,9 @@ def _lib() -> ctypes.CDLL | None:
         lib.lb_binary_linear.argtypes = [i32, p, i64, i64, p, p, i64, p, i32, p, p, p, i32]
         lib.lb_binary_linear.restype = i32
         lib.lb_binary_conv2d.argtypes = [i32, p, p, p, p, p, i64, p, i32, p, p, p, i32]
+        lib.lb_binary_conv2d.restype = i32
         lib.lb_binary_nibble_weights.argtypes = [p, i64, i64, p]
         lib.lb_binary_nibble_weights.restype = i32
-        lib.lb_binary_conv2d.restype = i32
         _declared = lib
     return lib
 
