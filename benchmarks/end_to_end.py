@@ -40,6 +40,7 @@ from torch import nn
 
 from lowbit import data as lbdata
 from lowbit import kernels, models
+from lowbit.kernels import bench
 from lowbit.nn import QATConfig, QuantConv2d, QuantLinear, quantize_
 from lowbit.packed import convert_
 from lowbit.train import TrainConfig, fit
@@ -159,7 +160,7 @@ def main() -> int:
     head = [
         "# End to end: packed models vs fp32 torch models at batch 1",
         "",
-        f"- cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"- cpu: {bench.cpu()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, python {platform.python_version()}, "
         f"kernels {kernels.backend()}",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "

@@ -33,7 +33,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch
 import lowbit
 from lowbit import data as lbdata
 from lowbit import export, meta, models, predict
+from lowbit.kernels import bench
 from lowbit.nn import QATConfig, quantize_
 from lowbit.train import TrainConfig, fit
 
@@ -98,19 +98,11 @@ def latency(engines: dict, xs: dict[int, torch.Tensor], rounds: int) -> dict:
 
 
 def machine() -> list[str]:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-            if ln.startswith("Model name")
-        ),
-        platform.processor() or platform.machine(),
-    )
     import onnx
     import onnxruntime
 
     return [
-        f"- cpu: {cpu} (`lscpu`), {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"- cpu: {bench.cpu()}, {os.cpu_count()} cores; torch {torch.__version__}, "
         f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"python {platform.python_version()}, lowbit kernels {lowbit.kernels.backend()}",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; load average "

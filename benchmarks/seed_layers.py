@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lowbit import data, models, train
+from lowbit.kernels import bench
 
 CONFIGS: list[tuple[str, dict]] = [
     ("linear", {}),
@@ -97,7 +97,7 @@ def main() -> None:
         "",
         f"- Script: `benchmarks/seed_layers.py --epochs {args.epochs} --subset {args.subset} "
         f"--seeds {args.seeds}`; commit {commit or 'unknown'}",
-        f"- Machine: {platform.machine()}, {os.cpu_count()} cores visible, 1 torch thread; "
+        f"- Machine: {bench.cpu()}, {os.cpu_count()} cores visible, 1 torch thread; "
         f"Python {sys.version.split()[0]}, torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}",
         f"- Fashion-MNIST, mlp depth 3 width 256 (ReLU), Adam defaults, batch 64, "

@@ -113,3 +113,17 @@ def test_packed_bytes_count_the_weight_not_the_block_padding() -> None:
     lut = native.best_isa() in native.LUT_ISAS
     want = 4096 * 228 * 4 if lut else 4096 * 4096 // 4
     assert bench._packed_bytes(4096, 4096, 3, "fp32") == want
+
+
+def test_cpu_names_the_core_and_the_isa_extensions(tmp_path: Path) -> None:
+    """A VM that names its CPU just "AMD EPYC" is told apart by family and model."""
+    info = tmp_path / "cpuinfo"
+    first = "vendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: AMD EPYC\n"
+    first += "flags\t\t: fpu sse2 {}\n\nprocessor\t: 1\nflags\t\t: avx512f\n"
+    info.write_text(first.format(23, 49, "avx avx2 fma"))
+    assert bench.cpu(info) == "AMD EPYC (Zen 2, family 23 model 49; AVX2)"
+    info.write_text(first.format(25, 17, "avx2 avx512f avx512_vnni avx512_vpopcntdq"))
+    assert bench.cpu(info) == "AMD EPYC (Zen 4, family 25 model 17; AVX2, AVX-512, VNNI, VPOPCNTDQ)"
+    info.write_text(first.format(26, 2, "sse4_2"))  # an unknown kind: no core named
+    assert bench.cpu(info) == "AMD EPYC (family 26 model 2; no AVX2)"
+    assert bench.cpu(tmp_path / "missing")  # no cpuinfo: the platform's name

@@ -131,17 +131,49 @@ def _shape(row: dict) -> Shape:
     )
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+# (vendor, family, model) -> core, for the kinds these machines have shown: a virtual machine may
+# name its CPU just "AMD EPYC", which does not tell a Zen 2 from a Zen 4
+_CORES = {
+    ("AuthenticAMD", 23, 49): "Zen 2",
+    ("AuthenticAMD", 25, 1): "Zen 3",
+    ("AuthenticAMD", 25, 17): "Zen 4",
+    ("GenuineIntel", 6, 143): "Sapphire Rapids",
+    ("GenuineIntel", 6, 207): "Emerald Rapids",
+}
+# the cpuinfo flags the kernels' dispatch depends on, as a results file names them
+_ISA = (
+    ("avx2", "AVX2"),
+    ("avx512f", "AVX-512"),
+    ("avx512_vnni", "VNNI"),
+    ("avx512_vpopcntdq", "VPOPCNTDQ"),
+    ("amx_tile", "AMX"),
+)
+
+
+def cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU as every results file names it: 'model name (core, family F model M; ISA
+    extensions)', from ``cpuinfo`` (the platform's name where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        fields: dict[str, str] = {}
+        for line in cpuinfo.read_text().splitlines():
+            if not line.strip():
+                break  # the first CPU is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
-        pass
+        return platform.processor() or platform.machine()
+    family, model = fields.get("cpu family", "?"), fields.get("model", "?")
+    number = [int(v) if v.isdigit() else -1 for v in (family, model)]
+    core = _CORES.get((fields.get("vendor_id", ""), *number))
+    flags = set(fields.get("flags", "").split())
+    isa = ", ".join(label for flag, label in _ISA if flag in flags) or "no AVX2"
+    name = fields.get("model name", platform.machine())
+    return f"{name} ({core + ', ' if core else ''}family {family} model {model}; {isa})"
+
+
+def machine() -> dict:
     return {
-        "cpu": cpu,
+        "cpu": cpu(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
