@@ -21,7 +21,8 @@ Backends (``backend()`` names the one ``prepare`` picks on this machine):
   products instead, faster there and within the same error bound. ``native-avx2`` and
   ``native-portable`` run the int8 algorithm in C compiled for AVX2 and for plain x86-64
   (runtime dispatch by CPU features); for fp32, portable
-  runs the table loop in plain C and AVX2 a ``vpermps`` level table + FMA on the lane layout.
+  runs the table loop in plain C and AVX2 decodes the lane layout to float levels (a
+  conversion, no table) for FMAs.
   Used for levels 2..17 on CPU float tensors.
 * ``reference``: ``reference.linear`` (pure torch). Used for levels > 17, non-CPU tensors, and
   wherever the library was not built (then one ``RuntimeWarning`` says so, once per process).

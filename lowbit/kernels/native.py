@@ -24,8 +24,9 @@ import os
 import torch
 
 ISAS = ("portable", "avx2", "avx512")
-# ISAs whose fp32-activation path is the lookup-table kernel (``lut_pack``); AVX2 keeps the
-# level-table FMA tiles of the lane layout (a 32-entry table costs it four 8-entry lookups)
+# ISAs whose fp32-activation path is the lookup-table kernel (``lut_pack``); AVX2 keeps FMA tiles
+# on the lane layout: a 32-entry table costs it four 8-entry lookups and three blends, measured
+# no faster than the FMAs on a Zen 2 (docs/results/kernels-avx2.md)
 LUT_ISAS = ("portable", "avx512")
 ABI_VERSION = 8  # lb_version() of the C library this binding matches (layout, signatures)
 MAX_LEVELS = 17
