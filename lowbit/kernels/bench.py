@@ -620,7 +620,8 @@ def markdown(info: dict, rows: list[dict]) -> str:
         "(a 32-entry float32 table in two registers) + one add does one group for 16 rows, in "
         "tiles of 8 row blocks x 1 token or 4 x 2 (every second add issued as fma(v, 1, acc), "
         "the same rounding on the multiply pipes). Float32 sums: within the error bound stated "
-        "in the C file (tests check it). AVX2 keeps FMAs on levels decoded from the lanes (an 8-entry table costs it a lane-crossing permute; see kernels-avx2.md).",
+        "in the C file (tests check it). AVX2 keeps FMAs, on levels decoded from the lanes by "
+        "a conversion (a lane-crossing table permute cost more on Zen 2).",
         "- Convolutions: the weight columns are stored tap-major (kernel row, column, channel) "
         "and the kernel reads the patches in place from a zero-padded channels-last copy of the "
         "image (quantized to int8 in the same pass), no im2col matrix, where C_in is a multiple "

@@ -624,7 +624,7 @@ DEF_F32_TILES(512, T512, 4)
  * table[i] = i * (table[1] - table[0]) + table[0] for the lane's codes i (set_f32_tables), so
  * level = fma(float(i), step, table[0]), exact (small integers and halves) and equal to the
  * table's entry. A lane-crossing vpermps (two and a blend for B = 4) cost more on AMD Zen 2
- * than the conversion: measured 1.6x (ternary) to 2.4x (5 levels) on 4096x4096 at batch 1. */
+ * than the conversion: 1.3x (ternary) to 1.9x (5 and 9 levels) slower on 4096x4096, batch 1. */
 LB_INLINE T256 void f32tile_256(const uint8_t *w, const float *const *xt, const int64_t *coff,
                                 int64_t nch, const int bits, const float *table, const int R,
                                 const int T, float *out) {
