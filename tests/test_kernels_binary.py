@@ -18,7 +18,9 @@ ISAS = (
 needs_native = pytest.mark.skipif(not ISAS, reason="the compiled binary kernels are not built")
 
 # (batch, N_out, K): K off the 64-bit words and N_out off the 8-row blocks on purpose
+# and lone tokens over 16+ words (the AVX2 GEMV's carry-save tree, whole and with tail words)
 SHAPES = ((1, 5, 1), (3, 17, 63), (7, 9, 65), (33, 100, 200), (2, 8, 4101), (5, 13, 128))
+SHAPES += ((1, 11, 1100), (3, 9, 2113))
 
 
 def _case(m: int, n: int, k: int, seed: int, per_channel: bool):
@@ -291,9 +293,10 @@ def test_avx2_convolutions_on_both_of_their_paths() -> None:
     for its 16-bit counters or the image's tables too large; each path equals the reference."""
     geo = {"kernel_size": (3, 3), "padding": (1, 1)}
     # (batch, C_in, C_out, H, W, tables expected): the image of the third case has 4 * 66 * 66
-    # words, past the tables' bound; the last has K = 7300 * 9 bits, past the counters'
+    # words, past the tables' bound; the last has K = 7300 * 9 bits, past the counters' (and
+    # its third token goes alone: the carry-save tree walking 9 taps of 115 words)
     cases = ((1, 64, 40, 6, 5, True), (3, 130, 17, 4, 4, True), (4, 60, 9, 64, 64, True))
-    cases += ((1, 7300, 3, 2, 2, False),)
+    cases += ((1, 7300, 3, 1, 3, False),)
     for i, (b, c, n, h, w_, nibbles) in enumerate(cases):
         g = torch.Generator().manual_seed(500 + i)
         codes = torch.randint(0, 2, (n, c * 9), generator=g, dtype=torch.uint8)

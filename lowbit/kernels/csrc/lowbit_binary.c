@@ -286,7 +286,8 @@ LB_INLINE TAVX2 void block_256_n(const uint64_t *w, const uint64_t *const *a, co
 /* One token (a GEMV): the 8 rows' counts through a carry-save adder tree (Harley and Seal; Mula,
  * Kurz, Lemire 2016), so 16 words cost 15 CSAs of 5 logic operations and one nibble popcount
  * instead of 16 popcounts: the nibble shuffles, which this path is bound by otherwise, become
- * 1/8. (h, l) = the carry and sum bits of a + b + c, bitwise. */
+ * 1/8 (measured on a Zen 2, 4096x4096: 98 -> 88 us, the rest bound by reading the weights).
+ * (h, l) = the carry and sum bits of a + b + c, bitwise. */
 LB_INLINE TAVX2 void csa_256(__m256i *h, __m256i *l, __m256i a, __m256i b, __m256i c) {
     const __m256i u = _mm256_xor_si256(a, b);
     *h = _mm256_or_si256(_mm256_and_si256(a, b), _mm256_and_si256(u, c));
