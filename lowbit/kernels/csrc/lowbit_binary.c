@@ -517,6 +517,16 @@ typedef struct {
     int64_t blocks_per_chunk, token_chunks;
 } bgemm_job;
 
+/* Where the residual of output channels col .. col + rows - 1 is read: their first input channel
+ * when the 8 are adjacent (C % 8 == 0: one division), else -1 and idx[r] = the channel of row r
+ * (gather indices, a division each). No residual: -1 and idx untouched. */
+static int64_t residual_columns(const bgemm_job *j, int64_t col, int rows, int32_t *idx) {
+    if (!j->res) return -1;
+    if (j->res_row % BROWS == 0) return col % j->res_row;
+    for (int r = 0; r < rows; r++) idx[r] = (int32_t)((col + r) % j->res_row);
+    return -1;
+}
+
 /* y[t, 8b + r] for tokens t0 .. t0 + nt - 1 and block b, r < rows: (float)(K - 2 pop) * alpha,
  * then + bias, then the epilogue (header), every step a float32 operation of its own;
  * pop[i * 8 + r] is token t0 + i's count */
@@ -556,8 +566,8 @@ TPOP static void finish_512(const bgemm_job *j, const int64_t *pop, int64_t t0, 
     const __m256 zero = _mm256_setzero_ps();
     const __m256 bias = j->bias ? _mm256_maskz_loadu_ps(live, j->bias + col) : zero;
     __m256 scale = zero, shift = zero, pbias = zero, pslope = zero, pshift = zero;
-    int64_t res_col = -1; /* the 8 channels' first input channel when they are adjacent */
     int32_t res_idx[BROWS] = {0};
+    const int64_t res_col = e ? residual_columns(j, col, rows, res_idx) : -1;
     if (e) {
         scale = _mm256_maskz_loadu_ps(live, e->scale + col);
         shift = _mm256_maskz_loadu_ps(live, e->shift + col);
@@ -566,9 +576,6 @@ TPOP static void finish_512(const bgemm_job *j, const int64_t *pop, int64_t t0, 
             pslope = _mm256_maskz_loadu_ps(live, e->pslope + col);
             pshift = _mm256_maskz_loadu_ps(live, e->pshift + col);
         }
-        if (j->res && j->res_row % BROWS == 0) res_col = col % j->res_row; /* one division */
-        else if (j->res) /* gather indices (a division each: only for C % 8 != 0) */
-            for (int r = 0; r < rows; r++) res_idx[r] = (int32_t)((col + r) % j->res_row);
     }
     const __m256i idx = _mm256_loadu_si256((const __m256i *)res_idx);
     for (int i = 0; i < nt; i++) {
@@ -611,8 +618,8 @@ TAVX2 static void finish_256(const bgemm_job *j, const int64_t *pop, int64_t t0,
                                         : _mm256_set1_ps(j->alpha[0]);
     const __m256 bias = j->bias ? _mm256_maskload_ps(j->bias + col, live) : zero;
     __m256 scale = zero, shift = zero, pbias = zero, pslope = zero, pshift = zero;
-    int64_t res_col = -1; /* as in finish_512 */
     int32_t res_idx[BROWS] = {0};
+    const int64_t res_col = e ? residual_columns(j, col, rows, res_idx) : -1;
     if (e) {
         scale = _mm256_maskload_ps(e->scale + col, live);
         shift = _mm256_maskload_ps(e->shift + col, live);
@@ -621,9 +628,6 @@ TAVX2 static void finish_256(const bgemm_job *j, const int64_t *pop, int64_t t0,
             pslope = _mm256_maskload_ps(e->pslope + col, live);
             pshift = _mm256_maskload_ps(e->pshift + col, live);
         }
-        if (j->res && j->res_row % BROWS == 0) res_col = col % j->res_row;
-        else if (j->res)
-            for (int r = 0; r < rows; r++) res_idx[r] = (int32_t)((col + r) % j->res_row);
     }
     const __m256i idx = _mm256_loadu_si256((const __m256i *)res_idx);
     const __m256i low_dwords = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7), k = _mm256_set1_epi32((int32_t)j->k);
@@ -663,6 +667,17 @@ static void finish(const bgemm_job *j, const int64_t *pop, int64_t t0, int nt, i
     else finish_scalar(j, pop, t0, nt, b, rows);
 }
 
+/* Blocks b .. b + nb - 1 for tokens t0 .. t1 - 1, their counts at pop + (bi * TOKENS + i) * 8:
+ * one finish per block for the chunk's tokens, so its per-channel set-up is paid once. */
+static void finish_blocks(const bgemm_job *j, const int64_t *pop, int64_t t0, int64_t t1, int64_t b,
+                          int64_t nb) {
+    for (int64_t bi = 0; bi < nb; bi++) {
+        const int64_t bb = b + bi;
+        const int rows = (int)(j->n - bb * BROWS < BROWS ? j->n - bb * BROWS : BROWS);
+        finish(j, pop + bi * TOKENS * BROWS, t0, (int)(t1 - t0), bb, rows);
+    }
+}
+
 /* AVX-512 with a full group of tokens: two weight blocks at a time, so each broadcast token word
  * meets 16 rows (measured: 1.2x on convolutions; a GEMV, bound by reading the weights, is 1.4x
  * slower with two weight streams) */
@@ -686,11 +701,7 @@ static void bgemm_chunk(const void *ctx, int64_t chunk) {
             for (int64_t t = t0; t < t1; t++)
                 nib_token(wn, kw * NIB_WORD, (int)(nbl + 1) / 2, j->tables, j->toff[t], j->map,
                           pop + (t - t0) * BROWS, TOKENS * BROWS);
-            for (int64_t bi = 0; bi < nbl; bi++) {
-                const int64_t bb = b + bi;
-                const int rows = (int)(j->n - bb * BROWS < BROWS ? j->n - bb * BROWS : BROWS);
-                finish(j, pop + bi * TOKENS * BROWS, t0, (int)(t1 - t0), bb, rows);
-            }
+            finish_blocks(j, pop, t0, t1, b, nbl);
         }
         return;
     }
@@ -707,12 +718,7 @@ static void bgemm_chunk(const void *ctx, int64_t chunk) {
             else if (j->isa == ISA_AVX2) block_256(w, a, nt, j->map, p);
             else block_portable(w, a, nt, j->map, p);
         }
-        /* one finish per block for the chunk's tokens: its per-channel set-up is paid once */
-        for (int bi = 0; bi < nb; bi++) {
-            const int64_t bb = b + bi;
-            const int rows = (int)(j->n - bb * BROWS < BROWS ? j->n - bb * BROWS : BROWS);
-            finish(j, pop + bi * TOKENS * BROWS, t0, (int)(t1 - t0), bb, rows);
-        }
+        finish_blocks(j, pop, t0, t1, b, nb);
     }
 }
 
