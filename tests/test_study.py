@@ -281,6 +281,7 @@ def test_resume_from_a_csv_export_trains_only_the_missing_cells(tmp_path):
     assert runner.run(small, first, workers=1, progress=False, threads=1).statuses == {
         "finished": 4
     }
+    assert not (first / "results.sqlite-wal").exists()  # the file alone holds the study
     export_csv(first)
     layers = first / "layers.csv"  # committed exports gzip their layer rows
     (first / "layers.csv.gz").write_bytes(gzip.compress(layers.read_bytes()))

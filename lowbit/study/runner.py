@@ -577,7 +577,10 @@ class _Heartbeat:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        # Wait for the connection to close: the sweep's own connection must be the last one, so
+        # its close folds the WAL into results.sqlite and the file alone holds the study.
         self.stop.set()
+        self.thread.join()
 
 
 _NO_RAY = "the ray backend needs Ray: pip install 'lowbit[ray]' (or use --backend local)"
