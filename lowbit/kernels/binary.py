@@ -31,7 +31,7 @@ from lowbit.epilogue import BlockEpilogue
 from lowbit.errors import ConfigError
 from lowbit.kernels import _requested, _warn_fallback, cached_on_codes, native, reference
 
-ABI_VERSION = 3  # lb_binary_version() of the C code this binding matches
+ABI_VERSION = 4  # lb_binary_version() of the C code this binding matches
 ROWS = 8  # weight rows per block of the packed layout
 
 _declared: ctypes.CDLL | None = None
@@ -72,6 +72,8 @@ def _lib() -> ctypes.CDLL | None:
         lib.lb_binary_conv2d.restype = i32
         lib.lb_binary_nibble_weights.argtypes = [p, i64, i64, p]
         lib.lb_binary_nibble_weights.restype = i32
+        lib.lb_binary_nibble_tiles.argtypes = [i64]
+        lib.lb_binary_nibble_tiles.restype = i64
         _declared = lib
     return lib
 
@@ -105,8 +107,8 @@ class BinaryWeight:
     ``alpha`` = scale / 2, float32 (1,) or (N_out,); ``words`` the packed (ceil(N_out / 8),
     KW * 8) int64 bits (see the C header; KW = taps * ceil(C / 64) for a convolution's tap-major
     rows, ceil(K / 64) otherwise), or None on the reference backend, which keeps ``codes``;
-    ``nibbles`` the same bits one nibble a byte in tiles of 16 rows (ceil(N_out / 16) * KW * 256
-    uint8), the AVX2 convolution's lookup-table layout, else None."""
+    ``nibbles`` the same bits one nibble a byte in tiles of 16 rows (ceil(N_out / 64) * 4 * KW *
+    256 uint8, zero rows past N_out), the AVX2 convolution's lookup-table layout, else None."""
 
     def __init__(
         self,
@@ -134,7 +136,8 @@ class BinaryWeight:
             lib = _lib()
             lib.lb_binary_pack_weights(tap_major.data_ptr(), n, taps, c, self.words.data_ptr())  # type: ignore[union-attr]
             if isa == "avx2" and conv is not None:
-                nibbles = torch.empty(-(-n // 16) * kw * 256, dtype=torch.uint8)
+                tiles = lib.lb_binary_nibble_tiles(n)  # type: ignore[union-attr]
+                nibbles = torch.empty(tiles * kw * 256, dtype=torch.uint8)
                 ptrs = (self.words.data_ptr(), n, kw, nibbles.data_ptr())
                 if lib.lb_binary_nibble_weights(*ptrs) == 0:  # type: ignore[union-attr]
                     self.nibbles = nibbles  # (else K is too long for its counters)
