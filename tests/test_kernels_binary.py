@@ -295,9 +295,10 @@ def test_avx2_convolutions_on_both_of_their_paths() -> None:
     # (batch, C_in, C_out, H, W, tables expected): the image of the third case has 4 * 66 * 66
     # words, past the tables' bound; the last has K = 7300 * 9 bits, past the counters' (and
     # its third token goes alone: the carry-save tree walking 9 taps of 115 words)
-    # (C_out 200: two chunks of tiles, the second ending in half a tile)
-    cases = ((1, 64, 40, 6, 5, True), (3, 130, 17, 4, 4, True), (4, 60, 9, 64, 64, True))
-    cases += ((2, 70, 200, 5, 5, True),)
+    # (C_out 200: two chunks of tiles, the second ending in half a tile; 35 tokens: the last of
+    # the second chunk goes alone; C_in 520: a tap longer than one run between widenings)
+    cases = ((1, 64, 40, 7, 5, True), (3, 130, 17, 4, 4, True), (4, 60, 9, 64, 64, True))
+    cases += ((2, 70, 200, 5, 5, True), (1, 520, 20, 3, 3, True))
     cases += ((1, 7300, 3, 1, 3, False),)
     for i, (b, c, n, h, w_, nibbles) in enumerate(cases):
         g = torch.Generator().manual_seed(500 + i)
