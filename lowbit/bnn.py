@@ -56,6 +56,7 @@ from torch import nn
 
 from lowbit import quantizers
 from lowbit.epilogue import BlockEpilogue
+from lowbit.kernels import binary
 from lowbit.nn import QuantConv2d, QuantLinear
 
 T = TypeVar("T")
@@ -181,24 +182,28 @@ def _batchnorm_tensors(norm: nn.Module) -> tuple[torch.Tensor, ...]:
 
 
 class MaxPool2x2(nn.Module):
-    """2x2 max-pooling with stride 2, odd sizes floored: ``nn.MaxPool2d(2)``, whose values it
-    gives for an NCHW image in eval mode as two maxima of strided views (rows, then columns). At
-    batch 1 torch pools an NCHW image in a scalar loop (133 us for 64x28x28 on one Zen 4 core,
-    280 us for 64x32x32) that these take in 27-36 us, writing a channels-last result for the
-    next convolution; converting to channels-last first costs more (31 us, 189 us: the 4 kB rows
-    of a 32x32 plane alias in the cache). A channels-last image (what packed convolutions return)
-    pools fast in torch (9 us for 128x14x14). Training keeps torch's (its gradient picks one input
-    of a tie). (B, C, H, W) -> (B, C, H//2, W//2)."""
+    """2x2 max-pooling with stride 2, odd sizes floored: ``nn.MaxPool2d(2)``'s values, written
+    channels-last in eval mode for the next (packed) convolution. At batch 1 torch pools an NCHW
+    image in a scalar loop (133 us for 64x28x28 on one Zen 4 core); the native kernel
+    (``kernels.binary.maxpool2x2_channels_last``) reads each plane once and writes channels-last
+    (64x28x28 on a Zen 2: 58 us as two strided ``torch.maximum`` calls, the fallback here, or
+    ~10 us). A channels-last image (what packed convolutions return) pools fast in torch (9 us
+    for 128x14x14). Training keeps torch's (its gradient picks one input of a tie).
+    (B, C, H, W) -> (B, C, H//2, W//2)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or x.is_contiguous(memory_format=torch.channels_last):
             return F.max_pool2d(x, 2)
+        differentiable = torch.is_grad_enabled() and x.requires_grad  # (out= does not differentiate)
+        if not differentiable:
+            y = binary.maxpool2x2_channels_last(x)
+            if y is not None:
+                return y
         x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
         rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])  # whole rows: contiguous reads
-        if torch.is_grad_enabled() and x.requires_grad:  # (out= does not differentiate)
+        if differentiable:
             return torch.maximum(rows[..., 0::2], rows[..., 1::2])
         b, c, h, w = rows.shape
-        # written channels-last, the layout the next (packed) convolution reads: no copy there
         out = torch.empty(
             (b, c, h, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
         )

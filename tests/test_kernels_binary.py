@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lowbit.kernels import binary, reference
 from lowbit.nn import QuantConv2d, QuantLinear
@@ -310,3 +311,21 @@ def test_avx2_convolutions_on_both_of_their_paths() -> None:
         for threads in (1, 2):
             got = binary.conv2d(x, w, None, None, threads=threads, **geo)
             assert torch.equal(got, reference.binary_conv2d(x, codes, scale, **geo)), (i, threads)
+
+
+@needs_native
+def test_native_pooling_equals_torch_and_writes_channels_last() -> None:
+    """The NCHW -> channels-last 2x2 max-pool of MaxPool2x2's eval path: torch's values, NaN
+    kept, odd sizes floored, rows shorter and longer than the AVX2 step of 8 outputs."""
+    g = torch.Generator().manual_seed(7)
+    for isa in ISAS:
+        for shape in ((1, 64, 28, 28), (2, 3, 7, 9), (1, 5, 2, 3), (3, 13, 32, 37), (1, 2, 5, 1)):
+            x = torch.randn(shape, generator=g)
+            x.view(-1)[::11] = float("nan")
+            got = binary.maxpool2x2_channels_last(x, isa=isa)
+            assert got is not None and got.is_contiguous(memory_format=torch.channels_last)
+            want = F.max_pool2d(x, 2) if min(shape[2:]) >= 2 else torch.empty(got.shape)
+            assert got.shape == want.shape, (isa, shape)
+            assert torch.equal(got.isnan(), want.isnan()), (isa, shape)
+            assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), (isa, shape)
+    assert binary.maxpool2x2_channels_last(torch.randn(1, 2, 4, 4, dtype=torch.float64)) is None

@@ -74,6 +74,8 @@ def _lib() -> ctypes.CDLL | None:
         lib.lb_binary_nibble_weights.restype = i32
         lib.lb_binary_nibble_tiles.argtypes = [i64]
         lib.lb_binary_nibble_tiles.restype = i64
+        lib.lb_binary_maxpool2x2_nhwc.argtypes = [i32, p, i64, i64, i64, i64, p]
+        lib.lb_binary_maxpool2x2_nhwc.restype = None
         _declared = lib
     return lib
 
@@ -433,3 +435,19 @@ def conv2d(
     if x.dtype != torch.float32 or not x.is_contiguous(memory_format=torch.channels_last):
         x = x.to(torch.float32).contiguous(memory_format=torch.channels_last)
     return call(x, threads)
+
+
+def maxpool2x2_channels_last(x: torch.Tensor, isa: str | None = None) -> torch.Tensor | None:
+    """2x2 max-pooling with stride 2 (odd sizes floored) of an NCHW-contiguous float32 CPU
+    image, written channels-last for the next binary convolution: (B, C, H, W) -> (B, C, H // 2,
+    W // 2), the values of ``torch.maximum`` over the four pixels (exact). None where the native
+    library is missing or x is of another kind (the caller pools in torch)."""
+    lib = _lib()
+    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    isa = best_isa() if isa is None else isa
+    b, c, h, w = x.shape
+    y = torch.empty((b, c, h // 2, w // 2), memory_format=torch.channels_last)
+    if y.numel():
+        lib.lb_binary_maxpool2x2_nhwc(native.ISAS.index(isa), x.data_ptr(), b, c, h, w, y.data_ptr())
+    return y

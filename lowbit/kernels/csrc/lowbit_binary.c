@@ -822,6 +822,59 @@ done:
     return rc;
 }
 
+/* 2x2 max-pooling, stride 2, odd sizes floored: x (B, C, H, W) float32 NCHW -> y (B, H/2, W/2, C)
+ * NHWC, the layout the convolutions read: y = max(max(x00, x10), max(x01, x11)) (x10 the pixel
+ * below x00, x01 the one to its right), NaN propagated, the order torch.maximum takes them in
+ * lowbit.bnn.MaxPool2x2. Max is exact: the values are torch's. One channel plane at a time, its
+ * rows read once; AVX2 pools 8 outputs of a row at once (eight planes at a time, for 32-byte
+ * writes, measured slower). */
+
+/* torch.maximum's float max: NaN if either is, else the larger (b when equal); branch-free (a
+ * comparison of random values mispredicts half the time) */
+static inline float max_nan(float a, float b) {
+    const __m128 va = _mm_set_ss(a), vb = _mm_set_ss(b);
+    return _mm_cvtss_f32(_mm_or_ps(_mm_max_ss(va, vb), _mm_cmpunord_ss(va, va)));
+}
+
+/* outputs ox0 .. wo - 1 of the row pair r0, r1, output ox to out[ox * c] */
+static void pool_row(const float *r0, const float *r1, int64_t ox0, int64_t wo, float *out,
+                     int64_t c) {
+    for (int64_t ox = ox0; ox < wo; ox++)
+        out[ox * c] = max_nan(max_nan(r0[2 * ox], r1[2 * ox]), max_nan(r0[2 * ox + 1], r1[2 * ox + 1]));
+}
+
+LB_INLINE TAVX2 __m256 max_nan_256(__m256 a, __m256 b) {
+    return _mm256_or_ps(_mm256_max_ps(a, b), _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
+
+TAVX2 static void pool_row_256(const float *r0, const float *r1, int64_t wo, float *out, int64_t c) {
+    int64_t ox = 0;
+    for (; ox + 8 <= wo; ox += 8) { /* input columns 2 ox .. 2 ox + 15 */
+        const __m256 v0 = max_nan_256(_mm256_loadu_ps(r0 + 2 * ox), _mm256_loadu_ps(r1 + 2 * ox));
+        const __m256 v1 = max_nan_256(_mm256_loadu_ps(r0 + 2 * ox + 8), _mm256_loadu_ps(r1 + 2 * ox + 8));
+        /* even and odd columns, per 128-bit lane: outputs [0 1 4 5 | 2 3 6 7], then in order */
+        const __m256 m = max_nan_256(_mm256_shuffle_ps(v0, v1, 0x88), _mm256_shuffle_ps(v0, v1, 0xDD));
+        float o[8];
+        _mm256_storeu_ps(o, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), 0xD8)));
+        for (int k = 0; k < 8; k++) out[(ox + k) * c] = o[k];
+    }
+    pool_row(r0, r1, ox, wo, out, c);
+}
+
+LB_EXPORT void lb_binary_maxpool2x2_nhwc(int isa, const float *x, int64_t b, int64_t c, int64_t h,
+                                         int64_t w, float *y) {
+    const int64_t ho = h / 2, wo = w / 2, avx2 = isa != ISA_PORTABLE;
+    for (int64_t p = 0; p < b * c; p++) {
+        const float *plane = x + p * h * w;
+        float *out = y + (p / c) * ho * wo * c + p % c;
+        for (int64_t oy = 0; oy < ho; oy++) {
+            const float *r0 = plane + 2 * oy * w;
+            if (avx2) pool_row_256(r0, r0 + w, wo, out + oy * wo * c, c);
+            else pool_row(r0, r0 + w, 0, wo, out + oy * wo * c, c);
+        }
+    }
+}
+
 /* y (B * Ho * Wo, N) = conv(sign(x - t), w_b) * alpha + bias, then the epilogue ep (NULL: none),
  * x (B, H, W, C) float32 NHWC; dims: b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo; nib: the
  * weight's nibble tiles (lb_binary_nibble_weights) or NULL, taken on the AVX2 path while the
