@@ -194,7 +194,8 @@ class MaxPool2x2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or x.is_contiguous(memory_format=torch.channels_last):
             return F.max_pool2d(x, 2)
-        differentiable = torch.is_grad_enabled() and x.requires_grad  # (out= does not differentiate)
+        # (out= does not differentiate)
+        differentiable = torch.is_grad_enabled() and x.requires_grad
         if not differentiable:
             y = binary.maxpool2x2_channels_last(x)
             if y is not None:

@@ -449,5 +449,6 @@ def maxpool2x2_channels_last(x: torch.Tensor, isa: str | None = None) -> torch.T
     b, c, h, w = x.shape
     y = torch.empty((b, c, h // 2, w // 2), memory_format=torch.channels_last)
     if y.numel():
-        lib.lb_binary_maxpool2x2_nhwc(native.ISAS.index(isa), x.data_ptr(), b, c, h, w, y.data_ptr())
+        isa_id = native.ISAS.index(isa)
+        lib.lb_binary_maxpool2x2_nhwc(isa_id, x.data_ptr(), b, c, h, w, y.data_ptr())
     return y
