@@ -329,3 +329,4 @@ def test_native_pooling_equals_torch_and_writes_channels_last() -> None:
             assert torch.equal(got.isnan(), want.isnan()), (isa, shape)
             assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), (isa, shape)
     assert binary.maxpool2x2_channels_last(torch.randn(1, 2, 4, 4, dtype=torch.float64)) is None
+    assert binary.maxpool2x2_channels_last(torch.randn(1, 2, 4, 4), isa="reference") is None

@@ -441,11 +441,14 @@ def maxpool2x2_channels_last(x: torch.Tensor, isa: str | None = None) -> torch.T
     """2x2 max-pooling with stride 2 (odd sizes floored) of an NCHW-contiguous float32 CPU
     image, written channels-last for the next binary convolution: (B, C, H, W) -> (B, C, H // 2,
     W // 2), the values of ``torch.maximum`` over the four pixels (exact). None where the native
-    library is missing or x is of another kind (the caller pools in torch)."""
+    library is missing, the reference backend is asked for (``isa`` or ``LOWBIT_KERNELS``) or x
+    is of another kind (the caller pools in torch)."""
     lib = _lib()
     if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
         return None
-    isa = best_isa() if isa is None else isa
+    isa = _pick_isa(isa)
+    if isa == "reference":
+        return None
     b, c, h, w = x.shape
     y = torch.empty((b, c, h // 2, w // 2), memory_format=torch.channels_last)
     if y.numel():

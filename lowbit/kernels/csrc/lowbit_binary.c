@@ -400,7 +400,7 @@ TAVX2 static void block_256(const uint64_t *w, const uint64_t *const *a, int nt,
  * per 256 for the XOR-and-nibble-popcount of block_256. The weights take twice the bytes of their
  * bits, which a convolution's few weights afford; a token's tables are the tables of the image
  * words its patch reads, built once per call for the whole image. Counts are exact integers:
- * bytes (<= 224 between widenings) into 16-bit lanes, the two lanes added at the end. */
+ * bytes (<= 252 between widenings) into 16-bit lanes, the two lanes added at the end. */
 
 /* blocks (ceil(n/8), kw, 8) words -> tiles (lb_binary_nibble_tiles(n), kw, 8, 32) bytes as above,
  * the rows past n zero; returns -1 (nothing written) when K = 64 kw is too large for the 16-bit
