@@ -35,6 +35,7 @@ ABI_VERSION = 4  # lb_binary_version() of the C code this binding matches
 ROWS = 8  # weight rows per block of the packed layout
 
 _declared: ctypes.CDLL | None = None
+_best = "reference"  # the declared library's best path (the CPU's features do not change)
 
 
 class _Epilogue(ctypes.Structure):
@@ -52,7 +53,7 @@ class _Epilogue(ctypes.Structure):
 
 def _lib() -> ctypes.CDLL | None:
     """The library with the binary functions declared, or None (missing or too old a build)."""
-    global _declared
+    global _declared, _best
     lib = native.load()
     if lib is None or not hasattr(lib, "lb_binary_version"):
         return None
@@ -76,14 +77,13 @@ def _lib() -> ctypes.CDLL | None:
         lib.lb_binary_nibble_tiles.restype = i64
         lib.lb_binary_maxpool2x2_nhwc.argtypes = [i32, p, i64, i64, i64, i64, p]
         lib.lb_binary_maxpool2x2_nhwc.restype = None
-        _declared = lib
+        _declared, _best = lib, native.ISAS[lib.lb_binary_isa()]
     return lib
 
 
 def best_isa() -> str:
     """The fastest binary path this CPU runs (avx512 needs VPOPCNTDQ), or "reference"."""
-    lib = _lib()
-    return native.ISAS[lib.lb_binary_isa()] if lib is not None else "reference"
+    return _best if _lib() is not None else "reference"
 
 
 def _pick_isa(isa: str | None) -> str:
@@ -440,13 +440,14 @@ def conv2d(
 def maxpool2x2_channels_last(x: torch.Tensor, isa: str | None = None) -> torch.Tensor | None:
     """2x2 max-pooling with stride 2 (odd sizes floored) of an NCHW-contiguous float32 CPU
     image, written channels-last for the next binary convolution: (B, C, H, W) -> (B, C, H // 2,
-    W // 2), the values of ``torch.maximum`` over the four pixels (exact). None where the native
-    library is missing, the reference backend is asked for (``isa`` or ``LOWBIT_KERNELS``) or x
-    is of another kind (the caller pools in torch)."""
+    W // 2), the values of ``torch.maximum`` over the four pixels (exact, so the default is the
+    best path whatever ``LOWBIT_KERNELS`` asks: reading it costs 1.6 us a call). None where the
+    native library is missing, ``isa`` is "reference" or x is of another kind (the caller pools
+    in torch)."""
     lib = _lib()
     if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
         return None
-    isa = _pick_isa(isa)
+    isa = best_isa() if isa is None else isa
     if isa == "reference":
         return None
     b, c, h, w = x.shape
