@@ -38,9 +38,10 @@ multiply and one add per channel (``scale = gamma / sqrt(var + eps)``, ``shift =
 scale``) and everything after the binary layer written as ``lowbit.epilogue.BlockEpilogue``: the
 trained (QAT) layer applies it with torch operations, a packed layer inside its XNOR-popcount
 kernel, with the same float32 operations in the same order, so the two stay bit-identical.
-The fold is the same function as the unfolded BatchNorm up to float rounding. (The fp32 stem
-keeps its BatchNorm: folding it into the convolution would save ~19 us at batch 1, but
-``lowbit.summary`` counts a layer's MACs on its forward call, which that path would skip.)
+The fold is the same function as the unfolded BatchNorm up to float rounding. The binary CNN's
+fp32 stem folds its BatchNorm the same way in eval mode, applied by the first max-pooling as it
+reads the stem convolution's output (``max_pool2x2``; the convolution itself stays a torch call,
+which ``lowbit.summary`` counts).
 """
 
 from __future__ import annotations
@@ -181,34 +182,49 @@ def _batchnorm_tensors(norm: nn.Module) -> tuple[torch.Tensor, ...]:
     return (p["weight"], p["bias"], b["running_mean"], b["running_var"])  # type: ignore[return-value]
 
 
+def max_pool2x2(
+    x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``MaxPool2x2``'s eval-mode pooling of x (B, C, H, W), after ``x * scale[c] + shift[c]``
+    (a folded BatchNorm, two float32 roundings) when scale and shift (C,) are given: the native
+    kernel where it applies, else the same values in torch; channels-last where nothing needs a
+    gradient."""
+    differentiable = torch.is_grad_enabled() and (
+        x.requires_grad or (scale is not None and scale.requires_grad)
+    )
+    if not differentiable:
+        y = binary.maxpool2x2_channels_last(x, scale=scale, shift=shift)
+        if y is not None:
+            return y
+    if scale is not None:
+        x = x * scale.reshape(-1, 1, 1) + shift.reshape(-1, 1, 1)  # type: ignore[union-attr]
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return F.max_pool2d(x, 2)
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])  # whole rows: contiguous reads
+    if differentiable:  # (out= does not differentiate)
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+    b, c, h, w = rows.shape
+    out = torch.empty(
+        (b, c, h, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+    )
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2], out=out)
+
+
 class MaxPool2x2(nn.Module):
     """2x2 max-pooling with stride 2, odd sizes floored: ``nn.MaxPool2d(2)``'s values, written
-    channels-last in eval mode for the next (packed) convolution. At batch 1 torch pools an NCHW
-    image in a scalar loop (133 us for 64x28x28 on one Zen 4 core); the native kernel
-    (``kernels.binary.maxpool2x2_channels_last``) reads each plane once and writes channels-last
-    (64x28x28 on a Zen 2: 27 us with the call, against 58 us as two strided ``torch.maximum``
-    calls, the fallback here). A channels-last image (what packed convolutions return) pools
-    fast in torch (9 us for 128x14x14). Training keeps torch's (its gradient picks one input of
-    a tie). (B, C, H, W) -> (B, C, H//2, W//2)."""
+    channels-last in eval mode for the next (packed) convolution (``max_pool2x2``). At batch 1
+    torch pools an NCHW image in a scalar loop (133 us for 64x28x28 on one Zen 4 core); the
+    native kernel (``kernels.binary.maxpool2x2_channels_last``) reads each plane once and writes
+    channels-last (64x28x28 on a Zen 2: 13 us with the call, against 58 us as two strided
+    ``torch.maximum`` calls, the fallback). A channels-last image (what packed convolutions
+    return) pools in torch (9 us for 128x14x14). Training keeps torch's (its gradient picks one
+    input of a tie). (B, C, H, W) -> (B, C, H//2, W//2)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or x.is_contiguous(memory_format=torch.channels_last):
             return F.max_pool2d(x, 2)
-        # (out= does not differentiate)
-        differentiable = torch.is_grad_enabled() and x.requires_grad
-        if not differentiable:
-            y = binary.maxpool2x2_channels_last(x)
-            if y is not None:
-                return y
-        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
-        rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])  # whole rows: contiguous reads
-        if differentiable:
-            return torch.maximum(rows[..., 0::2], rows[..., 1::2])
-        b, c, h, w = rows.shape
-        out = torch.empty(
-            (b, c, h, w // 2), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
-        )
-        return torch.maximum(rows[..., 0::2], rows[..., 1::2], out=out)
+        return max_pool2x2(x)
 
 
 class Block(nn.Module):
@@ -356,11 +372,30 @@ class BinaryCNN(nn.Module):
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, config.classes)
         )
+        # binary kinds in eval mode: the stem's BatchNorm folded into the first pooling
+        self._folds_stem = m.activations is not None and config.stages[0][1]
+        self._stem_fold = StateCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.stem._modules["1"]
+        if self.training or not self._folds_stem or not norm.track_running_stats:  # type: ignore[union-attr]
+            h = self.blocks(self.stem(x))
+        else:
+            # stem conv, then its BatchNorm folded (y * scale + shift) and the 2x2 max-pool in
+            # one pass (lowbit.kernels.binary.maxpool2x2_channels_last): 58 -> 15 us at batch 1
+            # on 64x28x28 (Zen 2)
+            scale, shift = self._stem_fold.get(
+                _batchnorm_tensors(norm),  # type: ignore[arg-type]
+                lambda: fold_batchnorm(norm),  # type: ignore[arg-type]
+            )
+            h = max_pool2x2(self.stem._modules["0"](x), scale, shift)  # type: ignore[misc]
+            blocks = iter(self.blocks)
+            next(blocks)  # the pooling, done
+            for block in blocks:
+                h = block(h)
         # (B, 4 width, H/4, W/4), real valued; channels-last from the binary blocks in eval mode,
         # trained or packed (lowbit.epilogue), so their average pooling sums in the same order
-        return self.head(self.blocks(self.stem(x)))
+        return self.head(h)
 
 
 def binary_mlp(config: BinaryMLPConfig | None = None, **fields: object) -> BinaryMLP:

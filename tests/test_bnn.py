@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lowbit import bnn, models
 from lowbit.nn import QuantConv2d, QuantLinear
@@ -215,6 +216,32 @@ def test_eval_epilogue_follows_in_place_changes_and_keeps_gradients() -> None:
     assert torch.allclose(after, _unfused(block, x).detach(), rtol=1e-5, atol=1e-5)
     block(x).sum().backward()  # eval mode with gradients: BN and RPReLU parameters still learn
     assert block.norm.weight.grad is not None and block.act.slope.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_eval_stem_folds_batchnorm_into_the_pooling(shape: tuple[int, int, int]) -> None:
+    """The binary CNN's eval stem: conv, BatchNorm folded (y * scale + shift), 2x2 max-pool. The
+    same function as the unfolded stem up to float rounding; the pooling kernel gives torch's
+    bits for the folded map; BatchNorm edits in place reach it; gradients still flow."""
+    torch.manual_seed(5)
+    net = models.get("binary_cnn", layer="reactnet", width=8, input_shape=shape)
+    _train_a_little(net, shape)
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        got = net(x)
+        h = net.blocks[0](net.stem(x))  # unfolded: torch's BatchNorm, then the pooling
+        for block in list(net.blocks)[1:]:
+            h = block(h)
+        want = net.head(h)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+        conv = net.stem[0](x)
+        scale, shift = bnn.fold_batchnorm(net.stem[1])
+        folded = conv * scale.reshape(-1, 1, 1) + shift.reshape(-1, 1, 1)
+        assert torch.equal(bnn.max_pool2x2(conv, scale, shift), F.max_pool2d(folded, 2))
+        net.stem[1].running_mean.add_(1.0)
+        assert not torch.equal(net(x), got)
+    net(x).sum().backward()  # eval mode with gradients: the fold stays differentiable
+    assert net.stem[1].weight.grad is not None
 
 
 def test_maxpool2x2_gives_max_pool2d_values_in_every_layout() -> None:

@@ -330,3 +330,40 @@ def test_native_pooling_equals_torch_and_writes_channels_last() -> None:
             assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), (isa, shape)
     assert binary.maxpool2x2_channels_last(torch.randn(1, 2, 4, 4, dtype=torch.float64)) is None
     assert binary.maxpool2x2_channels_last(torch.randn(1, 2, 4, 4), isa="reference") is None
+
+
+@needs_native
+def test_native_pooling_after_a_folded_batchnorm_equals_torch() -> None:
+    """scale/shift: each pixel x * scale[c] + shift[c] (torch's mul then add, bit for bit), then
+    the pooling; channels by 8 and the rest one at a time, rows of 8+ outputs whose last vector
+    overlaps the previous one (W/2 = 14, 18), negative scales, NaN kept."""
+    g = torch.Generator().manual_seed(8)
+    for isa in ISAS:
+        for shape in (
+            (1, 64, 28, 28),
+            (2, 13, 9, 17),
+            (1, 16, 32, 36),
+            (1, 8, 15, 31),
+            (3, 4, 5, 5),
+        ):
+            x = torch.randn(shape, generator=g)
+            x.view(-1)[::13] = float("nan")
+            scale, shift = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+            got = binary.maxpool2x2_channels_last(x, isa=isa, scale=scale, shift=shift)
+            want = F.max_pool2d(x * scale.reshape(-1, 1, 1) + shift.reshape(-1, 1, 1), 2)
+            assert got is not None and got.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(got.isnan(), want.isnan()), (isa, shape)
+            assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), (isa, shape)
+    with pytest.raises(ValueError, match="one per channel"):
+        binary.maxpool2x2_channels_last(torch.randn(1, 3, 4, 4), scale=torch.ones(2), shift=None)
+
+
+@needs_native
+def test_conv_geometry_given_as_lists() -> None:
+    g = torch.Generator().manual_seed(9)
+    codes = torch.randint(0, 2, (6, 45), generator=g, dtype=torch.uint8)
+    scale, x = torch.rand(6, generator=g) + 0.1, torch.randn(1, 5, 7, 7, generator=g)
+    w = binary.prepare(codes, scale, conv=(5, (3, 3)))
+    got = binary.conv2d(x, w, kernel_size=[3, 3], padding=[1, 1], stride=[1, 1], dilation=[1, 1])
+    want = reference.binary_conv2d(x, codes, scale, kernel_size=(3, 3), padding=(1, 1))
+    assert torch.equal(got, want)

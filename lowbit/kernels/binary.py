@@ -31,7 +31,7 @@ from lowbit.epilogue import BlockEpilogue
 from lowbit.errors import ConfigError
 from lowbit.kernels import _requested, _warn_fallback, cached_on_codes, native, reference
 
-ABI_VERSION = 4  # lb_binary_version() of the C code this binding matches
+ABI_VERSION = 5  # lb_binary_version() of the C code this binding matches
 ROWS = 8  # weight rows per block of the packed layout
 
 _declared: ctypes.CDLL | None = None
@@ -75,7 +75,7 @@ def _lib() -> ctypes.CDLL | None:
         lib.lb_binary_nibble_weights.restype = i32
         lib.lb_binary_nibble_tiles.argtypes = [i64]
         lib.lb_binary_nibble_tiles.restype = i64
-        lib.lb_binary_maxpool2x2_nhwc.argtypes = [i32, p, i64, i64, i64, i64, p]
+        lib.lb_binary_maxpool2x2_nhwc.argtypes = [i32, p, i64, i64, i64, i64, p, p, p]
         lib.lb_binary_maxpool2x2_nhwc.restype = None
         _declared, _best = lib, native.ISAS[lib.lb_binary_isa()]
     return lib
@@ -314,7 +314,10 @@ class _ConvCall:
         b, c, h, w = shape
         # alive while the call is: the pointers below, and the objects whose ids key it (keys)
         self.keep = (threshold, bias, epilogue, *keys)
-        self.y_shape = (b, weight.shape[0], *out)
+        n = weight.shape[0]
+        self.y_shape = (b, n, *out)
+        self.y_strides = (n * out[0] * out[1], 1, out[1] * n, n)  # channels-last
+        self.run = _lib().lb_binary_conv2d  # type: ignore[union-attr]
         self.dims = (ctypes.c_int64 * 14)(b, c, h, w, *geometry, *out)
         self.epilogue = _epilogue_struct(epilogue)
         self.args = (  # the C arguments after x
@@ -331,9 +334,10 @@ class _ConvCall:
         self.isa = native.ISAS.index(weight.isa)
 
     def __call__(self, x: torch.Tensor, threads: int | None) -> torch.Tensor:
-        y = torch.empty(self.y_shape, dtype=torch.float32, memory_format=torch.channels_last)
+        # (empty_strided: 2 us less than empty(..., memory_format=channels_last) at batch 1)
+        y = torch.empty_strided(self.y_shape, self.y_strides, dtype=torch.float32)
         if y.numel():
-            rc = _lib().lb_binary_conv2d(  # type: ignore[union-attr]
+            rc = self.run(
                 self.isa,
                 x.data_ptr(),
                 *self.args,
@@ -395,11 +399,28 @@ def conv2d(
     -> (B, N_out, H', W'), channels-last on the native paths (the next layer reads it in place),
     ``weight`` prepared with ``conv=(C_in, kernel_size)``, threshold None or (C_in,), then
     ``epilogue`` (a residual needs H' = H and W' = W)."""
-    geometry = (*kernel_size, *stride, *padding, *dilation)
-    key = (x.shape, x.dtype, x.device, geometry, *_identity(threshold), *_identity(bias))
-    key += (id(epilogue),)
-    call = weight.calls.get(key)
+    key = (x.shape, x.dtype, x.device, kernel_size, stride, padding, dilation)
+    key += (*_identity(threshold), *_identity(bias), id(epilogue))
+    try:
+        call = weight.calls.get(key)
+    except TypeError:  # lists in the geometry (unhashable): the same call with tuples
+        kernel_size, stride, padding, dilation = map(
+            tuple, (kernel_size, stride, padding, dilation)
+        )
+        return conv2d(
+            x,
+            weight,
+            bias,
+            threshold,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            epilogue=epilogue,
+            threads=threads,
+        )
     if call is None:
+        geometry = (*kernel_size, *stride, *padding, *dilation)
         t = _threshold(threshold, x.shape[1])
         _check_epilogue(epilogue, weight.shape[0], x.shape[1])
         out = tuple(max(0, _out_size(x.shape[2 + i], *geometry[i::2])) for i in (0, 1))
@@ -437,11 +458,18 @@ def conv2d(
     return call(x, threads)
 
 
-def maxpool2x2_channels_last(x: torch.Tensor, isa: str | None = None) -> torch.Tensor | None:
+def maxpool2x2_channels_last(
+    x: torch.Tensor,
+    isa: str | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """2x2 max-pooling with stride 2 (odd sizes floored) of an NCHW-contiguous float32 CPU
     image, written channels-last for the next binary convolution: (B, C, H, W) -> (B, C, H // 2,
-    W // 2), the values of ``torch.maximum`` over the four pixels (exact, so the default is the
-    best path whatever ``LOWBIT_KERNELS`` asks: reading it costs 1.6 us a call). None where the
+    W // 2), the values of ``torch.maximum`` over the four pixels. With ``scale`` and ``shift``
+    (contiguous float32 (C,), a folded BatchNorm) each pixel is first mapped to ``x * scale[c]
+    + shift[c]`` (two float32 roundings, as torch's mul then add). Exact, so the default is the
+    best path whatever ``LOWBIT_KERNELS`` asks (reading it costs 1.6 us a call). None where the
     native library is missing, ``isa`` is "reference" or x is of another kind (the caller pools
     in torch)."""
     lib = _lib()
@@ -451,8 +479,13 @@ def maxpool2x2_channels_last(x: torch.Tensor, isa: str | None = None) -> torch.T
     if isa == "reference":
         return None
     b, c, h, w = x.shape
-    y = torch.empty((b, c, h // 2, w // 2), memory_format=torch.channels_last)
+    if scale is not None and (scale.numel() != c or shift is None or shift.numel() != c):
+        raise ValueError(f"scale and shift must have {c} values, one per channel")
+    ho, wo = h // 2, w // 2
+    y = torch.empty_strided((b, c, ho, wo), (c * ho * wo, 1, wo * c, c))  # channels-last
     if y.numel():
         isa_id = native.ISAS.index(isa)
-        lib.lb_binary_maxpool2x2_nhwc(isa_id, x.data_ptr(), b, c, h, w, y.data_ptr())
+        lib.lb_binary_maxpool2x2_nhwc(
+            isa_id, x.data_ptr(), b, c, h, w, _ptr(scale), _ptr(shift), y.data_ptr()
+        )
     return y

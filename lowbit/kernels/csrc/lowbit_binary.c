@@ -83,7 +83,7 @@ typedef void (*chunk_fn)(const void *ctx, int64_t chunk);
 /* lowbit_kernels.c: fn(ctx, i) for i < nchunks on torch's OpenMP team (or the calling thread) */
 void parallel_for(chunk_fn fn, const void *ctx, int64_t nchunks, int nthreads);
 
-LB_EXPORT int lb_binary_version(void) { return 4; }
+LB_EXPORT int lb_binary_version(void) { return 5; }
 
 /* The block epilogue of the header; the Python side mirrors this layout (ctypes.Structure). */
 typedef struct {
@@ -489,7 +489,7 @@ TAVX2 static void nib_run(const uint8_t *x0, const uint8_t *x1, const int64_t *t
  * r % 8]. The byte counters are widened after each run of at most NIB_VECTORS vectors: whole
  * taps while a tap has that few (C <= 448), else pieces of a tap. */
 TAVX2 static void nib_pair(const uint8_t *wn, int64_t tile_bytes, const uint8_t *tab,
-                           const int64_t *toff, word_map m, int64_t *pop, int64_t stride) {
+                           const int64_t *toff, word_map m, int32_t *pop, int64_t stride) {
     const __m256i zero = _mm256_setzero_si256();
     __m256i acc[2 * NIB_TILES], lo[2 * NIB_TILES], hi[2 * NIB_TILES]; /* [i * NIB_TILES + g] */
     for (int g = 0; g < 2 * NIB_TILES; g++) acc[g] = lo[g] = hi[g] = zero;
@@ -515,11 +515,9 @@ TAVX2 static void nib_pair(const uint8_t *wn, int64_t tile_bytes, const uint8_t 
             const __m256i l = lo[i * NIB_TILES + g], h = hi[i * NIB_TILES + g];
             const __m128i r0 = _mm_add_epi16(_mm256_castsi256_si128(l), _mm256_extracti128_si256(l, 1));
             const __m128i r1 = _mm_add_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-            int64_t *p0 = pop + 2 * g * stride + i * BROWS, *p1 = p0 + stride;
-            _mm256_storeu_si256((__m256i *)p0, _mm256_cvtepu16_epi64(r0));
-            _mm256_storeu_si256((__m256i *)(p0 + 4), _mm256_cvtepu16_epi64(_mm_srli_si128(r0, 8)));
-            _mm256_storeu_si256((__m256i *)p1, _mm256_cvtepu16_epi64(r1));
-            _mm256_storeu_si256((__m256i *)(p1 + 4), _mm256_cvtepu16_epi64(_mm_srli_si128(r1, 8)));
+            int32_t *p0 = pop + 2 * g * stride + i * BROWS;
+            _mm256_storeu_si256((__m256i *)p0, _mm256_cvtepu16_epi32(r0));
+            _mm256_storeu_si256((__m256i *)(p0 + stride), _mm256_cvtepu16_epi32(r1));
         }
 }
 
@@ -632,27 +630,31 @@ TPOP static void finish_512(const bgemm_job *j, const int64_t *pop, int64_t t0, 
     }
 }
 
-/* finish_512 on AVX2: the same float32 operations, with the counts narrowed to int32 first
- * (exact: |K - 2 pop| <= K < 2^31, checked by the caller) so cvtepi32_ps converts them as the
- * scalar (float) cast does; rows past `rows` are masked off */
-TAVX2 static void finish_256(const bgemm_job *j, const int64_t *pop, int64_t t0, int nt, int64_t b,
-                             int rows) {
+/* finish_512 on AVX2: the same float32 operations, with the counts as int32 (exact: |K - 2 pop|
+ * <= K < 2^31, checked by the caller) so cvtepi32_ps converts them as the scalar (float) cast
+ * does; rows past `rows` are masked off. `narrow`: pop holds int32 counts (the nibble path), else
+ * int64 ones narrowed here. The job's options are copied to locals first: read through j in the
+ * loop they are reloaded after every store to y (measured: 12 us of a 110 us convolution). */
+LB_INLINE TAVX2 void finish_256_body(const bgemm_job *j, const void *pop, int64_t t0, int nt,
+                                     int64_t b, int rows, const int narrow) {
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256 livef = _mm256_castsi256_ps(live);
-    const int64_t col = b * BROWS;
+    const int64_t col = b * BROWS, n = j->n, res_row = j->res_row;
     const lb_binary_epilogue *e = j->ep;
+    const float *res = j->res;
+    const int has_bias = j->bias != NULL, has_prelu = e && e->pbias;
     const __m256 zero = _mm256_setzero_ps();
     const __m256 alpha = j->per_channel ? _mm256_maskload_ps(j->alpha + col, live)
                                         : _mm256_set1_ps(j->alpha[0]);
-    const __m256 bias = j->bias ? _mm256_maskload_ps(j->bias + col, live) : zero;
+    const __m256 bias = has_bias ? _mm256_maskload_ps(j->bias + col, live) : zero;
     __m256 scale = zero, shift = zero, pbias = zero, pslope = zero, pshift = zero;
     int32_t res_idx[BROWS] = {0};
     const int64_t res_col = e ? residual_columns(j, col, rows, res_idx) : -1;
     if (e) {
         scale = _mm256_maskload_ps(e->scale + col, live);
         shift = _mm256_maskload_ps(e->shift + col, live);
-        if (e->pbias) {
+        if (has_prelu) {
             pbias = _mm256_maskload_ps(e->pbias + col, live);
             pslope = _mm256_maskload_ps(e->pslope + col, live);
             pshift = _mm256_maskload_ps(e->pshift + col, live);
@@ -660,33 +662,49 @@ TAVX2 static void finish_256(const bgemm_job *j, const int64_t *pop, int64_t t0,
     }
     const __m256i idx = _mm256_loadu_si256((const __m256i *)res_idx);
     const __m256i low_dwords = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7), k = _mm256_set1_epi32((int32_t)j->k);
-    for (int i = 0; i < nt; i++) {
-        const __m256i p0 = _mm256_permutevar8x32_epi32(
-            _mm256_loadu_si256((const __m256i *)(pop + i * BROWS)), low_dwords);
-        const __m256i p1 = _mm256_permutevar8x32_epi32(
-            _mm256_loadu_si256((const __m256i *)(pop + i * BROWS + 4)), low_dwords);
-        const __m256i dot = _mm256_sub_epi32(k, _mm256_slli_epi32(_mm256_permute2x128_si256(p0, p1, 0x20), 1));
+    float *out = j->y + t0 * n + col;
+    for (int i = 0; i < nt; i++, out += n) {
+        __m256i count;
+        if (narrow) {
+            count = _mm256_loadu_si256((const __m256i *)((const int32_t *)pop + i * BROWS));
+        } else {
+            const int64_t *p = (const int64_t *)pop + i * BROWS;
+            const __m256i p0 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)p), low_dwords);
+            const __m256i p1 = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i *)(p + 4)), low_dwords);
+            count = _mm256_permute2x128_si256(p0, p1, 0x20);
+        }
+        const __m256i dot = _mm256_sub_epi32(k, _mm256_slli_epi32(count, 1));
         __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), alpha);
-        if (j->bias) v = _mm256_add_ps(v, bias);
+        if (has_bias) v = _mm256_add_ps(v, bias);
         if (e) {
             v = _mm256_mul_ps(v, scale);
             v = _mm256_add_ps(v, shift);
-            if (j->res) {
-                const float *row = j->res + (t0 + i) * j->res_row;
+            if (res) {
+                const float *row = res + (t0 + i) * res_row;
                 const __m256 r = res_col >= 0 ? _mm256_maskload_ps(row + res_col, live)
                                               : _mm256_mask_i32gather_ps(zero, row, idx, livef, 4);
                 v = _mm256_add_ps(v, r);
             }
-            if (e->pbias) {
+            if (has_prelu) {
                 const __m256 u = _mm256_add_ps(v, pbias);
                 const __m256 ge = _mm256_cmp_ps(u, zero, _CMP_GE_OQ);
                 v = _mm256_add_ps(_mm256_blendv_ps(_mm256_mul_ps(u, pslope), u, ge), pshift);
             }
         }
-        float *out = j->y + (t0 + i) * j->n + col;
         if (rows == BROWS) _mm256_storeu_ps(out, v); /* a masked store is microcoded on AMD */
         else _mm256_maskstore_ps(out, live, v);
     }
+}
+
+TAVX2 static void finish_256(const bgemm_job *j, const int64_t *pop, int64_t t0, int nt, int64_t b,
+                             int rows) {
+    finish_256_body(j, pop, t0, nt, b, rows, 0);
+}
+
+/* the nibble path's finish: pop[i * 8 + r] int32 */
+TAVX2 static void finish_256_narrow(const bgemm_job *j, const int32_t *pop, int64_t t0, int nt,
+                                    int64_t b, int rows) {
+    finish_256_body(j, pop, t0, nt, b, rows, 1);
 }
 
 /* the finish step of the job's path (the scalar one where K does not fit the int32 lanes) */
@@ -722,21 +740,26 @@ static void bgemm_chunk(const void *ctx, int64_t chunk) {
     const int step = j->isa == ISA_AVX512 ? NT512 : j->isa == ISA_AVX2 ? NT256 : 1;
     const int64_t kw = j->map.taps * j->map.cw;
     /* block b + bi, token t0 + i: pop + (bi * TOKENS + i) * 8 */
-    int64_t pop[2 * NIB_TILES * TOKENS * BROWS];
     if (j->nib) { /* passes of up to NIB_TILES tiles (b0 is even: tiles are pairs of blocks) */
+        int32_t counts[2 * NIB_TILES * TOKENS * BROWS]; /* block bi, token t0 + i: (bi * TOKENS + i) * 8 */
         for (int64_t b = b0; b < b1; b += 2 * NIB_TILES) {
             const int64_t nbl = b1 - b < 2 * NIB_TILES ? b1 - b : 2 * NIB_TILES;
             const uint8_t *wn = j->nib + (b / 2) * kw * NIB_WORD;
             for (int64_t t = t0; t < t1; t += 2) { /* a lone last token goes twice: its twin's
-                                                      * counts land in a free slot of pop */
+                                                      * counts land in a free slot */
                 const int64_t toff[2] = {j->toff[t], j->toff[t + 1 < t1 ? t + 1 : t]};
-                nib_pair(wn, kw * NIB_WORD, j->tables, toff, j->map, pop + (t - t0) * BROWS,
+                nib_pair(wn, kw * NIB_WORD, j->tables, toff, j->map, counts + (t - t0) * BROWS,
                          TOKENS * BROWS);
             }
-            finish_blocks(j, pop, t0, t1, b, nbl);
+            for (int64_t bi = 0; bi < nbl; bi++) {
+                const int64_t bb = b + bi;
+                const int rows = (int)(j->n - bb * BROWS < BROWS ? j->n - bb * BROWS : BROWS);
+                finish_256_narrow(j, counts + bi * TOKENS * BROWS, t0, (int)(t1 - t0), bb, rows);
+            }
         }
         return;
     }
+    int64_t pop[2 * NIB_TILES * TOKENS * BROWS];
     const uint64_t *a[NT512];
     const int64_t bstep = pair_blocks(j) ? 2 : 1;
     for (int64_t b = b0; b < b1; b += bstep) {
@@ -822,12 +845,18 @@ done:
     return rc;
 }
 
-/* 2x2 max-pooling, stride 2, odd sizes floored: x (B, C, H, W) float32 NCHW -> y (B, H/2, W/2, C)
- * NHWC, the layout the convolutions read: y = max(max(x00, x10), max(x01, x11)) (x10 the pixel
- * below x00, x01 the one to its right), NaN propagated, the order torch.maximum takes them in
- * lowbit.bnn.MaxPool2x2. Max is exact: the values are torch's. One channel plane at a time, its
- * rows read once; AVX2 pools 8 outputs of a row at once (eight planes at a time, for 32-byte
- * writes, measured slower). */
+/* 2x2 max-pooling, stride 2, odd sizes floored, after an optional per-channel affine map:
+ * x (B, C, H, W) float32 NCHW -> y (B, H/2, W/2, C) NHWC, the layout the convolutions read:
+ *
+ *     a = x * scale[c] + shift[c]          (two float32 roundings; scale NULL: a = x)
+ *     y = max(max(a00, a10), max(a01, a11))
+ *
+ * (a10 the pixel below a00, a01 the one to its right), NaN propagated, the operations and order
+ * of lowbit.bnn (a folded BatchNorm then torch.maximum), so the values are torch's. AVX2, C a
+ * multiple of 8 and W/2 >= 8: eight planes at a time, 8 outputs of a row each, transposed so
+ * that each pixel's 8 channels are one 32-byte store (the last 8 of a row overlap the previous
+ * ones when W/2 is not a multiple of 8: the same values written twice); otherwise one value at a
+ * time. 64x28x28 on a Zen 2: 16.8 us one plane at a time with 4-byte stores, 4 us this way. */
 
 /* torch.maximum's float max: NaN if either is, else the larger (b when equal); branch-free (a
  * comparison of random values mispredicts half the time) */
@@ -836,42 +865,98 @@ static inline float max_nan(float a, float b) {
     return _mm_cvtss_f32(_mm_or_ps(_mm_max_ss(va, vb), _mm_cmpunord_ss(va, va)));
 }
 
-/* outputs ox0 .. wo - 1 of the row pair r0, r1, output ox to out[ox * c] */
-static void pool_row(const float *r0, const float *r1, int64_t ox0, int64_t wo, float *out,
-                     int64_t c) {
-    for (int64_t ox = ox0; ox < wo; ox++)
-        out[ox * c] = max_nan(max_nan(r0[2 * ox], r1[2 * ox]), max_nan(r0[2 * ox + 1], r1[2 * ox + 1]));
+static inline float affine(float v, const float *scale, const float *shift, int64_t c) {
+    if (!scale) return v;
+    v = v * scale[c];
+    return v + shift[c];
+}
+
+/* channel ch of image bi, output row oy, one value at a time */
+static void pool_plane_row(const float *x, int64_t c, int64_t h, int64_t w, int64_t bi,
+                           int64_t ch, int64_t oy, const float *scale, const float *shift,
+                           float *y) {
+    const int64_t wo = w / 2;
+    const float *r0 = x + ((bi * c + ch) * h + 2 * oy) * w, *r1 = r0 + w;
+    float *out = y + ((bi * (h / 2) + oy) * wo) * c + ch;
+    for (int64_t ox = 0; ox < wo; ox++) {
+        const float a00 = affine(r0[2 * ox], scale, shift, ch), a10 = affine(r1[2 * ox], scale, shift, ch);
+        const float a01 = affine(r0[2 * ox + 1], scale, shift, ch);
+        const float a11 = affine(r1[2 * ox + 1], scale, shift, ch);
+        out[ox * c] = max_nan(max_nan(a00, a10), max_nan(a01, a11));
+    }
 }
 
 LB_INLINE TAVX2 __m256 max_nan_256(__m256 a, __m256 b) {
     return _mm256_or_ps(_mm256_max_ps(a, b), _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
 }
 
-TAVX2 static void pool_row_256(const float *r0, const float *r1, int64_t wo, float *out, int64_t c) {
-    int64_t ox = 0;
-    for (; ox + 8 <= wo; ox += 8) { /* input columns 2 ox .. 2 ox + 15 */
-        const __m256 v0 = max_nan_256(_mm256_loadu_ps(r0 + 2 * ox), _mm256_loadu_ps(r1 + 2 * ox));
-        const __m256 v1 = max_nan_256(_mm256_loadu_ps(r0 + 2 * ox + 8), _mm256_loadu_ps(r1 + 2 * ox + 8));
-        /* even and odd columns, per 128-bit lane: outputs [0 1 4 5 | 2 3 6 7], then in order */
-        const __m256 m = max_nan_256(_mm256_shuffle_ps(v0, v1, 0x88), _mm256_shuffle_ps(v0, v1, 0xDD));
-        float o[8];
-        _mm256_storeu_ps(o, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), 0xD8)));
-        for (int k = 0; k < 8; k++) out[(ox + k) * c] = o[k];
+/* outputs ox .. ox + 7 of one plane's row pair r0, r1 (input columns 2 ox .. 2 ox + 15) */
+LB_INLINE TAVX2 __m256 pool8(const float *r0, const float *r1, __m256 s, __m256 t, int affine_on) {
+    __m256 a = _mm256_loadu_ps(r0), b = _mm256_loadu_ps(r0 + 8);
+    __m256 c = _mm256_loadu_ps(r1), d = _mm256_loadu_ps(r1 + 8);
+    if (affine_on) {
+        a = _mm256_add_ps(_mm256_mul_ps(a, s), t), b = _mm256_add_ps(_mm256_mul_ps(b, s), t);
+        c = _mm256_add_ps(_mm256_mul_ps(c, s), t), d = _mm256_add_ps(_mm256_mul_ps(d, s), t);
     }
-    pool_row(r0, r1, ox, wo, out, c);
+    const __m256 v0 = max_nan_256(a, c), v1 = max_nan_256(b, d); /* max(a00, a10), max(a01, a11) */
+    /* even and odd columns, per 128-bit lane: outputs [0 1 4 5 | 2 3 6 7], then in order */
+    const __m256 m = max_nan_256(_mm256_shuffle_ps(v0, v1, 0x88), _mm256_shuffle_ps(v0, v1, 0xDD));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), 0xD8));
+}
+
+/* m[p] = 8 values of channel p -> m[k] = the 8 channels of value k */
+LB_INLINE TAVX2 void transpose8(__m256 *m) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(m[2 * i], m[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(m[2 * i], m[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        m[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        m[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* channels ch .. ch + 7 of image bi, every output pixel (wo >= 8) */
+TAVX2 static void pool_planes8(const float *x, int64_t c, int64_t h, int64_t w, int64_t bi,
+                               int64_t ch, const float *scale, const float *shift, float *y) {
+    const int64_t ho = h / 2, wo = w / 2;
+    __m256 s[8], t[8];
+    for (int p = 0; p < 8; p++) {
+        s[p] = _mm256_set1_ps(scale ? scale[ch + p] : 1.0f);
+        t[p] = _mm256_set1_ps(scale ? shift[ch + p] : 0.0f);
+    }
+    const float *plane = x + (bi * c + ch) * h * w;
+    for (int64_t oy = 0; oy < ho; oy++) {
+        float *out = y + ((bi * ho + oy) * wo) * c + ch;
+        for (int64_t ox = 0; ox < wo; ox += 8) {
+            if (ox + 8 > wo) ox = wo - 8; /* the last 8, overlapping */
+            __m256 m[8];
+            for (int p = 0; p < 8; p++) {
+                const float *r0 = plane + p * h * w + 2 * oy * w + 2 * ox;
+                m[p] = scale ? pool8(r0, r0 + w, s[p], t[p], 1) : pool8(r0, r0 + w, s[p], t[p], 0);
+            }
+            transpose8(m);
+            for (int k = 0; k < 8; k++) _mm256_storeu_ps(out + (ox + k) * c, m[k]);
+        }
+    }
 }
 
 LB_EXPORT void lb_binary_maxpool2x2_nhwc(int isa, const float *x, int64_t b, int64_t c, int64_t h,
-                                         int64_t w, float *y) {
-    const int64_t ho = h / 2, wo = w / 2, avx2 = isa != ISA_PORTABLE;
-    for (int64_t p = 0; p < b * c; p++) {
-        const float *plane = x + p * h * w;
-        float *out = y + (p / c) * ho * wo * c + p % c;
-        for (int64_t oy = 0; oy < ho; oy++) {
-            const float *r0 = plane + 2 * oy * w;
-            if (avx2) pool_row_256(r0, r0 + w, wo, out + oy * wo * c, c);
-            else pool_row(r0, r0 + w, 0, wo, out + oy * wo * c, c);
-        }
+                                         int64_t w, const float *scale, const float *shift,
+                                         float *y) {
+    const int64_t ho = h / 2, wo = w / 2;
+    const int64_t vector = isa != ISA_PORTABLE && wo >= 8 ? c / 8 * 8 : 0; /* channels by 8 */
+    for (int64_t bi = 0; bi < b; bi++) {
+        for (int64_t ch = 0; ch < vector; ch += 8) pool_planes8(x, c, h, w, bi, ch, scale, shift, y);
+        for (int64_t ch = vector; ch < c; ch++)
+            for (int64_t oy = 0; oy < ho; oy++) pool_plane_row(x, c, h, w, bi, ch, oy, scale, shift, y);
     }
 }
 
