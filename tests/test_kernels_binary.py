@@ -356,6 +356,8 @@ def test_native_pooling_after_a_folded_batchnorm_equals_torch() -> None:
             assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), (isa, shape)
     with pytest.raises(ValueError, match="one per channel"):
         binary.maxpool2x2_channels_last(torch.randn(1, 3, 4, 4), scale=torch.ones(2), shift=None)
+    wide = torch.ones(3, dtype=torch.float64)  # not what the kernel reads: the caller pools
+    assert binary.maxpool2x2_channels_last(torch.randn(1, 3, 4, 4), scale=wide, shift=wide) is None
 
 
 @needs_native

@@ -458,6 +458,10 @@ def conv2d(
     return call(x, threads)
 
 
+def _f32_vector(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
 def maxpool2x2_channels_last(
     x: torch.Tensor,
     isa: str | None = None,
@@ -470,8 +474,8 @@ def maxpool2x2_channels_last(
     (contiguous float32 (C,), a folded BatchNorm) each pixel is first mapped to ``x * scale[c]
     + shift[c]`` (two float32 roundings, as torch's mul then add). Exact, so the default is the
     best path whatever ``LOWBIT_KERNELS`` asks (reading it costs 1.6 us a call). None where the
-    native library is missing, ``isa`` is "reference" or x is of another kind (the caller pools
-    in torch)."""
+    native library is missing, ``isa`` is "reference" or x, scale or shift is of another kind (the
+    caller pools in torch)."""
     lib = _lib()
     if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
         return None
@@ -479,8 +483,11 @@ def maxpool2x2_channels_last(
     if isa == "reference":
         return None
     b, c, h, w = x.shape
-    if scale is not None and (scale.numel() != c or shift is None or shift.numel() != c):
-        raise ValueError(f"scale and shift must have {c} values, one per channel")
+    if scale is not None:
+        if scale.numel() != c or shift is None or shift.numel() != c:
+            raise ValueError(f"scale and shift must have {c} values, one per channel")
+        if not all(_f32_vector(t) for t in (scale, shift)):
+            return None
     ho, wo = h // 2, w // 2
     y = torch.empty_strided((b, c, ho, wo), (c * ho * wo, 1, wo * c, c))  # channels-last
     if y.numel():
