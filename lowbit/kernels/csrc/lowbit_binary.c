@@ -444,6 +444,20 @@ TAVX2 static void nib_tables(const uint64_t *words, int64_t count, uint8_t *out)
     }
 }
 
+/* nib_tables over bands of `per` words, one band a chunk */
+typedef struct {
+    const uint64_t *words;
+    int64_t count;
+    uint8_t *out;
+    int64_t per;
+} tables_job;
+
+static void tables_chunk(const void *ctx, int64_t chunk) {
+    const tables_job *t = ctx;
+    const int64_t i0 = chunk * t->per, n = t->count - i0 < t->per ? t->count - i0 : t->per;
+    nib_tables(t->words + i0, n, t->out + i0 * NIB_WORD);
+}
+
 /* byte counters -> 16-bit counters: lo[g] holds rows 0..7 (lane 0: lo nibbles, lane 1: hi),
  * hi[g] rows 8..15 */
 LB_INLINE TAVX2 void nib_widen(__m256i *acc, __m256i *lo, __m256i *hi, const int ng) {
@@ -1001,7 +1015,11 @@ LB_EXPORT int lb_binary_conv2d(int isa, const float *x, const int64_t *d, const 
     if (nib && isa == ISA_AVX2 && KH * KW * cw <= NIB_MAX_KW && words <= NIB_MAX_WORDS) {
         tables = xalloc((size_t)(words * NIB_WORD));
         if (!tables) goto done;
-        nib_tables(img, words, tables);
+        /* in bands on the team: built by one thread, the other core first had to take the freed
+         * buffer's lines back (two threads on a Zen 2: 86 -> 79 us for 128->128 at 16x16) */
+        const int64_t bands = 2 * (int64_t)(nthreads > 0 ? nthreads : 1);
+        tables_job tj = {img, words, tables, (words + bands - 1) / bands};
+        parallel_for(tables_chunk, &tj, (words + tj.per - 1) / tj.per, nthreads);
         j.nib = nib, j.tables = tables;
     }
     run_bgemm(&j, nthreads);
