@@ -57,7 +57,7 @@ from torch import nn
 
 from lowbit import quantizers
 from lowbit.epilogue import BlockEpilogue
-from lowbit.kernels import binary
+from lowbit.kernels import binary, eager
 from lowbit.nn import QuantConv2d, QuantLinear
 
 T = TypeVar("T")
@@ -188,11 +188,11 @@ def max_pool2x2(
     """``MaxPool2x2``'s eval-mode pooling of x (B, C, H, W), after ``x * scale[c] + shift[c]``
     (a folded BatchNorm, two float32 roundings) when scale and shift (C,) are given: the native
     kernel where it applies, else the same values in torch; channels-last where nothing needs a
-    gradient."""
+    gradient. Under a tracer (``lowbit.kernels.eager``) it pools in torch, which tracers see."""
     differentiable = torch.is_grad_enabled() and (
         x.requires_grad or (scale is not None and scale.requires_grad)
     )
-    if not differentiable:
+    if not differentiable and eager(x):
         y = binary.maxpool2x2_channels_last(x, scale=scale, shift=shift)
         if y is not None:
             return y

@@ -42,7 +42,7 @@ from torch import nn
 
 from lowbit import kernels
 from lowbit.epilogue import BlockEpilogue, binary_epilogue
-from lowbit.kernels import binary, reference
+from lowbit.kernels import binary, eager, reference
 from lowbit.nn import QuantConv2d, QuantLinear, replace_modules
 from lowbit.quantizers import (
     GRANULARITIES,
@@ -81,14 +81,6 @@ def _default_activations(source: nn.Module | None) -> str:
     if isinstance(source, (QuantLinear, QuantConv2d)) and source.is_binary():
         return "binary"
     return "int8" if isinstance(getattr(source, "input_quantizer", None), AbsMax8) else "fp32"
-
-
-def _eager(x: torch.Tensor) -> bool:
-    """Whether to call the kernels directly: a plain tensor outside any tracer (torch.compile,
-    torch.export and jit.trace see the ``torch.ops.lowbit`` op instead; fake tensors too)."""
-    return (
-        type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-    )
 
 
 def _check_epilogue_use(layer: PackedLayer, epilogue: BlockEpilogue | None) -> None:
@@ -313,7 +305,7 @@ class PackedLinear(PackedLayer):
         t = x if self._plain_input else self._transform(x)
         _check_epilogue_use(self, epilogue)
         if self._activations == "binary":
-            if _eager(t):
+            if eager(t):
                 y = binary.linear(t, self.prepared(), self.bias, self.threshold, epilogue=epilogue)
             else:
                 y = torch.ops.lowbit.binary_linear(
@@ -321,7 +313,7 @@ class PackedLinear(PackedLayer):
                 )
                 if epilogue is not None:
                     y = binary_epilogue(y, t, epilogue, -1)
-        elif _eager(t):
+        elif eager(t):
             bias = self._parameters.get("bias")  # (a None bias is a plain attribute)
             y = kernels.linear(t, self.prepared(), bias, self._activations)
         else:
@@ -403,7 +395,7 @@ class PackedConv2d(PackedLayer):
         t = x if self._plain_input else self._transform(x)
         _check_epilogue_use(self, epilogue)
         if self._activations == "binary":
-            if _eager(t):
+            if eager(t):
                 y = binary.conv2d(
                     t,
                     self.prepared(),
@@ -421,7 +413,7 @@ class PackedConv2d(PackedLayer):
                 )
                 if epilogue is not None:
                     y = binary_epilogue(y, t, epilogue, 1)
-        elif _eager(t):
+        elif eager(t):
             y = kernels.conv2d(
                 t,
                 self.prepared(),

@@ -256,3 +256,22 @@ def test_maxpool2x2_gives_max_pool2d_values_in_every_layout() -> None:
     x = torch.randn(1, 2, 4, 4, requires_grad=True)
     pool(x).sum().backward()
     assert x.grad.sum().item() == 8  # one input per window takes the gradient, as max_pool2d
+
+
+def test_binary_cnn_traces_to_the_same_function() -> None:
+    """jit.trace of the eval-mode binary CNN, trained and packed: the native pooling is a ctypes
+    call a tracer cannot see (it recorded an empty tensor), so under a tracer it pools in torch."""
+    import copy
+    import warnings
+
+    from lowbit.packed import convert_
+
+    torch.manual_seed(6)
+    net = models.get("binary_cnn", layer="reactnet", width=8).eval()
+    x, other = torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)
+    for model in (net, convert_(copy.deepcopy(net)).eval()):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jit.trace's deprecation
+            traced = torch.jit.trace(model, (x,), check_trace=False)
+            assert torch.equal(traced(x), model(x))
+            assert torch.equal(traced(other), model(other))

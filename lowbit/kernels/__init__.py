@@ -130,6 +130,15 @@ class PreparedWeight:
         return f"PreparedWeight({n}x{k}, levels={self.levels}, backend={self.backend})"
 
 
+def eager(x: torch.Tensor) -> bool:
+    """Whether to call the kernels directly: a plain tensor outside any tracer (torch.compile,
+    torch.export and jit.trace see the ``torch.ops.lowbit`` ops instead, fake tensors too; a
+    ctypes call would be invisible to them, its output a constant)."""
+    return (
+        type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+    )
+
+
 def _requested() -> str:
     choice = os.environ.get("LOWBIT_KERNELS", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
