@@ -56,6 +56,27 @@ def test_int8_equals_reference_exactly(isa: str, levels: int) -> None:
 
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("levels", [2, 3, 4, 5, 16, 17])
+def test_int8_at_the_int16_bounds(isa: str, levels: int) -> None:
+    """Every code at its largest and every activation at +-127, the products' and the AVX2 GEMV's
+    int16 group sums at their bounds (see dots_256), over K with whole groups and a tail, at
+    batch 1 (the GEMV) and 5."""
+    k, n = 2 * 1024 + 77, 12
+    codes = torch.full((n, k), levels - 1, dtype=torch.uint8)
+    codes[1::2, ::3] = 0  # alternating rows with some codes at the bottom level too
+    scale = torch.tensor(0.01)
+    w = kernels.prepare(codes, scale, levels, isa=isa)
+    for m in (1, 5):
+        for sign in (1.0, -1.0):
+            x = torch.full((m, k), sign)
+            x[:, ::5] = -sign  # |x| the same everywhere: every value quantizes to +-127
+            want = reference.linear(x, codes, scale, levels, None, "int8")
+            got = kernels.linear(x, w, None, "int8", threads=1)
+            assert torch.equal(got, want), (isa, levels, m, sign, (got - want).abs().max())
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("levels", LEVELS)
 def test_fp32_matches_reference(isa: str, levels: int) -> None:
     for i, (m, n, k) in enumerate(SHAPES):
