@@ -42,8 +42,8 @@
  * The codes are unsigned, so they are vpdpbusd's u8 operand and the signed activations its s8
  * operand; the "offset" (N-1)/2 that makes the levels signed is applied once per output through
  * the token sum of q (the second line), not per multiply. No product can saturate: |c * q| <=
- * 15 * 127 and the AVX2 path's pairwise int16 sums stay below 2 * 15 * 127 = 3810 (its int16 sums
- * over a group, in the GEMV, below 15,240: see dots_256).
+ * 15 * 127 and the AVX2 path's int16 sums stay below 2 * 15 * 127 = 3810 a pair and 15,240 a group
+ * (see dots_256).
  *
  * fp32 activations: y[t,n] = s[n] * sum_k x[t,k] * (c[n,k] - (N-1)/2) + b[n], float32 sums:
  * on AVX-512 and portable machines by lookup tables on a layout of their own (see "fp32
@@ -466,18 +466,16 @@ typedef void (*dots_fn)(const uint8_t *, const int8_t *const *, const int64_t *,
 /* int8 x packed dot products, AVX2 (no VNNI): vpmaddubsw u8 x s8 -> s16 pairs, vpmaddwd -> s32 */
 /* ---------------------------------------------------------------------------------------- */
 
-/* The AVX-512 kernel's algorithm on 32-byte halves of each 64-byte group. Pairwise int16 sums
- * cannot saturate: 2 * 15 * 127 < 32767. With few accumulators (R * T <= 4: the GEMV) the pairs
- * are summed in int16 over a whole group before one vpmaddwd widens them into int32, one vector
- * operation in five fewer. A group adds 2 * sub = 16 / bits pair sums to a lane, each at most
- * 2 * (2^bits - 1) * 127 in magnitude (codes < 2^bits, |x| <= 127): 4,064 (bits 1), 6,096 (2)
- * or 15,240 (4), below 32767. Ternary 4096x4096 batch 1 on a Zen 2: 377 -> 294 us with the
- * weights in cache, 828 -> 602 us evicted. */
+/* The AVX-512 kernel's algorithm on 32-byte halves of each 64-byte group, for R rows x T tokens
+ * with R * T <= 4 (8 + 8 accumulators at most: the 16 ymm registers). vpmaddubsw's pair sums
+ * cannot saturate (2 * 15 * 127 < 32767), and they are summed in int16 over a whole group before
+ * one vpmaddwd widens them into int32, one vector operation in five fewer than widening each. A
+ * group adds 2 * sub = 16 / bits pair sums to a lane, each at most 2 * (2^bits - 1) * 127 in
+ * magnitude (codes < 2^bits, |x| <= 127): 4,064 (bits 1), 6,096 (2) or 15,240 (4), below 32767. */
 LB_INLINE T256 void dots_256(const uint8_t *w, const int8_t *const *xt,
                              const int64_t *coff, int64_t nch, const int bits, const int R,
                              const int T, int32_t *out) {
     __m256i acc[4][4], acc16[4][4];
-    const int narrow = R * T <= 4;
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
@@ -486,15 +484,6 @@ LB_INLINE T256 void dots_256(const uint8_t *w, const int8_t *const *xt,
     const __m256i ones16 = _mm256_set1_epi16(1);
     const int sub = 8 / bits;
     for (int64_t g = 0, c0 = 0; c0 < nch; g++, c0 += sub) {
-        if (narrow && g > 0) {
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-                for (int t = 0; t < T; t++) {
-                    acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(acc16[r][t], ones16));
-                    acc16[r][t] = _mm256_setzero_si256();
-                }
-        }
         for (int h = 0; h < 2; h++) {
             const uint8_t *wg = w + g * BLOCK_GROUP + h * 32;
             __m256i p[4];
@@ -512,20 +501,23 @@ LB_INLINE T256 void dots_256(const uint8_t *w, const int8_t *const *xt,
                     const __m256i u = _mm256_and_si256(p[r], lanemask);
                     p[r] = _mm256_srli_epi16(p[r], bits);
 #pragma GCC unroll 4
-                    for (int t = 0; t < T; t++) {
-                        const __m256i pairs = _mm256_maddubs_epi16(u, xv[t]);
-                        if (narrow) acc16[r][t] = _mm256_add_epi16(acc16[r][t], pairs);
-                        else acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(pairs, ones16));
-                    }
+                    for (int t = 0; t < T; t++)
+                        acc16[r][t] = _mm256_add_epi16(acc16[r][t], _mm256_maddubs_epi16(u, xv[t]));
                 }
             }
         }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(acc16[r][t], ones16));
+                acc16[r][t] = _mm256_setzero_si256();
+            }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < T; t++) {
-            if (narrow) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(acc16[r][t], ones16));
             const __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc[r][t]),
                                             _mm256_extracti128_si256(acc[r][t], 1));
             const __m128i v2 = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e));
@@ -533,7 +525,10 @@ LB_INLINE T256 void dots_256(const uint8_t *w, const int8_t *const *xt,
         }
 }
 
-/* Rows in blocks of 4 (8-row requests run as two). */
+/* 8 rows x 1 token as two blocks of 4 rows; 4 x 4 as four rows of 4 tokens each (the int16 sums
+ * leave no registers for 4 x 4 accumulators). Ternary 4096x4096 on a Zen 2, against widening
+ * every pair sum in 4 x 4 blocks: batch 1 377 -> 294 us (weights in cache) and 828 -> 567 us
+ * (evicted); batch 8 2866 -> 1734 and 3018 -> 2173 us. */
 #define DEF_DOTS_256(B)                                                                          \
     T256 static void dots_256_b##B(const uint8_t *w, const int8_t *const *xt,                    \
                                    const int64_t *coff, int64_t nch, int R, int T,               \
@@ -541,8 +536,9 @@ LB_INLINE T256 void dots_256(const uint8_t *w, const int8_t *const *xt,
         if (R == 8 && T == 1) {                                                                  \
             dots_256(w, xt, coff, nch, B, 4, 1, out);                                            \
             dots_256(w + 4 * 64, xt, coff, nch, B, 4, 1, out + 4);                               \
-        } else if (R == 4 && T == 4) dots_256(w, xt, coff, nch, B, 4, 4, out);                   \
-        else if (R == 1 && T == 4) dots_256(w, xt, coff, nch, B, 1, 4, out);                     \
+        } else if (R == 4 && T == 4) {                                                           \
+            for (int r = 0; r < 4; r++) dots_256(w + r * 64, xt, coff, nch, B, 1, 4, out + r);    \
+        } else if (R == 1 && T == 4) dots_256(w, xt, coff, nch, B, 1, 4, out);                   \
         else dots_256(w, xt, coff, nch, B, 1, 1, out);                                           \
     }
 DEF_DOTS_256(1)
