@@ -527,8 +527,8 @@ LB_INLINE T256 void dots_256(const uint8_t *w, const int8_t *const *xt,
 
 /* 8 rows x 1 token as two blocks of 4 rows; 4 x 4 as four rows of 4 tokens each (the int16 sums
  * leave no registers for 4 x 4 accumulators). Ternary 4096x4096 on a Zen 2, against widening
- * every pair sum in 4 x 4 blocks: batch 1 377 -> 294 us (weights in cache) and 828 -> 567 us
- * (evicted); batch 8 2866 -> 1734 and 3018 -> 2173 us. */
+ * every pair sum in 4 x 4 blocks: batch 1 377 -> 274 us (weights in cache) and 828 -> 568 us
+ * (evicted); batch 8 2866 -> 1709 and 3018 -> 2173 us. */
 #define DEF_DOTS_256(B)                                                                          \
     T256 static void dots_256_b##B(const uint8_t *w, const int8_t *const *xt,                    \
                                    const int64_t *coff, int64_t nch, int R, int T,               \
