@@ -729,13 +729,18 @@ static void finish(const bgemm_job *j, const int64_t *pop, int64_t t0, int nt, i
     else finish_scalar(j, pop, t0, nt, b, rows);
 }
 
+/* the rows of block b that exist (the last block of N % 8 != 0 outputs is short) */
+static int block_rows(const bgemm_job *j, int64_t b) {
+    return (int)(j->n - b * BROWS < BROWS ? j->n - b * BROWS : BROWS);
+}
+
 /* Blocks b .. b + nb - 1 for tokens t0 .. t1 - 1, their counts at pop + (bi * TOKENS + i) * 8:
  * one finish per block for the chunk's tokens, so its per-channel set-up is paid once. */
 static void finish_blocks(const bgemm_job *j, const int64_t *pop, int64_t t0, int64_t t1, int64_t b,
                           int64_t nb) {
     for (int64_t bi = 0; bi < nb; bi++) {
         const int64_t bb = b + bi;
-        const int rows = (int)(j->n - bb * BROWS < BROWS ? j->n - bb * BROWS : BROWS);
+        const int rows = block_rows(j, bb);
         finish(j, pop + bi * TOKENS * BROWS, t0, (int)(t1 - t0), bb, rows);
     }
 }
@@ -767,7 +772,7 @@ static void bgemm_chunk(const void *ctx, int64_t chunk) {
             }
             for (int64_t bi = 0; bi < nbl; bi++) {
                 const int64_t bb = b + bi;
-                const int rows = (int)(j->n - bb * BROWS < BROWS ? j->n - bb * BROWS : BROWS);
+                const int rows = block_rows(j, bb);
                 finish_256_narrow(j, counts + bi * TOKENS * BROWS, t0, (int)(t1 - t0), bb, rows);
             }
         }
@@ -1015,8 +1020,8 @@ LB_EXPORT int lb_binary_conv2d(int isa, const float *x, const int64_t *d, const 
     if (nib && isa == ISA_AVX2 && KH * KW * cw <= NIB_MAX_KW && words <= NIB_MAX_WORDS) {
         tables = xalloc((size_t)(words * NIB_WORD));
         if (!tables) goto done;
-        /* in bands on the team: built by one thread, the other core first had to take the freed
-         * buffer's lines back (two threads on a Zen 2: 86 -> 79 us for 128->128 at 16x16) */
+        /* in bands on the team (two threads on a Zen 2: 86 -> 79 us for 128->128 at 16x16, where
+         * the calling thread alone built them) */
         const int64_t bands = 2 * (int64_t)(nthreads > 0 ? nthreads : 1);
         tables_job tj = {img, words, tables, (words + bands - 1) / bands};
         parallel_for(tables_chunk, &tj, (words + tj.per - 1) / tj.per, nthreads);
