@@ -701,9 +701,41 @@ def _train_epoch(
     augment: Augment | None,
     progress: bool | None,
 ) -> tuple[dict[str, Any], bool]:
-    """One pass over ``(x, y)`` in a shuffled order; returns (metrics, diverged)."""
+    """One pass over ``(x, y)`` in a shuffled order; returns (metrics, diverged).
+
+    Images (B, C, H, W) train channels-last on the CPU: torch's CPU max-pooling, BatchNorm and
+    convolutions run faster on that layout (a width-16 binary CNN step at batch 256: 190 -> 140
+    ms on one Zen 2 core, another training on the second). The model's 4-D tensors go back to
+    the standard layout when the epoch ends, so evaluation, checkpoints and packing see what
+    they always did."""
     t0 = time.perf_counter()
     model.train()
+    channels_last = x.dim() == 4 and x.device.type == "cpu"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        return _train_batches(
+            model, optimizer, x, y, config, epoch, generator, augment, progress, t0, channels_last
+        )
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+
+
+def _train_batches(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    epoch: int,
+    generator: torch.Generator,
+    augment: Augment | None,
+    progress: bool | None,
+    t0: float,
+    channels_last: bool,
+) -> tuple[dict[str, Any], bool]:
+    """``_train_epoch``'s loop over the batches."""
     order = torch.randperm(len(y), generator=generator).to(x.device)
     n_batches = math.ceil(len(y) / config.batch_size)
     it = batches(x, y, config.batch_size, order)
@@ -724,6 +756,8 @@ def _train_epoch(
             step += 1
             if augment is not None:
                 xb = augment(xb, generator)  # on the data's device
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(x.device, config.amp):
                 logits = model(xb).float()  # (B, classes)
             loss = F.cross_entropy(logits, yb)

@@ -325,3 +325,18 @@ def test_ctrl_c_mid_epoch_leaves_the_last_checkpoint(tmp_path, ds):
     with safe_open(str(tmp_path / "checkpoint.safetensors"), framework="pt") as f:
         assert f.metadata()["epoch"] == "1"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_conv_training_leaves_the_standard_layout(ds):
+    """Images train channels-last on the CPU; the model's 4-D tensors come back contiguous, as
+    checkpoints, evaluation and packing expect, and the run still learns."""
+    from lowbit.bnn import binary_cnn
+
+    torch.manual_seed(0)
+    c, h, w = ds.input_shape
+    model = binary_cnn(method="reactnet", width=4, input_shape=(c, h, w), classes=ds.classes)
+    result = train.fit(model, ds, train.TrainConfig(epochs=2, batch_size=32, lr=1e-2))
+    assert result.status == "finished"
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous() for p in convs)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
