@@ -711,31 +711,6 @@ def _train_epoch(
     t0 = time.perf_counter()
     model.train()
     channels_last = x.dim() == 4 and x.device.type == "cpu"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    try:
-        return _train_batches(
-            model, optimizer, x, y, config, epoch, generator, augment, progress, t0, channels_last
-        )
-    finally:
-        if channels_last:
-            model.to(memory_format=torch.contiguous_format)
-
-
-def _train_batches(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    config: TrainConfig,
-    epoch: int,
-    generator: torch.Generator,
-    augment: Augment | None,
-    progress: bool | None,
-    t0: float,
-    channels_last: bool,
-) -> tuple[dict[str, Any], bool]:
-    """``_train_epoch``'s loop over the batches."""
     order = torch.randperm(len(y), generator=generator).to(x.device)
     n_batches = math.ceil(len(y) / config.batch_size)
     it = batches(x, y, config.batch_size, order)
@@ -747,6 +722,8 @@ def _train_batches(
         it = bar
     loss_sum, correct, seen, diverged = 0.0, 0, 0, False
     step = (epoch - 1) * n_batches  # global optimizer step of the epoch's first batch
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     try:
         for xb, yb in it:
             if config.lr_schedule != "constant":
@@ -776,6 +753,8 @@ def _train_batches(
     finally:
         if bar is not None:
             bar.close()
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
     metrics = {
         "epoch": epoch,
         "train_loss": loss_sum / max(seen, 1),
