@@ -11,7 +11,7 @@ gives medians and the median of per-round ratios channels-last / NCHW.
 One thread, timed in thread CPU time by default (what the thread computed, not the time it
 waited for a core: the study machines run other trainings beside it).
 
-    nice -n 10 .venv/bin/python benchmarks/bnn_train_step.py [--widths 8 16] [--methods reactnet bnn]
+    nice -n 10 .venv/bin/python benchmarks/bnn_train_step.py [--widths 8 16] [--methods bnn]
 
 writes ``docs/results/bnn-train-step.md``.
 """
@@ -79,9 +79,10 @@ def main() -> int:
                 ratios.append(t["channels_last"] / t["nchw"])
             med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
             rs = sorted(ratios)
+            q1, q3 = rs[len(rs) // 4], rs[(3 * len(rs)) // 4]
             rows.append(
                 f"| {method} | {width} | {med['nchw']:.1f} | {med['channels_last']:.1f} | "
-                f"{statistics.median(rs):.3f} | {rs[len(rs) // 4]:.3f}–{rs[(3 * len(rs)) // 4]:.3f} |"
+                f"{statistics.median(rs):.3f} | {q1:.3f}–{q3:.3f} |"
             )
             print(rows[-1], flush=True)
     end_load = environment.load()
@@ -97,7 +98,8 @@ def main() -> int:
         "",
         environment.markdown(info) + f"- load average at end: {end_load}",
         "",
-        "| method | width | NCHW step (ms) | channels-last step (ms) | ratio (median of rounds) | IQR |",
+        "| method | width | NCHW step (ms) | channels-last step (ms) | ratio (median of rounds) "
+        "| IQR |",
         "|---|---|---|---|---|---|",
         *rows,
     ]
