@@ -704,10 +704,11 @@ def _train_epoch(
     """One pass over ``(x, y)`` in a shuffled order; returns (metrics, diverged).
 
     Images (B, C, H, W) train channels-last on the CPU: torch's CPU max-pooling, BatchNorm and
-    convolutions run faster on that layout (a width-16 binary CNN step at batch 256: 190 -> 140
-    ms on one Zen 2 core, another training on the second). The model's 4-D tensors go back to
-    the standard layout when the epoch ends, so evaluation, checkpoints and packing see what
-    they always did."""
+    convolutions run faster on that layout (the binary CNN's step at batch 256 takes 0.74-0.77x
+    the standard layout's on one Zen 2 core: ``benchmarks/bnn_train_step.py``,
+    ``docs/results/bnn-train-step.md``). The model's 4-D tensors go back to the standard
+    layout when the epoch ends, so evaluation, checkpoints and packing see what they always
+    did."""
     t0 = time.perf_counter()
     model.train()
     channels_last = x.dim() == 4 and x.device.type == "cpu"
