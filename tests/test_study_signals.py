@@ -18,8 +18,10 @@ from lowbit.study.store import Store
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 
-# Enough epochs that, even on a loaded machine, the signals land while cells remain to run.
-EPOCHS = 40
+# Enough epochs that, even on a loaded machine, the signals land while cells remain to run (at
+# 40, a fresh clone's run on a 2-core machine with another job beside it saw the whole sweep
+# finish between the test's poll and its Ctrl-C).
+EPOCHS = 80
 SPEC = f"""
 [grid]
 model = "mlp"
@@ -48,7 +50,8 @@ def _study(spec: Path, out: Path, *extra: str, stdout=subprocess.PIPE) -> subpro
 
 def _query(out: Path, sql: str) -> list:
     try:
-        db = sqlite3.connect(f"file:{out / 'results.sqlite'}?mode=ro", uri=True, timeout=5)
+        # a short busy timeout: a poll that waits on the writers' lock would let the sweep run on
+        db = sqlite3.connect(f"file:{out / 'results.sqlite'}?mode=ro", uri=True, timeout=0.2)
         try:
             return db.execute(sql).fetchall()
         finally:
