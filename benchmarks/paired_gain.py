@@ -21,16 +21,28 @@ from pathlib import Path
 from lowbit.study.claims import t_interval
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2 (the project's convention)."""
+    print(f"paired_gain: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def arm(spec: str) -> dict[str, float]:
     """seed -> final test accuracy (points) of the cells ``spec`` names."""
     folder, _, filters = spec.partition(":")
     want = dict(f.split("=", 1) for f in filters.split(",") if f)
+    path = Path(folder) / "runs.csv"
+    if not path.is_file():
+        fail(f"{path}: no such export; make one with `lowbit report DIR --csv`")
     out: dict[str, float] = {}
-    with open(Path(folder) / "runs.csv", newline="") as f:
-        for row in csv.DictReader(f):
+    with open(path, newline="") as f:
+        rows = csv.DictReader(f)
+        if unknown := sorted(set(want) - set(rows.fieldnames or ())):
+            fail(f"{spec}: {path} has no column {', '.join(unknown)}")
+        for row in rows:
             if row["status"] == "finished" and all(row[k] == v for k, v in want.items()):
                 if row["seed"] in out:
-                    sys.exit(f"{spec}: two cells for seed {row['seed']}; add a filter")
+                    fail(f"{spec}: two cells for seed {row['seed']}; add a filter")
                 out[row["seed"]] = 100 * float(row["test_acc"])
     return out
 
@@ -43,7 +55,7 @@ def main() -> int:
     a, b = arm(args.a), arm(args.b)
     seeds = sorted(set(a) & set(b), key=int)
     if not seeds:
-        sys.exit("the two arms share no seed")
+        fail("the two arms share no seed")
     diffs = [a[s] - b[s] for s in seeds]
     m, lo, hi = t_interval(diffs)
     per_seed = ", ".join(f"{d:+.2f}" for d in diffs)
